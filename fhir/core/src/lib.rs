@@ -5,3 +5,4 @@
 pub mod outcome;
 
 pub use outcome::{operation_outcome, Issue, Severity};
+pub mod model;
