@@ -1,0 +1,182 @@
+//! Persistence of large loaded code systems: one gzip'd serde snapshot file per system in a data
+//! directory chosen by the caller. Saving is atomic: the snapshot is written to a temporary file
+//! in the same directory and renamed over the previous one, so a failed load leaves the previous
+//! version in place.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::provider::ConceptTable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("terminology store {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("terminology snapshot {path}: {message}")]
+    Format { path: String, message: String },
+    #[error("invalid terminology id '{0}' (use letters, digits, '-' and '_')")]
+    BadId(String),
+    #[error("{0}")]
+    Load(String),
+}
+
+/// The on-disk store of loaded code systems.
+#[derive(Debug, Clone)]
+pub struct TerminologyStore {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl TerminologyStore {
+    /// Opens (creating if needed) the store directory.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(TerminologyStore { dir })
+    }
+
+    fn check_id(id: &str) -> Result<(), StoreError> {
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(StoreError::BadId(id.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn snapshot_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.snapshot.json.gz"))
+    }
+
+    /// Writes `table` as the snapshot of `id`, atomically replacing any previous one.
+    pub fn save(&self, id: &str, table: &ConceptTable) -> Result<(), StoreError> {
+        Self::check_id(id)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{id}-{}-{nanos}", std::process::id()));
+        let result = (|| {
+            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let mut gz = flate2::write::GzEncoder::new(
+                std::io::BufWriter::new(f),
+                flate2::Compression::fast(),
+            );
+            serde_json::to_writer(&mut gz, table).map_err(|e| StoreError::Format {
+                path: tmp.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let mut w = gz.finish().map_err(io(&tmp))?;
+            w.flush().map_err(io(&tmp))?;
+            let f = w.into_inner().map_err(|e| StoreError::Io {
+                path: tmp.display().to_string(),
+                source: e.into_error(),
+            })?;
+            f.sync_all().map_err(io(&tmp))?;
+            let dest = self.snapshot_path(id);
+            std::fs::rename(&tmp, &dest).map_err(io(&dest))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Reads the snapshot of `id`; `Ok(None)` when none was saved.
+    pub fn load(&self, id: &str) -> Result<Option<ConceptTable>, StoreError> {
+        Self::check_id(id)?;
+        let path = self.snapshot_path(id);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let f = std::fs::File::open(&path).map_err(io(&path))?;
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(std::io::BufReader::new(f))
+            .read_to_string(&mut s)
+            .map_err(io(&path))?;
+        let mut t: ConceptTable = serde_json::from_str(&s).map_err(|e| StoreError::Format {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        t.reindex();
+        Ok(Some(t))
+    }
+
+    /// Ids of the saved snapshots.
+    pub fn list(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let e = e.map_err(io(&self.dir))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(id) = name.strip_suffix(".snapshot.json.gz") {
+                out.push(id.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Loads an ICD-10-CM tabular XML file and saves it as `icd10cm`
+    /// (what `kiln terminology load icd10cm <path>` runs). On a parse error nothing is replaced.
+    pub fn import_icd10cm(&self, path: &Path) -> Result<ConceptTable, StoreError> {
+        let t =
+            crate::icd10cm::load_tabular_file(path).map_err(|e| StoreError::Load(e.to_string()))?;
+        self.save("icd10cm", &t)?;
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::{CodeSystemProvider, Concept};
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kiln-tx-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn save_load_roundtrip_and_failed_import_keeps_previous() {
+        let dir = tmpdir("rt");
+        let store = TerminologyStore::open(&dir).unwrap();
+        let mut t = ConceptTable::new("http://hl7.org/fhir/sid/icd-10-cm", Some("v1".into()));
+        let a = t.add(Concept::new("A00", Some("Cholera".into())));
+        let b = t.add(Concept::new("A00.0", Some("Cholera classical".into())));
+        t.link(a, b);
+        store.save("icd10cm", &t).unwrap();
+        assert_eq!(store.list().unwrap(), vec!["icd10cm"]);
+        let l = store.load("icd10cm").unwrap().unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.children("A00"), vec!["A00.0"]);
+        // a broken file does not replace the snapshot
+        let bad = dir.join("bad.xml");
+        std::fs::write(&bad, "<ICD10CM.tabular><chapter>").unwrap();
+        assert!(store.import_icd10cm(&bad).is_err());
+        let l = store.load("icd10cm").unwrap().unwrap();
+        assert_eq!(l.version.as_deref(), Some("v1"));
+        assert!(store.load("none").unwrap().is_none());
+        assert!(store.save("../x", &t).is_err());
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
