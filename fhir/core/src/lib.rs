@@ -6,3 +6,4 @@ pub mod outcome;
 
 pub use outcome::{operation_outcome, Issue, Severity};
 pub mod model;
+pub mod xml;
