@@ -1,1 +1,29 @@
-//! placeholder
+//! `kiln-search`: the FHIR R4 search engine — SearchParameter registry, index extraction,
+//! query parsing, SQL planning (SQLite + PostgreSQL) and in-memory matching.
+//!
+//! This crate never touches the database: it produces SQL text + parameters (placeholders
+//! `$1, $2, …`) and index rows; `kiln-store` executes them.
+
+pub mod index;
+pub mod path;
+pub mod registry;
+pub mod value;
+
+pub use index::{delete_statements, index_resource, insert_batch, schema, IndexEntries};
+pub use registry::{ParamType, Registry, SearchParam};
+
+/// SQL dialect of the generated statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// A bound SQL parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+}

@@ -1,0 +1,912 @@
+//! Index extraction (resource → typed index rows), the index table schema, and the
+//! INSERT/DELETE statements the store runs on every write.
+
+use serde_json::Value;
+
+use crate::path::Node;
+use crate::registry::{BoundParam, ParamType, Registry};
+use crate::value::{
+    canonical_quantity, normalize_string, parse_date_range, parse_reference, MAX_TIME, MIN_TIME,
+};
+use crate::{Dialect, SqlValue};
+
+/// `search_string`: string parameters (and `_text`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StringRow {
+    pub param: String,
+    pub grp: i64,
+    /// lowercase + accent-folded
+    pub norm: String,
+    pub exact: String,
+}
+
+/// `search_token`: token parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub param: String,
+    pub grp: i64,
+    pub system: Option<String>,
+    pub code: Option<String>,
+    /// normalised display / text (for `:text`)
+    pub text: Option<String>,
+}
+
+/// `search_reference`: reference parameters (and canonical references).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReferenceRow {
+    pub param: String,
+    pub grp: i64,
+    pub ref_type: Option<String>,
+    pub ref_id: Option<String>,
+    pub ref_version: Option<String>,
+    /// absolute / canonical URL (without `|version`)
+    pub ref_url: Option<String>,
+    pub ident_system: Option<String>,
+    pub ident_value: Option<String>,
+}
+
+/// `search_date`: inclusive µs range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DateRow {
+    pub param: String,
+    pub grp: i64,
+    pub low: i64,
+    pub high: i64,
+}
+
+/// `search_number`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NumberRow {
+    pub param: String,
+    pub grp: i64,
+    pub value: f64,
+}
+
+/// `search_quantity`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantityRow {
+    pub param: String,
+    pub grp: i64,
+    pub value: f64,
+    pub system: Option<String>,
+    pub code: Option<String>,
+    pub canon_value: Option<f64>,
+    pub canon_code: Option<String>,
+}
+
+/// `search_uri`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UriRow {
+    pub param: String,
+    pub grp: i64,
+    pub value: String,
+}
+
+/// Every index row of one resource.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IndexEntries {
+    pub strings: Vec<StringRow>,
+    pub tokens: Vec<TokenRow>,
+    pub references: Vec<ReferenceRow>,
+    pub dates: Vec<DateRow>,
+    pub numbers: Vec<NumberRow>,
+    pub quantities: Vec<QuantityRow>,
+    pub uris: Vec<UriRow>,
+}
+
+/// Names of the index tables.
+pub const TABLES: [&str; 7] = [
+    "search_string",
+    "search_token",
+    "search_reference",
+    "search_date",
+    "search_number",
+    "search_quantity",
+    "search_uri",
+];
+
+/// Parameters answered from the `resources` table, never indexed.
+pub(crate) fn is_resource_column_param(code: &str) -> bool {
+    matches!(code, "_id" | "_lastUpdated")
+}
+
+/// The index table name used for a parameter type.
+pub fn table_for(t: ParamType) -> Option<&'static str> {
+    Some(match t {
+        ParamType::String => "search_string",
+        ParamType::Token => "search_token",
+        ParamType::Reference => "search_reference",
+        ParamType::Date => "search_date",
+        ParamType::Number => "search_number",
+        ParamType::Quantity => "search_quantity",
+        ParamType::Uri => "search_uri",
+        ParamType::Composite | ParamType::Special => return None,
+    })
+}
+
+/// Component `i` of composite `code` is indexed under this param name.
+pub fn component_param(code: &str, i: usize) -> String {
+    format!("{code}${i}")
+}
+
+/// CREATE TABLE / CREATE INDEX statements for the index tables (idempotent).
+pub fn schema(dialect: Dialect) -> Vec<String> {
+    let (rid, text, real) = match dialect {
+        Dialect::Sqlite => (
+            "rid INTEGER NOT NULL REFERENCES resources(rid) ON DELETE CASCADE",
+            "TEXT",
+            "REAL",
+        ),
+        Dialect::Postgres => (
+            "rid BIGINT NOT NULL REFERENCES resources(rid) ON DELETE CASCADE",
+            "TEXT COLLATE \"C\"",
+            "DOUBLE PRECISION",
+        ),
+    };
+    let common = format!("{rid}, param {text} NOT NULL, grp INTEGER NOT NULL DEFAULT 0");
+    let mut v = vec![
+        format!("CREATE TABLE IF NOT EXISTS search_string ({common}, value_norm {text} NOT NULL, value_exact {text} NOT NULL)"),
+        format!("CREATE TABLE IF NOT EXISTS search_token ({common}, system {text}, code {text}, text_norm {text})"),
+        format!("CREATE TABLE IF NOT EXISTS search_reference ({common}, ref_type {text}, ref_id {text}, ref_version {text}, ref_url {text}, ident_system {text}, ident_value {text})"),
+        format!("CREATE TABLE IF NOT EXISTS search_date ({common}, low BIGINT NOT NULL, high BIGINT NOT NULL)"),
+        format!("CREATE TABLE IF NOT EXISTS search_number ({common}, value {real} NOT NULL)"),
+        format!("CREATE TABLE IF NOT EXISTS search_quantity ({common}, value {real} NOT NULL, system {text}, code {text}, canon_value {real}, canon_code {text})"),
+        format!("CREATE TABLE IF NOT EXISTS search_uri ({common}, value {text} NOT NULL)"),
+    ];
+    let idx = [
+        (
+            "search_string_value",
+            "search_string(param, value_norm, rid)",
+        ),
+        ("search_string_exact", "search_string(param, value_exact)"),
+        (
+            "search_token_code",
+            "search_token(param, code, system, rid)",
+        ),
+        ("search_token_system", "search_token(param, system)"),
+        (
+            "search_reference_target",
+            "search_reference(param, ref_type, ref_id, rid)",
+        ),
+        (
+            "search_reference_rev",
+            "search_reference(ref_id, ref_type, param)",
+        ),
+        ("search_reference_url", "search_reference(param, ref_url)"),
+        (
+            "search_reference_ident",
+            "search_reference(param, ident_value)",
+        ),
+        ("search_date_low", "search_date(param, low, high, rid)"),
+        ("search_date_high", "search_date(param, high)"),
+        ("search_number_value", "search_number(param, value)"),
+        (
+            "search_quantity_value",
+            "search_quantity(param, code, value)",
+        ),
+        (
+            "search_quantity_canon",
+            "search_quantity(param, canon_code, canon_value)",
+        ),
+        ("search_uri_value", "search_uri(param, value)"),
+        ("resources_search_type", "resources(res_type, deleted, rid)"),
+        (
+            "resources_search_updated",
+            "resources(res_type, last_updated)",
+        ),
+    ];
+    for (name, on) in idx {
+        v.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {on}"));
+    }
+    for t in TABLES {
+        v.push(format!("CREATE INDEX IF NOT EXISTS {t}_rid ON {t}(rid)"));
+    }
+    v
+}
+
+/// Statements deleting every index row of a resource; `$1` = rid.
+pub fn delete_statements(_dialect: Dialect) -> Vec<String> {
+    TABLES
+        .iter()
+        .map(|t| format!("DELETE FROM {t} WHERE rid = $1"))
+        .collect()
+}
+
+fn opt(s: &Option<String>) -> SqlValue {
+    match s {
+        Some(s) => SqlValue::Text(s.clone()),
+        None => SqlValue::Null,
+    }
+}
+
+/// Maximum rows per multi-row INSERT (keeps parameters under SQLite's 32,766 limit).
+const ROWS_PER_INSERT: usize = 400;
+
+impl IndexEntries {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.strings.len()
+            + self.tokens.len()
+            + self.references.len()
+            + self.dates.len()
+            + self.numbers.len()
+            + self.quantities.len()
+            + self.uris.len()
+    }
+
+    /// Multi-row INSERT statements for this resource's rows (`rid` bound as a parameter).
+    pub fn insert_statements(&self, dialect: Dialect, rid: i64) -> Vec<(String, Vec<SqlValue>)> {
+        insert_batch(dialect, &[(rid, self)])
+    }
+}
+
+/// Multi-row INSERT statements for many resources at once (bulk ingest).
+pub fn insert_batch(
+    _dialect: Dialect,
+    items: &[(i64, &IndexEntries)],
+) -> Vec<(String, Vec<SqlValue>)> {
+    let mut out = Vec::new();
+    type RowFn<'a> = Vec<Vec<SqlValue>>;
+    let mut emit = |table: &str, cols: &str, rows: RowFn| {
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut sql = format!("INSERT INTO {table} ({cols}) VALUES ");
+            let mut params = Vec::new();
+            for (i, row) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for (j, v) in row.iter().enumerate() {
+                    if j > 0 {
+                        sql.push(',');
+                    }
+                    params.push(v.clone());
+                    sql.push('$');
+                    sql.push_str(&params.len().to_string());
+                }
+                sql.push(')');
+            }
+            out.push((sql, params));
+        }
+    };
+    let rows = |f: &dyn Fn(i64, &IndexEntries) -> Vec<Vec<SqlValue>>| -> Vec<Vec<SqlValue>> {
+        items.iter().flat_map(|(rid, e)| f(*rid, e)).collect()
+    };
+    let r = rows(&|rid, e| {
+        e.strings
+            .iter()
+            .map(|x| {
+                vec![
+                    SqlValue::Int(rid),
+                    SqlValue::Text(x.param.clone()),
+                    SqlValue::Int(x.grp),
+                    SqlValue::Text(x.norm.clone()),
+                    SqlValue::Text(x.exact.clone()),
+                ]
+            })
+            .collect()
+    });
+    if !r.is_empty() {
+        emit(
+            "search_string",
+            "rid, param, grp, value_norm, value_exact",
+            r,
+        );
+    }
+    let r = rows(&|rid, e| {
+        e.tokens
+            .iter()
+            .map(|x| {
+                vec![
+                    SqlValue::Int(rid),
+                    SqlValue::Text(x.param.clone()),
+                    SqlValue::Int(x.grp),
+                    opt(&x.system),
+                    opt(&x.code),
+                    opt(&x.text),
+                ]
+            })
+            .collect()
+    });
+    if !r.is_empty() {
+        emit(
+            "search_token",
+            "rid, param, grp, system, code, text_norm",
+            r,
+        );
+    }
+    let r = rows(&|rid, e| {
+        e.references
+            .iter()
+            .map(|x| {
+                vec![
+                    SqlValue::Int(rid),
+                    SqlValue::Text(x.param.clone()),
+                    SqlValue::Int(x.grp),
+                    opt(&x.ref_type),
+                    opt(&x.ref_id),
+                    opt(&x.ref_version),
+                    opt(&x.ref_url),
+                    opt(&x.ident_system),
+                    opt(&x.ident_value),
+                ]
+            })
+            .collect()
+    });
+    if !r.is_empty() {
+        emit(
+            "search_reference",
+            "rid, param, grp, ref_type, ref_id, ref_version, ref_url, ident_system, ident_value",
+            r,
+        );
+    }
+    let r = rows(&|rid, e| {
+        e.dates
+            .iter()
+            .map(|x| {
+                vec![
+                    SqlValue::Int(rid),
+                    SqlValue::Text(x.param.clone()),
+                    SqlValue::Int(x.grp),
+                    SqlValue::Int(x.low),
+                    SqlValue::Int(x.high),
+                ]
+            })
+            .collect()
+    });
+    if !r.is_empty() {
+        emit("search_date", "rid, param, grp, low, high", r);
+    }
+    let r = rows(&|rid, e| {
+        e.numbers
+            .iter()
+            .map(|x| {
+                vec![
+                    SqlValue::Int(rid),
+                    SqlValue::Text(x.param.clone()),
+                    SqlValue::Int(x.grp),
+                    SqlValue::Real(x.value),
+                ]
+            })
+            .collect()
+    });
+    if !r.is_empty() {
+        emit("search_number", "rid, param, grp, value", r);
+    }
+    let r = rows(&|rid, e| {
+        e.quantities
+            .iter()
+            .map(|x| {
+                vec![
+                    SqlValue::Int(rid),
+                    SqlValue::Text(x.param.clone()),
+                    SqlValue::Int(x.grp),
+                    SqlValue::Real(x.value),
+                    opt(&x.system),
+                    opt(&x.code),
+                    x.canon_value.map(SqlValue::Real).unwrap_or(SqlValue::Null),
+                    opt(&x.canon_code),
+                ]
+            })
+            .collect()
+    });
+    if !r.is_empty() {
+        emit(
+            "search_quantity",
+            "rid, param, grp, value, system, code, canon_value, canon_code",
+            r,
+        );
+    }
+    let r = rows(&|rid, e| {
+        e.uris
+            .iter()
+            .map(|x| {
+                vec![
+                    SqlValue::Int(rid),
+                    SqlValue::Text(x.param.clone()),
+                    SqlValue::Int(x.grp),
+                    SqlValue::Text(x.value.clone()),
+                ]
+            })
+            .collect()
+    });
+    if !r.is_empty() {
+        emit("search_uri", "rid, param, grp, value", r);
+    }
+    out
+}
+
+/// Extracts every index row of a resource (all parameters of its type).
+pub fn index_resource(registry: &Registry, resource: &Value) -> IndexEntries {
+    let mut out = IndexEntries::default();
+    let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
+        return out;
+    };
+    for p in registry.params_for(rt) {
+        if is_resource_column_param(p.code()) {
+            continue;
+        }
+        index_param(p, resource, &mut out);
+    }
+    // _text: the narrative, tags stripped (no expression in the official definition)
+    if registry.get(Some(rt), "_text").is_some() {
+        if let Some(div) = resource.pointer("/text/div").and_then(Value::as_str) {
+            let plain = strip_tags(div);
+            if !plain.trim().is_empty() {
+                out.strings.push(StringRow {
+                    param: "_text".into(),
+                    grp: 0,
+                    norm: normalize_string(&plain),
+                    exact: plain.trim().to_string(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn strip_tags(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                out.push(' ');
+            }
+            '>' => in_tag = false,
+            _ if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+/// Index rows of one parameter (used for indexing and for in-memory matching).
+pub fn index_param(p: &BoundParam, resource: &Value, out: &mut IndexEntries) {
+    let Some(path) = &p.path else { return };
+    let nodes = path.evaluate(resource);
+    if p.param_type() == ParamType::Composite {
+        for (k, node) in nodes.iter().enumerate() {
+            for (j, comp) in p.def.components.iter().enumerate() {
+                let Some(cp) = &comp.path else { continue };
+                let name = component_param(p.code(), j);
+                for n in cp.evaluate_at(resource, *node) {
+                    convert(comp.param_type, &name, (k + 1) as i64, n, out);
+                }
+            }
+        }
+        return;
+    }
+    for n in nodes {
+        convert(p.param_type(), p.code(), 0, n, out);
+    }
+}
+
+fn s(v: &Value, k: &str) -> Option<String> {
+    v.get(k).and_then(Value::as_str).map(str::to_string)
+}
+
+fn num(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64().or_else(|| n.to_string().parse().ok()),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Converts one evaluated node into index rows of the given parameter type.
+pub(crate) fn convert(t: ParamType, param: &str, grp: i64, n: Node<'_>, out: &mut IndexEntries) {
+    let v = n.value;
+    match t {
+        ParamType::String => {
+            let mut push = |x: &str| {
+                if !x.trim().is_empty() {
+                    out.strings.push(StringRow {
+                        param: param.to_string(),
+                        grp,
+                        norm: normalize_string(x),
+                        exact: x.to_string(),
+                    });
+                }
+            };
+            match v {
+                Value::String(x) => push(x),
+                Value::Object(o) => {
+                    let keys: &[&str] = if o.contains_key("family") || o.contains_key("given") {
+                        &["family", "given", "prefix", "suffix", "text"]
+                    } else if o.contains_key("city")
+                        || o.contains_key("line")
+                        || o.contains_key("postalCode")
+                    {
+                        &[
+                            "line",
+                            "city",
+                            "district",
+                            "state",
+                            "postalCode",
+                            "country",
+                            "text",
+                        ]
+                    } else {
+                        &[]
+                    };
+                    if keys.is_empty() {
+                        for (k, x) in o {
+                            if !matches!(k.as_str(), "use" | "system" | "url" | "id") {
+                                if let Some(x) = x.as_str() {
+                                    push(x);
+                                }
+                            }
+                        }
+                    } else {
+                        for k in keys {
+                            match o.get(*k) {
+                                Some(Value::String(x)) => push(x),
+                                Some(Value::Array(a)) => {
+                                    a.iter().filter_map(Value::as_str).for_each(&mut push)
+                                }
+                                _ => {}
+                            }
+                        }
+                        // a HumanName also matches as "given family"
+                        if o.contains_key("family") && !o.contains_key("text") {
+                            let mut full: Vec<&str> = o
+                                .get("given")
+                                .and_then(Value::as_array)
+                                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                                .unwrap_or_default();
+                            if let Some(f) = o.get("family").and_then(Value::as_str) {
+                                full.push(f);
+                            }
+                            if full.len() > 1 {
+                                push(&full.join(" "));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        ParamType::Token => match v {
+            Value::Bool(b) => out.tokens.push(TokenRow {
+                param: param.into(),
+                grp,
+                system: None,
+                code: Some(b.to_string()),
+                text: None,
+            }),
+            Value::String(x) => out.tokens.push(TokenRow {
+                param: param.into(),
+                grp,
+                system: None,
+                code: Some(x.clone()),
+                text: None,
+            }),
+            Value::Object(o) => {
+                if o.contains_key("coding") || (o.contains_key("text") && !o.contains_key("value"))
+                {
+                    for c in o
+                        .get("coding")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        out.tokens.push(TokenRow {
+                            param: param.into(),
+                            grp,
+                            system: s(c, "system"),
+                            code: s(c, "code"),
+                            text: s(c, "display").map(|d| normalize_string(&d)),
+                        });
+                    }
+                    if let Some(t) = o.get("text").and_then(Value::as_str) {
+                        out.tokens.push(TokenRow {
+                            param: param.into(),
+                            grp,
+                            system: None,
+                            code: None,
+                            text: Some(normalize_string(t)),
+                        });
+                    }
+                } else if o.contains_key("value") {
+                    // Identifier / ContactPoint
+                    let value = match o.get("value") {
+                        Some(Value::String(x)) => Some(x.clone()),
+                        Some(other) if !other.is_null() => Some(other.to_string()),
+                        _ => None,
+                    };
+                    let type_text = v
+                        .pointer("/type/text")
+                        .and_then(Value::as_str)
+                        .map(normalize_string);
+                    out.tokens.push(TokenRow {
+                        param: param.into(),
+                        grp,
+                        system: s(v, "system"),
+                        code: value.clone(),
+                        text: type_text,
+                    });
+                    for c in v
+                        .pointer("/type/coding")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        out.tokens.push(TokenRow {
+                            param: format!("{param}:of-type"),
+                            grp,
+                            system: s(c, "system"),
+                            code: Some(format!(
+                                "{}|{}",
+                                c.get("code").and_then(Value::as_str).unwrap_or(""),
+                                value.as_deref().unwrap_or("")
+                            )),
+                            text: None,
+                        });
+                    }
+                } else if o.contains_key("code")
+                    || o.contains_key("system")
+                    || o.contains_key("display")
+                {
+                    // Coding
+                    out.tokens.push(TokenRow {
+                        param: param.into(),
+                        grp,
+                        system: s(v, "system"),
+                        code: s(v, "code"),
+                        text: s(v, "display").map(|d| normalize_string(&d)),
+                    });
+                }
+            }
+            _ => {}
+        },
+        ParamType::Reference => match v {
+            Value::String(x) => {
+                let (url, version) = match x.split_once('|') {
+                    Some((u, ver)) => (u.to_string(), Some(ver.to_string())),
+                    None => (x.clone(), None),
+                };
+                let parsed = parse_reference(&url).unwrap_or_default();
+                out.references.push(ReferenceRow {
+                    param: param.into(),
+                    grp,
+                    ref_type: parsed.res_type,
+                    ref_id: parsed.id,
+                    ref_version: version.or(parsed.version),
+                    ref_url: Some(url),
+                    ..Default::default()
+                });
+            }
+            Value::Object(o) => {
+                let mut row = ReferenceRow {
+                    param: param.into(),
+                    grp,
+                    ..Default::default()
+                };
+                if let Some(r) = o.get("reference").and_then(Value::as_str) {
+                    if let Some(p) = parse_reference(r) {
+                        row.ref_type = p.res_type;
+                        row.ref_id = p.id;
+                        row.ref_version = p.version;
+                        row.ref_url = p.url;
+                    }
+                }
+                if row.ref_type.is_none() {
+                    row.ref_type = s(v, "type");
+                }
+                if let Some(i) = o.get("identifier") {
+                    row.ident_system = s(i, "system");
+                    row.ident_value = s(i, "value");
+                }
+                if row.ref_id.is_some() || row.ref_url.is_some() || row.ident_value.is_some() {
+                    out.references.push(row);
+                }
+            }
+            _ => {}
+        },
+        ParamType::Date => {
+            let mut push = |low: i64, high: i64| {
+                out.dates.push(DateRow {
+                    param: param.into(),
+                    grp,
+                    low,
+                    high,
+                })
+            };
+            match v {
+                Value::String(x) => {
+                    if let Some(r) = parse_date_range(x) {
+                        push(r.low, r.high);
+                    }
+                }
+                Value::Object(o) => {
+                    if o.contains_key("start") || o.contains_key("end") {
+                        let lo = o
+                            .get("start")
+                            .and_then(Value::as_str)
+                            .and_then(parse_date_range);
+                        let hi = o
+                            .get("end")
+                            .and_then(Value::as_str)
+                            .and_then(parse_date_range);
+                        if lo.is_some() || hi.is_some() {
+                            push(
+                                lo.map(|r| r.low).unwrap_or(MIN_TIME),
+                                hi.map(|r| r.high).unwrap_or(MAX_TIME),
+                            );
+                        }
+                    } else if o.contains_key("event") || o.contains_key("repeat") {
+                        // Timing
+                        for e in o
+                            .get("event")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            if let Some(r) = e.as_str().and_then(parse_date_range) {
+                                push(r.low, r.high);
+                            }
+                        }
+                        if let Some(b) = v.pointer("/repeat/boundsPeriod") {
+                            let lo = b
+                                .get("start")
+                                .and_then(Value::as_str)
+                                .and_then(parse_date_range);
+                            let hi = b
+                                .get("end")
+                                .and_then(Value::as_str)
+                                .and_then(parse_date_range);
+                            if lo.is_some() || hi.is_some() {
+                                push(
+                                    lo.map(|r| r.low).unwrap_or(MIN_TIME),
+                                    hi.map(|r| r.high).unwrap_or(MAX_TIME),
+                                );
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        ParamType::Number => {
+            if let Some(x) = num(v).or_else(|| v.get("value").and_then(num)) {
+                out.numbers.push(NumberRow {
+                    param: param.into(),
+                    grp,
+                    value: x,
+                });
+            }
+        }
+        ParamType::Quantity => {
+            let mut push_q = |q: &Value| {
+                let Some(value) = q.get("value").and_then(num) else {
+                    return;
+                };
+                let system = s(q, "system");
+                let code = s(q, "code")
+                    .or_else(|| s(q, "currency"))
+                    .or_else(|| s(q, "unit"));
+                let canon = canonical_quantity(value, system.as_deref(), code.as_deref());
+                out.quantities.push(QuantityRow {
+                    param: param.into(),
+                    grp,
+                    value,
+                    system,
+                    code,
+                    canon_value: canon.as_ref().map(|c| c.0),
+                    canon_code: canon.map(|c| c.1),
+                });
+            };
+            if v.get("low").is_some() || v.get("high").is_some() {
+                // Range: both bounds
+                if let Some(l) = v.get("low") {
+                    push_q(l);
+                }
+                if let Some(h) = v.get("high") {
+                    push_q(h);
+                }
+            } else {
+                push_q(v);
+            }
+        }
+        ParamType::Uri => {
+            if let Value::String(x) = v {
+                out.uris.push(UriRow {
+                    param: param.into(),
+                    grp,
+                    value: x.clone(),
+                });
+            }
+        }
+        ParamType::Composite | ParamType::Special => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reg() -> Registry {
+        Registry::from_bundle(&json!([
+            {"resourceType":"SearchParameter","url":"u:name","code":"name","type":"string","base":["Patient"],"expression":"Patient.name"},
+            {"resourceType":"SearchParameter","url":"u:id","code":"identifier","type":"token","base":["Patient"],"expression":"Patient.identifier"},
+            {"resourceType":"SearchParameter","url":"u:bd","code":"birthdate","type":"date","base":["Patient"],"expression":"Patient.birthDate"},
+            {"resourceType":"SearchParameter","url":"u:gp","code":"general-practitioner","type":"reference","base":["Patient"],"expression":"Patient.generalPractitioner"},
+            {"resourceType":"SearchParameter","url":"u:code","code":"code","type":"token","base":["Observation"],"expression":"Observation.code"},
+            {"resourceType":"SearchParameter","url":"u:vq","code":"value-quantity","type":"quantity","base":["Observation"],"expression":"(Observation.value as Quantity)"},
+            {"resourceType":"SearchParameter","url":"u:date","code":"date","type":"date","base":["Observation"],"expression":"Observation.effective"},
+            {"resourceType":"SearchParameter","url":"u:cvq","code":"code-value-quantity","type":"composite","base":["Observation"],"expression":"Observation",
+              "component":[{"definition":"u:code","expression":"code"},{"definition":"u:vq","expression":"value.as(Quantity)"}]},
+            {"resourceType":"SearchParameter","url":"u:text","code":"_text","type":"string","base":["DomainResource"]}
+        ]))
+    }
+
+    #[test]
+    fn patient_rows() {
+        let p = json!({"resourceType":"Patient","id":"1","name":[{"family":"Müller","given":["Anna","B"]}],
+            "identifier":[{"system":"http://hosp","value":"MRN1","type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v2-0203","code":"MR"}]}}],
+            "birthDate":"1970-05","generalPractitioner":[{"reference":"Practitioner/9"}],
+            "text":{"div":"<div xmlns=\"http://www.w3.org/1999/xhtml\">Anna &amp; Co</div>"}});
+        let e = index_resource(&reg(), &p);
+        let norms: Vec<&str> = e
+            .strings
+            .iter()
+            .filter(|s| s.param == "name")
+            .map(|s| s.norm.as_str())
+            .collect();
+        assert_eq!(norms, vec!["muller", "anna", "b", "anna b muller"]);
+        assert!(e
+            .strings
+            .iter()
+            .any(|s| s.param == "_text" && s.norm == "anna & co"));
+        assert_eq!(e.tokens[0].code.as_deref(), Some("MRN1"));
+        assert_eq!(e.tokens[1].param, "identifier:of-type");
+        assert_eq!(e.tokens[1].code.as_deref(), Some("MR|MRN1"));
+        assert_eq!(e.dates.len(), 1);
+        assert_eq!(e.references[0].ref_type.as_deref(), Some("Practitioner"));
+        assert_eq!(e.references[0].ref_id.as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn observation_rows_and_sql() {
+        let o = json!({"resourceType":"Observation","code":{"coding":[{"system":"http://loinc.org","code":"8867-4","display":"Heart rate"}],"text":"HR"},
+            "valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"},
+            "effectivePeriod":{"start":"2020-01-01"}});
+        let e = index_resource(&reg(), &o);
+        assert_eq!(e.tokens.iter().filter(|t| t.param == "code").count(), 2);
+        assert_eq!(e.quantities[0].value, 72.0);
+        assert_eq!(e.dates[0].high, MAX_TIME);
+        assert!(e
+            .tokens
+            .iter()
+            .any(|t| t.param == "code-value-quantity$0" && t.grp == 1));
+        assert!(e
+            .quantities
+            .iter()
+            .any(|q| q.param == "code-value-quantity$1" && q.grp == 1));
+        let stmts = e.insert_statements(Dialect::Sqlite, 7);
+        assert_eq!(stmts.len(), 3); // token, date, quantity
+        let (sql, params) = &stmts[0];
+        assert!(sql.starts_with("INSERT INTO search_token (rid, param, grp, system, code, text_norm) VALUES ($1,$2,$3,$4,$5,$6),($7"));
+        assert_eq!(params.len(), 6 * 4);
+        assert_eq!(params[0], SqlValue::Int(7));
+    }
+
+    #[test]
+    fn schema_statements() {
+        for d in [Dialect::Sqlite, Dialect::Postgres] {
+            let s = schema(d);
+            assert!(s.iter().filter(|x| x.starts_with("CREATE TABLE")).count() == 7);
+            assert_eq!(delete_statements(d).len(), 7);
+        }
+        assert!(schema(Dialect::Postgres)[0].contains("COLLATE \"C\""));
+    }
+}
