@@ -3,10 +3,13 @@
 
 pub mod icd10cm;
 pub mod provider;
+pub mod resource;
+pub mod service;
 pub mod store;
 pub mod ucum;
 
 pub use provider::{
     CodeSystemProvider, Concept, ConceptTable, Designation, PropertyValue, Subsumption,
 };
+pub use service::{Params, Terminology, TxError};
 pub use store::TerminologyStore;

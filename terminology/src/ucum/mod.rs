@@ -843,3 +843,75 @@ mod tests {
         assert_eq!(describe("mg/dL").unwrap(), "(milligram) / (deciliter)");
     }
 }
+
+/// UCUM as a (grammar-based, not enumerable) code system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UcumProvider;
+
+impl crate::provider::CodeSystemProvider for UcumProvider {
+    fn url(&self) -> &str {
+        UCUM_URL
+    }
+    fn version(&self) -> Option<&str> {
+        ucum().ok().map(|u| u.essence.version.as_str())
+    }
+    fn name(&self) -> Option<&str> {
+        Some("UCUM")
+    }
+    fn lookup(&self, code: &str) -> Option<crate::provider::Concept> {
+        validate(code).ok()?;
+        let mut c = crate::provider::Concept::new(code, Some(code.to_string()));
+        if let Ok(d) = describe(code) {
+            c.designations.push(crate::provider::Designation {
+                language: Some("en".into()),
+                value: d,
+                ..Default::default()
+            });
+        }
+        if let Ok((_, canonical)) = canonicalize(1.0, code) {
+            c.properties.push((
+                "canonical".into(),
+                crate::provider::PropertyValue::String(canonical),
+            ));
+        }
+        Some(c)
+    }
+    fn parents(&self, _code: &str) -> Vec<String> {
+        Vec::new()
+    }
+    fn children(&self, _code: &str) -> Vec<String> {
+        Vec::new()
+    }
+    fn codes(&self) -> Option<Vec<String>> {
+        None
+    }
+    fn filter(
+        &self,
+        property: &str,
+        op: &str,
+        _value: &str,
+    ) -> Result<Vec<String>, crate::provider::ProviderError> {
+        Err(crate::provider::ProviderError(format!(
+            "UCUM is grammar-based: the filter {property} {op} cannot be enumerated"
+        )))
+    }
+    fn filter_matches(
+        &self,
+        code: &str,
+        property: &str,
+        op: &str,
+        value: &str,
+    ) -> Result<bool, crate::provider::ProviderError> {
+        match (property, op) {
+            ("canonical", "=") => {
+                let a = canonicalize(1.0, code).map(|x| x.1);
+                let b = canonicalize(1.0, value).map(|x| x.1);
+                Ok(matches!((a, b), (Ok(a), Ok(b)) if a == b))
+            }
+            _ => self.filter(property, op, value).map(|_| false),
+        }
+    }
+    fn search(&self, _text: &str, _limit: usize) -> Vec<String> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,1853 @@
+//! The terminology service: `$lookup`, `$validate-code` (CodeSystem and ValueSet), `$subsumes`,
+//! `$expand` and `$translate` on FHIR `Parameters` JSON, as the R4 operation definitions specify.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::sync::{Arc, OnceLock};
+
+use kiln_fhir::Issue;
+use serde_json::{json, Map, Value};
+
+use crate::provider::{match_score, CodeSystemProvider, Concept, Designation, PropertyValue};
+use crate::resource::{apply_supplement, arr, code_system_table, s};
+
+const TX_ISSUE_TYPE: &str = "http://hl7.org/fhir/tools/CodeSystem/tx-issue-type";
+const R4_BUNDLE_GZ: &[u8] = include_bytes!("../data/r4-terminology.json.gz");
+/// Expansions larger than this are refused unless paged with `count`.
+pub const MAX_EXPANSION: usize = 10_000;
+
+/// An operation failure: the issues, the complete `OperationOutcome` to return and the HTTP status.
+#[derive(Debug, Clone)]
+pub struct TxError {
+    pub status: u16,
+    pub issues: Vec<Issue>,
+    pub outcome: Value,
+}
+
+impl TxError {
+    pub fn new(status: u16, code: &'static str, tx_code: &str, text: impl Into<String>) -> Self {
+        let text = text.into();
+        TxError {
+            status,
+            issues: vec![Issue::error(code, text.clone())],
+            outcome: json!({"resourceType": "OperationOutcome", "issue": [issue_json("error", code, tx_code, &text, None)]}),
+        }
+    }
+    fn not_found(text: impl Into<String>) -> Self {
+        TxError::new(404, "not-found", "not-found", text)
+    }
+    fn invalid(text: impl Into<String>) -> Self {
+        TxError::new(400, "invalid", "invalid-data", text)
+    }
+}
+
+impl From<TxError> for Vec<Issue> {
+    fn from(e: TxError) -> Self {
+        e.issues
+    }
+}
+
+fn issue_json(severity: &str, code: &str, tx_code: &str, text: &str, loc: Option<&str>) -> Value {
+    let mut i = json!({
+        "severity": severity,
+        "code": code,
+        "details": {"coding": [{"system": TX_ISSUE_TYPE, "code": tx_code}], "text": text},
+    });
+    if let Some(l) = loc {
+        i["location"] = json!([l]);
+        i["expression"] = json!([l]);
+    }
+    i
+}
+
+// ---------------------------------------------------------------- Parameters helpers
+
+/// Read access to a `Parameters` resource.
+pub struct Params<'a>(pub &'a Value);
+
+impl<'a> Params<'a> {
+    pub fn all(&self, name: &str) -> impl Iterator<Item = &'a Value> + '_ {
+        let name = name.to_string();
+        arr(self.0, "parameter")
+            .iter()
+            .filter(move |p| s(p, "name") == Some(name.as_str()))
+    }
+    pub fn param(&self, name: &str) -> Option<&'a Value> {
+        self.all(name).next()
+    }
+    /// The `value[x]` of a parameter.
+    pub fn value(&self, name: &str) -> Option<&'a Value> {
+        let p = self.param(name)?;
+        value_x(p)
+    }
+    pub fn str(&self, name: &str) -> Option<&'a str> {
+        self.value(name).and_then(Value::as_str)
+    }
+    pub fn bool(&self, name: &str) -> Option<bool> {
+        match self.value(name)? {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) => Some(s == "true"),
+            _ => None,
+        }
+    }
+    pub fn int(&self, name: &str) -> Option<i64> {
+        match self.value(name)? {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+    pub fn resource(&self, name: &str) -> Option<&'a Value> {
+        self.param(name).and_then(|p| p.get("resource"))
+    }
+}
+
+fn value_x(p: &Value) -> Option<&Value> {
+    p.as_object()?
+        .iter()
+        .find(|(k, _)| k.starts_with("value"))
+        .map(|(_, v)| v)
+}
+
+fn p_str(name: &str, kind: &str, v: &str) -> Value {
+    json!({"name": name, format!("value{kind}"): v})
+}
+fn p_bool(name: &str, v: bool) -> Value {
+    json!({"name": name, "valueBoolean": v})
+}
+
+fn split_canonical(url: &str) -> (&str, Option<&str>) {
+    match url.split_once('|') {
+        Some((u, v)) => (u, Some(v)),
+        None => (url, None),
+    }
+}
+
+fn version_key(v: &str) -> Vec<(u64, String)> {
+    v.split(['.', '-'])
+        .map(|p| (p.parse::<u64>().unwrap_or(0), p.to_string()))
+        .collect()
+}
+
+fn version_matches(have: Option<&str>, want: &str) -> bool {
+    match have {
+        Some(h) if h == want => true,
+        Some(h) => {
+            // wildcards: 1.x, 1.*, and partial versions 1.0 matching 1.0.x
+            let w: Vec<&str> = want.split('.').collect();
+            let hv: Vec<&str> = h.split('.').collect();
+            if w.iter().any(|p| *p == "x" || *p == "*") {
+                return w
+                    .iter()
+                    .zip(hv.iter())
+                    .all(|(a, b)| *a == "x" || *a == "*" || a == b);
+            }
+            false
+        }
+        None => false,
+    }
+}
+
+// ---------------------------------------------------------------- registry
+
+/// A code system known to the service: a provider, possibly built lazily from a resource.
+pub struct CsEntry {
+    pub url: String,
+    pub version: Option<String>,
+    pub resource: Option<Arc<Value>>,
+    provider: OnceLock<Arc<dyn CodeSystemProvider>>,
+    supplements: Vec<Arc<Value>>,
+}
+
+impl CsEntry {
+    pub fn from_provider(p: Arc<dyn CodeSystemProvider>) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(p.clone());
+        CsEntry {
+            url: p.url().to_string(),
+            version: p.version().map(str::to_string),
+            resource: None,
+            provider: cell,
+            supplements: Vec::new(),
+        }
+    }
+    fn from_resource(r: Arc<Value>) -> Self {
+        CsEntry {
+            url: s(&r, "url").unwrap_or_default().to_string(),
+            version: s(&r, "version").map(str::to_string),
+            resource: Some(r),
+            provider: OnceLock::new(),
+            supplements: Vec::new(),
+        }
+    }
+    pub fn provider(&self) -> Arc<dyn CodeSystemProvider> {
+        self.provider
+            .get_or_init(|| {
+                let r = self.resource.clone().unwrap_or_else(|| Arc::new(json!({})));
+                let mut t = code_system_table(&r);
+                for sup in &self.supplements {
+                    apply_supplement(&mut t, sup);
+                }
+                Arc::new(t)
+            })
+            .clone()
+    }
+    fn canonical(&self) -> String {
+        match &self.version {
+            Some(v) => format!("{}|{}", self.url, v),
+            None => self.url.clone(),
+        }
+    }
+}
+
+/// Resources known to the service (or supplied with one request as `tx-resource`).
+#[derive(Default)]
+pub struct Registry {
+    cs: HashMap<String, Vec<Arc<CsEntry>>>,
+    vs: HashMap<String, Vec<Arc<Value>>>,
+    cm: Vec<Arc<Value>>,
+    supplements: Vec<Arc<Value>>,
+}
+
+impl Registry {
+    pub fn add_provider(&mut self, p: Arc<dyn CodeSystemProvider>) {
+        let e = Arc::new(CsEntry::from_provider(p));
+        let list = self.cs.entry(e.url.clone()).or_default();
+        list.retain(|x| x.version != e.version);
+        list.push(e);
+    }
+
+    /// Adds a CodeSystem, ValueSet or ConceptMap resource.
+    pub fn add_resource(&mut self, r: Value) -> Result<(), TxError> {
+        let rt = s(&r, "resourceType").unwrap_or_default().to_string();
+        let Some(url) = s(&r, "url").map(str::to_string) else {
+            return Err(TxError::invalid(format!("{rt} has no url")));
+        };
+        let r = Arc::new(r);
+        match rt.as_str() {
+            "CodeSystem" => {
+                if s(&r, "content") == Some("supplement") {
+                    self.supplements.push(r);
+                    return Ok(());
+                }
+                let mut e = CsEntry::from_resource(r);
+                e.supplements = self
+                    .supplements
+                    .iter()
+                    .filter(|sup| {
+                        s(sup, "supplements")
+                            .map(|x| split_canonical(x).0 == e.url)
+                            .unwrap_or(false)
+                    })
+                    .cloned()
+                    .collect();
+                let list = self.cs.entry(url).or_default();
+                list.retain(|x| x.version != e.version);
+                list.push(Arc::new(e));
+            }
+            "ValueSet" => {
+                let v = s(&r, "version").map(str::to_string);
+                let list = self.vs.entry(url).or_default();
+                list.retain(|x| s(x, "version").map(str::to_string) != v);
+                list.push(r);
+            }
+            "ConceptMap" => {
+                self.cm.retain(|x| {
+                    !(s(x, "url") == s(&r, "url") && s(x, "version") == s(&r, "version"))
+                });
+                self.cm.push(r);
+            }
+            other => {
+                return Err(TxError::invalid(format!(
+                    "Unsupported terminology resource type '{other}'"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-applies supplements added after their code system (call after bulk loading).
+    fn link_supplements(&mut self) {
+        if self.supplements.is_empty() {
+            return;
+        }
+        for list in self.cs.values_mut() {
+            for e in list.iter_mut() {
+                let sups: Vec<Arc<Value>> = self
+                    .supplements
+                    .iter()
+                    .filter(|sup| {
+                        s(sup, "supplements")
+                            .map(|x| split_canonical(x).0 == e.url)
+                            .unwrap_or(false)
+                    })
+                    .cloned()
+                    .collect();
+                if !sups.is_empty() && e.resource.is_some() {
+                    let mut ne = CsEntry::from_resource(e.resource.clone().unwrap_or_default());
+                    ne.supplements = sups;
+                    *e = Arc::new(ne);
+                }
+            }
+        }
+    }
+}
+
+/// The terminology service.
+pub struct Terminology {
+    base: Registry,
+}
+
+impl Default for Terminology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The request context: the service's registry plus `tx-resource`s of one request.
+struct Ctx<'a> {
+    base: &'a Registry,
+    local: Registry,
+    params: Params<'a>,
+}
+
+impl Terminology {
+    /// An empty service with UCUM only.
+    pub fn new() -> Self {
+        let mut base = Registry::default();
+        base.add_provider(Arc::new(crate::ucum::UcumProvider));
+        Terminology { base }
+    }
+
+    /// The service with the vendored R4 + THO CodeSystems/ValueSets/ConceptMaps and UCUM.
+    pub fn with_r4_content() -> Result<Self, TxError> {
+        let mut t = Terminology::new();
+        let mut sjson = String::new();
+        flate2::read::GzDecoder::new(R4_BUNDLE_GZ)
+            .read_to_string(&mut sjson)
+            .map_err(|e| TxError::new(500, "exception", "internal", e.to_string()))?;
+        let bundle: Value = serde_json::from_str(&sjson)
+            .map_err(|e| TxError::new(500, "exception", "internal", e.to_string()))?;
+        t.add_bundle(bundle)?;
+        Ok(t)
+    }
+
+    /// Adds every CodeSystem/ValueSet/ConceptMap entry of a Bundle.
+    pub fn add_bundle(&mut self, bundle: Value) -> Result<usize, TxError> {
+        let mut n = 0;
+        if let Value::Object(mut b) = bundle {
+            if let Some(Value::Array(entries)) = b.remove("entry") {
+                for mut e in entries {
+                    if let Some(r) = e.get_mut("resource").map(Value::take) {
+                        if matches!(
+                            s(&r, "resourceType"),
+                            Some("CodeSystem" | "ValueSet" | "ConceptMap")
+                        ) && s(&r, "url").is_some()
+                        {
+                            self.base.add_resource(r)?;
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.base.link_supplements();
+        Ok(n)
+    }
+
+    /// Adds one CodeSystem/ValueSet/ConceptMap resource.
+    pub fn add_resource(&mut self, r: Value) -> Result<(), TxError> {
+        self.base.add_resource(r)?;
+        self.base.link_supplements();
+        Ok(())
+    }
+
+    /// Adds a code system provider (ICD-10-CM, LOINC, SNOMED CT tables, …).
+    pub fn add_code_system(&mut self, p: Arc<dyn CodeSystemProvider>) {
+        self.base.add_provider(p);
+    }
+
+    /// Number of known code systems (all versions) and value sets.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.base.cs.values().map(Vec::len).sum(),
+            self.base.vs.values().map(Vec::len).sum(),
+            self.base.cm.len(),
+        )
+    }
+
+    fn ctx<'a>(&'a self, params: &'a Value) -> Result<Ctx<'a>, TxError> {
+        if s(params, "resourceType") != Some("Parameters") {
+            return Err(TxError::invalid(
+                "The request body must be a Parameters resource",
+            ));
+        }
+        let mut local = Registry::default();
+        let p = Params(params);
+        for r in p.all("tx-resource").filter_map(|x| x.get("resource")) {
+            local.add_resource(r.clone())?;
+        }
+        local.link_supplements();
+        Ok(Ctx {
+            base: &self.base,
+            local,
+            params: p,
+        })
+    }
+
+    /// `CodeSystem/$lookup`.
+    pub fn lookup(&self, params: &Value) -> Result<Value, TxError> {
+        self.ctx(params)?.lookup()
+    }
+
+    /// `ValueSet/$validate-code` when `url`/`valueSet`/`context` is given, else `CodeSystem/$validate-code`.
+    pub fn validate_code(&self, params: &Value) -> Result<Value, TxError> {
+        let p = Params(params);
+        if p.param("valueSet").is_some() || p.param("context").is_some() {
+            return self.validate_code_vs(params);
+        }
+        if let Some(url) = p.str("url") {
+            let c = self.ctx(params)?;
+            if c.find_vs(url, p.str("valueSetVersion")).is_some() || c.find_cs(url, None).is_none()
+            {
+                return self.validate_code_vs(params);
+            }
+            return self.validate_code_cs(params);
+        }
+        self.validate_code_cs(params)
+    }
+
+    /// `ValueSet/$validate-code`.
+    pub fn validate_code_vs(&self, params: &Value) -> Result<Value, TxError> {
+        self.ctx(params)?.validate(true)
+    }
+
+    /// `CodeSystem/$validate-code` (`url` is the code system).
+    pub fn validate_code_cs(&self, params: &Value) -> Result<Value, TxError> {
+        self.ctx(params)?.validate(false)
+    }
+
+    /// `CodeSystem/$subsumes`.
+    pub fn subsumes(&self, params: &Value) -> Result<Value, TxError> {
+        self.ctx(params)?.subsumes()
+    }
+
+    /// `ValueSet/$expand`: returns the ValueSet with its `expansion`.
+    pub fn expand(&self, params: &Value) -> Result<Value, TxError> {
+        self.ctx(params)?.expand()
+    }
+
+    /// `ConceptMap/$translate`.
+    pub fn translate(&self, params: &Value) -> Result<Value, TxError> {
+        self.ctx(params)?.translate()
+    }
+}
+
+// ---------------------------------------------------------------- expansion model
+
+#[derive(Debug, Clone)]
+struct Item {
+    system: String,
+    version: Option<String>,
+    concept: Concept,
+    display: Option<String>,
+}
+
+#[derive(Default)]
+struct Used {
+    code_systems: Vec<String>,
+    value_sets: Vec<String>,
+}
+
+impl Used {
+    fn cs(&mut self, c: String) {
+        if !self.code_systems.contains(&c) {
+            self.code_systems.push(c);
+        }
+    }
+}
+
+/// A coding given to `$validate-code`, with the paths of its elements for issue locations.
+struct CodingIn {
+    system: Option<String>,
+    version: Option<String>,
+    code: String,
+    display: Option<String>,
+    loc_code: String,
+    loc_display: String,
+    loc_system: String,
+}
+
+struct CodingResult {
+    valid: bool,
+    issues: Vec<Value>,
+    messages: Vec<String>,
+    code: Option<String>,
+    system: Option<String>,
+    version: Option<String>,
+    display: Option<String>,
+    inactive: bool,
+    unknown_system: Option<String>,
+    not_in_vs: bool,
+}
+
+impl<'a> Ctx<'a> {
+    fn find_cs(&self, url: &str, version: Option<&str>) -> Option<Arc<CsEntry>> {
+        let (url, v2) = split_canonical(url);
+        let version = version.or(v2);
+        let mut cands: Vec<&Arc<CsEntry>> = Vec::new();
+        for r in [&self.local, self.base] {
+            if let Some(list) = r.cs.get(url) {
+                cands.extend(list.iter());
+            }
+        }
+        match version {
+            Some(v) => cands
+                .into_iter()
+                .find(|e| version_matches(e.version.as_deref(), v))
+                .cloned(),
+            None => {
+                // local resources win; else the latest version
+                if let Some(l) = self
+                    .local
+                    .cs
+                    .get(url)
+                    .and_then(|l| latest(l, |e| e.version.clone()))
+                {
+                    return Some(l);
+                }
+                self.base
+                    .cs
+                    .get(url)
+                    .and_then(|l| latest(l, |e| e.version.clone()))
+            }
+        }
+    }
+
+    fn find_vs(&self, url: &str, version: Option<&str>) -> Option<Arc<Value>> {
+        let (url, v2) = split_canonical(url);
+        let version = version.or(v2);
+        let mut cands: Vec<&Arc<Value>> = Vec::new();
+        for r in [&self.local, self.base] {
+            if let Some(list) = r.vs.get(url) {
+                cands.extend(list.iter());
+            }
+        }
+        match version {
+            Some(v) => cands
+                .into_iter()
+                .find(|e| version_matches(s(e, "version"), v))
+                .cloned(),
+            None => {
+                if let Some(l) = self
+                    .local
+                    .vs
+                    .get(url)
+                    .and_then(|l| latest(l, |e| s(e, "version").map(str::to_string)))
+                {
+                    return Some(l);
+                }
+                self.base
+                    .vs
+                    .get(url)
+                    .and_then(|l| latest(l, |e| s(e, "version").map(str::to_string)))
+            }
+        }
+    }
+
+    /// The version of `system` to use: force-system-version > include.version > system-version.
+    fn system_version(&self, system: &str, declared: Option<&str>) -> Option<String> {
+        for name in ["force-system-version"] {
+            for v in self
+                .params
+                .all(name)
+                .filter_map(value_x)
+                .filter_map(Value::as_str)
+            {
+                let (u, ver) = split_canonical(v);
+                if u == system {
+                    return ver.map(str::to_string);
+                }
+            }
+        }
+        if let Some(d) = declared {
+            return Some(d.to_string());
+        }
+        for name in ["system-version", "check-system-version"] {
+            for v in self
+                .params
+                .all(name)
+                .filter_map(value_x)
+                .filter_map(Value::as_str)
+            {
+                let (u, ver) = split_canonical(v);
+                if u == system {
+                    return ver.map(str::to_string);
+                }
+            }
+        }
+        None
+    }
+
+    fn display_language(&self) -> Option<String> {
+        self.params.str("displayLanguage").map(str::to_string)
+    }
+
+    fn display_for(&self, c: &Concept, lang: Option<&str>) -> Option<String> {
+        if let Some(lang) = lang {
+            for want in lang
+                .split(',')
+                .map(|l| l.split(';').next().unwrap_or("").trim())
+            {
+                if let Some(d) = c.designations.iter().find(|d| {
+                    d.language
+                        .as_deref()
+                        .map(|l| l == want || l.starts_with(&format!("{want}-")))
+                        .unwrap_or(false)
+                }) {
+                    return Some(d.value.clone());
+                }
+            }
+        }
+        c.display.clone()
+    }
+
+    // ------------------------------------------------------------ expansion
+
+    fn resolve_vs_param(&self) -> Result<(Arc<Value>, String), TxError> {
+        if let Some(r) = self.params.resource("valueSet") {
+            let canon = vs_canonical(r);
+            return Ok((Arc::new(r.clone()), canon));
+        }
+        let Some(url) = self
+            .params
+            .str("url")
+            .or_else(|| self.params.str("context"))
+        else {
+            return Err(TxError::invalid(
+                "Unable to find value set: no url or valueSet parameter",
+            ));
+        };
+        let version = self.params.str("valueSetVersion");
+        match self.find_vs(url, version) {
+            Some(vs) => {
+                let canon = vs_canonical(&vs);
+                Ok((vs, canon))
+            }
+            None => Err(TxError::not_found(match version {
+                Some(v) => format!("A definition for the value Set '{url}|{v}' could not be found"),
+                None => format!("A definition for the value Set '{url}' could not be found"),
+            })),
+        }
+    }
+
+    fn expand_vs(&self, vs: &Value, depth: usize, used: &mut Used) -> Result<Vec<Item>, TxError> {
+        if depth > 20 {
+            return Err(TxError::new(
+                422,
+                "processing",
+                "processing",
+                "Value set nesting is too deep (circular reference?)",
+            ));
+        }
+        let Some(compose) = vs.get("compose") else {
+            // an already expanded value set
+            let mut out = Vec::new();
+            fn walk(cs: &[Value], out: &mut Vec<Item>) {
+                for c in cs {
+                    if let (Some(sys), Some(code)) = (s(c, "system"), s(c, "code")) {
+                        let mut concept = Concept::new(code, s(c, "display").map(str::to_string));
+                        concept.inactive =
+                            c.get("inactive").and_then(Value::as_bool).unwrap_or(false);
+                        concept.not_selectable =
+                            c.get("abstract").and_then(Value::as_bool).unwrap_or(false);
+                        out.push(Item {
+                            system: sys.to_string(),
+                            version: s(c, "version").map(str::to_string),
+                            display: concept.display.clone(),
+                            concept,
+                        });
+                    }
+                    walk(arr(c, "contains"), out);
+                }
+            }
+            if let Some(exp) = vs.get("expansion") {
+                walk(arr(exp, "contains"), &mut out);
+            }
+            return Ok(out);
+        };
+        let inactive_ok = compose
+            .get("inactive")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let mut items: Vec<Item> = Vec::new();
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        for inc in arr(compose, "include") {
+            for it in self.include_items(inc, depth, used)? {
+                if !inactive_ok && it.concept.inactive {
+                    continue;
+                }
+                if seen.insert((it.system.clone(), it.concept.code.clone())) {
+                    items.push(it);
+                }
+            }
+        }
+        let mut excluded: HashSet<(String, String)> = HashSet::new();
+        for exc in arr(compose, "exclude") {
+            for it in self.include_items(exc, depth, used)? {
+                excluded.insert((it.system, it.concept.code));
+            }
+        }
+        if !excluded.is_empty() {
+            items.retain(|i| !excluded.contains(&(i.system.clone(), i.concept.code.clone())));
+        }
+        Ok(items)
+    }
+
+    fn include_items(
+        &self,
+        inc: &Value,
+        depth: usize,
+        used: &mut Used,
+    ) -> Result<Vec<Item>, TxError> {
+        let mut vs_sets: Vec<HashSet<(String, String)>> = Vec::new();
+        let mut vs_items: Option<Vec<Item>> = None;
+        for v in arr(inc, "valueSet").iter().filter_map(Value::as_str) {
+            let Some(sub) = self.find_vs(v, None) else {
+                return Err(TxError::not_found(format!(
+                    "A definition for the value Set '{v}' could not be found"
+                )));
+            };
+            let canon = vs_canonical(&sub);
+            if !used.value_sets.contains(&canon) {
+                used.value_sets.push(canon);
+            }
+            let items = self.expand_vs(&sub, depth + 1, used)?;
+            vs_sets.push(
+                items
+                    .iter()
+                    .map(|i| (i.system.clone(), i.concept.code.clone()))
+                    .collect(),
+            );
+            if vs_items.is_none() {
+                vs_items = Some(items);
+            }
+        }
+        let in_all = |sys: &str, code: &str| {
+            vs_sets
+                .iter()
+                .all(|set| set.contains(&(sys.to_string(), code.to_string())))
+        };
+        let Some(system) = s(inc, "system") else {
+            return Ok(vs_items
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|i| in_all(&i.system, &i.concept.code))
+                .collect());
+        };
+        let version = self.system_version(system, s(inc, "version"));
+        let Some(entry) = self.find_cs(system, version.as_deref()) else {
+            return Err(TxError::not_found(match &version {
+                Some(v) => format!(
+                    "A definition for CodeSystem '{system}' version '{v}' could not be found, so the value set cannot be expanded"
+                ),
+                None => format!(
+                    "A definition for CodeSystem '{system}' could not be found, so the value set cannot be expanded"
+                ),
+            }));
+        };
+        used.cs(entry.canonical());
+        let provider = entry.provider();
+        let lang = self.display_language();
+        let mut out = Vec::new();
+        let mk = |c: Concept, display: Option<String>| Item {
+            system: system.to_string(),
+            version: entry.version.clone(),
+            display,
+            concept: c,
+        };
+        let concepts = arr(inc, "concept");
+        let filters = arr(inc, "filter");
+        if !concepts.is_empty() {
+            for c in concepts {
+                let Some(code) = s(c, "code") else { continue };
+                if !in_all(system, code) {
+                    continue;
+                }
+                if let Some(mut concept) = provider.lookup(code) {
+                    let display = s(c, "display")
+                        .map(str::to_string)
+                        .or_else(|| self.display_for(&concept, lang.as_deref()));
+                    for d in arr(c, "designation") {
+                        if let Some(v) = s(d, "value") {
+                            concept.designations.push(Designation {
+                                language: s(d, "language").map(str::to_string),
+                                value: v.to_string(),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    out.push(mk(concept, display));
+                }
+            }
+            return Ok(out);
+        }
+        let codes: Vec<String> = if !filters.is_empty() {
+            let mut acc: Option<Vec<String>> = None;
+            for f in filters {
+                let (prop, op, val) = (
+                    s(f, "property").unwrap_or_default(),
+                    s(f, "op").unwrap_or_default(),
+                    s(f, "value").unwrap_or_default(),
+                );
+                let r = provider
+                    .filter(prop, op, val)
+                    .map_err(|e| TxError::new(400, "invalid", "vs-invalid", e.0))?;
+                acc = Some(match acc {
+                    None => r,
+                    Some(prev) => {
+                        let set: HashSet<&String> = r.iter().collect();
+                        prev.into_iter().filter(|c| set.contains(c)).collect()
+                    }
+                });
+            }
+            acc.unwrap_or_default()
+        } else {
+            match provider.codes() {
+                Some(c) => c,
+                None => {
+                    return Err(TxError::new(
+                        422,
+                        "too-costly",
+                        "too-costly",
+                        format!("The code system '{system}' is not enumerable (grammar-based); the value set cannot be expanded"),
+                    ))
+                }
+            }
+        };
+        for code in codes {
+            if !in_all(system, &code) {
+                continue;
+            }
+            if let Some(c) = provider.lookup(&code) {
+                let d = self.display_for(&c, lang.as_deref());
+                out.push(mk(c, d));
+            }
+        }
+        Ok(out)
+    }
+
+    fn expand(&self) -> Result<Value, TxError> {
+        let (vs, _canon) = self.resolve_vs_param()?;
+        let mut used = Used::default();
+        let mut items = self.expand_vs(&vs, 0, &mut used)?;
+        let p = &self.params;
+        if p.bool("activeOnly") == Some(true) {
+            items.retain(|i| !i.concept.inactive);
+        }
+        if let Some(f) = p.str("filter") {
+            let mut scored: Vec<(u32, usize, Item)> = items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(n, i)| {
+                    let mut texts: Vec<&str> = Vec::new();
+                    if let Some(d) = &i.display {
+                        texts.push(d);
+                    }
+                    for d in &i.concept.designations {
+                        texts.push(&d.value);
+                    }
+                    let sc = match_score(f, &i.concept.code, &texts);
+                    (sc > 0).then_some((sc, n, i))
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            items = scored.into_iter().map(|x| x.2).collect();
+        }
+        let total = items.len();
+        let offset = p.int("offset").unwrap_or(0).max(0) as usize;
+        let count = p.int("count").map(|c| c.max(0) as usize);
+        if count.is_none() && total > MAX_EXPANSION {
+            return Err(TxError::new(
+                422,
+                "too-costly",
+                "too-costly",
+                format!(
+                    "The value set '{}' expansion has too many codes to display ({total} > {MAX_EXPANSION}); use count/offset or a filter",
+                    s(&vs, "url").unwrap_or_default()
+                ),
+            ));
+        }
+        let page: Vec<&Item> = items
+            .iter()
+            .skip(offset)
+            .take(count.unwrap_or(usize::MAX))
+            .collect();
+        let include_designations = p.bool("includeDesignations") == Some(true);
+        let include_definition = p.bool("includeDefinition") == Some(true);
+        let props: Vec<String> = p
+            .all("property")
+            .filter_map(value_x)
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        let contains: Vec<Value> = page
+            .iter()
+            .map(|i| {
+                let mut c = Map::new();
+                c.insert("system".into(), json!(i.system));
+                if let Some(v) = &i.version {
+                    c.insert("version".into(), json!(v));
+                }
+                if i.concept.not_selectable {
+                    c.insert("abstract".into(), json!(true));
+                }
+                if i.concept.inactive {
+                    c.insert("inactive".into(), json!(true));
+                }
+                c.insert("code".into(), json!(i.concept.code));
+                if let Some(d) = &i.display {
+                    c.insert("display".into(), json!(d));
+                }
+                if include_designations && !i.concept.designations.is_empty() {
+                    c.insert(
+                        "designation".into(),
+                        Value::Array(i.concept.designations.iter().map(designation_json).collect()),
+                    );
+                }
+                if include_definition {
+                    if let Some(d) = &i.concept.definition {
+                        c.insert(
+                            "extension".into(),
+                            json!([{"url": "http://hl7.org/fhir/StructureDefinition/valueset-concept-definition", "valueString": d}]),
+                        );
+                    }
+                }
+                if !props.is_empty() {
+                    let pv: Vec<Value> = i
+                        .concept
+                        .properties
+                        .iter()
+                        .filter(|(n, _)| props.contains(n))
+                        .map(|(n, v)| {
+                            let (k, val) = v.to_fhir();
+                            json!({"code": n, k: val})
+                        })
+                        .collect();
+                    if !pv.is_empty() {
+                        c.insert("property".into(), Value::Array(pv));
+                    }
+                }
+                Value::Object(c)
+            })
+            .collect();
+        let mut parameters: Vec<Value> = Vec::new();
+        for name in [
+            "excludeNested",
+            "includeDesignations",
+            "displayLanguage",
+            "activeOnly",
+            "count",
+            "offset",
+            "filter",
+            "includeDefinition",
+            "designation",
+            "system-version",
+            "force-system-version",
+            "check-system-version",
+            "default-to-latest-version",
+        ] {
+            for prm in p.all(name) {
+                let mut x = prm.clone();
+                if let Some(o) = x.as_object_mut() {
+                    o.remove("part");
+                }
+                parameters.push(x);
+            }
+        }
+        for c in &used.code_systems {
+            parameters.push(p_str("used-codesystem", "Uri", c));
+        }
+        for v in &used.value_sets {
+            parameters.push(p_str("used-valueset", "Uri", v));
+        }
+        let mut expansion = Map::new();
+        expansion.insert(
+            "identifier".into(),
+            json!(format!("urn:uuid:{}", pseudo_uuid())),
+        );
+        expansion.insert("timestamp".into(), json!(now_instant()));
+        expansion.insert("total".into(), json!(total));
+        if p.param("offset").is_some() || p.param("count").is_some() {
+            expansion.insert("offset".into(), json!(offset));
+        }
+        if !parameters.is_empty() {
+            expansion.insert("parameter".into(), Value::Array(parameters));
+        }
+        if !props.is_empty() {
+            expansion.insert(
+                "property".into(),
+                Value::Array(props.iter().map(|p| json!({"code": p})).collect()),
+            );
+        }
+        if !contains.is_empty() {
+            expansion.insert("contains".into(), Value::Array(contains));
+        }
+        let mut out = (*vs).clone();
+        if let Some(o) = out.as_object_mut() {
+            o.remove("text");
+            o.remove("expansion");
+            o.insert("expansion".into(), Value::Object(expansion));
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ membership
+
+    /// Whether `(system, code)` is in the value set, without a full expansion.
+    fn vs_contains(
+        &self,
+        vs: &Value,
+        system: &str,
+        code: &str,
+        depth: usize,
+    ) -> Result<bool, TxError> {
+        if depth > 20 {
+            return Ok(false);
+        }
+        let Some(compose) = vs.get("compose") else {
+            let items = self.expand_vs(vs, depth, &mut Used::default())?;
+            return Ok(items
+                .iter()
+                .any(|i| i.system == system && i.concept.code == code));
+        };
+        let mut inc_any = false;
+        for inc in arr(compose, "include") {
+            if self.include_matches(inc, system, code, depth)? {
+                inc_any = true;
+                break;
+            }
+        }
+        if !inc_any {
+            return Ok(false);
+        }
+        for exc in arr(compose, "exclude") {
+            if self.include_matches(exc, system, code, depth)? {
+                return Ok(false);
+            }
+        }
+        if compose.get("inactive").and_then(Value::as_bool) == Some(false) {
+            if let Some(e) = self.find_cs(system, None) {
+                if e.provider()
+                    .lookup(code)
+                    .map(|c| c.inactive)
+                    .unwrap_or(false)
+                {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn include_matches(
+        &self,
+        inc: &Value,
+        system: &str,
+        code: &str,
+        depth: usize,
+    ) -> Result<bool, TxError> {
+        if let Some(sys) = s(inc, "system") {
+            if sys != system {
+                return Ok(false);
+            }
+        }
+        for v in arr(inc, "valueSet").iter().filter_map(Value::as_str) {
+            let Some(sub) = self.find_vs(v, None) else {
+                return Err(TxError::not_found(format!(
+                    "A definition for the value Set '{v}' could not be found"
+                )));
+            };
+            if !self.vs_contains(&sub, system, code, depth + 1)? {
+                return Ok(false);
+            }
+        }
+        let Some(sys) = s(inc, "system") else {
+            return Ok(!arr(inc, "valueSet").is_empty());
+        };
+        let version = self.system_version(sys, s(inc, "version"));
+        let Some(entry) = self.find_cs(sys, version.as_deref()) else {
+            return Ok(false);
+        };
+        let provider = entry.provider();
+        let concepts = arr(inc, "concept");
+        if !concepts.is_empty() {
+            let cs = provider.case_sensitive();
+            return Ok(concepts.iter().filter_map(|c| s(c, "code")).any(|c| {
+                if cs {
+                    c == code
+                } else {
+                    c.eq_ignore_ascii_case(code)
+                }
+            }));
+        }
+        if provider.lookup(code).is_none() {
+            return Ok(false);
+        }
+        for f in arr(inc, "filter") {
+            let ok = provider
+                .filter_matches(
+                    code,
+                    s(f, "property").unwrap_or_default(),
+                    s(f, "op").unwrap_or_default(),
+                    s(f, "value").unwrap_or_default(),
+                )
+                .map_err(|e| TxError::new(400, "invalid", "vs-invalid", e.0))?;
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------ validate-code
+
+    fn codings_in(
+        &self,
+        vs_mode: bool,
+    ) -> Result<(Vec<CodingIn>, Option<Value>, &'static str), TxError> {
+        let p = &self.params;
+        if let Some(cc) = p.value("codeableConcept") {
+            let list = arr(cc, "coding")
+                .iter()
+                .enumerate()
+                .map(|(i, c)| CodingIn {
+                    system: s(c, "system").map(str::to_string),
+                    version: s(c, "version").map(str::to_string),
+                    code: s(c, "code").unwrap_or_default().to_string(),
+                    display: s(c, "display").map(str::to_string),
+                    loc_code: format!("CodeableConcept.coding[{i}].code"),
+                    loc_display: format!("CodeableConcept.coding[{i}].display"),
+                    loc_system: format!("CodeableConcept.coding[{i}].system"),
+                })
+                .collect();
+            return Ok((list, Some(cc.clone()), "cc"));
+        }
+        if let Some(c) = p.value("coding") {
+            return Ok((
+                vec![CodingIn {
+                    system: s(c, "system").map(str::to_string),
+                    version: s(c, "version").map(str::to_string),
+                    code: s(c, "code").unwrap_or_default().to_string(),
+                    display: s(c, "display").map(str::to_string),
+                    loc_code: "Coding.code".into(),
+                    loc_display: "Coding.display".into(),
+                    loc_system: "Coding.system".into(),
+                }],
+                None,
+                "coding",
+            ));
+        }
+        let Some(code) = p.str("code") else {
+            return Err(TxError::invalid(
+                "Unable to validate: no code, coding or codeableConcept parameter",
+            ));
+        };
+        let system = if vs_mode {
+            p.str("system")
+        } else {
+            p.str("url").or_else(|| p.str("system"))
+        };
+        let version = if vs_mode {
+            p.str("systemVersion")
+                .or_else(|| p.str("system-version").filter(|v| !v.contains('|')))
+        } else {
+            p.str("version")
+        };
+        Ok((
+            vec![CodingIn {
+                system: system.map(str::to_string),
+                version: version.map(str::to_string),
+                code: code.to_string(),
+                display: p.str("display").map(str::to_string),
+                loc_code: "code".into(),
+                loc_display: "display".into(),
+                loc_system: "system".into(),
+            }],
+            None,
+            "code",
+        ))
+    }
+
+    fn validate_one(
+        &self,
+        c: &CodingIn,
+        vs: Option<(&Value, &str)>,
+        in_cc: bool,
+    ) -> Result<CodingResult, TxError> {
+        let mut r = CodingResult {
+            valid: true,
+            issues: Vec::new(),
+            messages: Vec::new(),
+            code: Some(c.code.clone()),
+            system: c.system.clone(),
+            version: None,
+            display: None,
+            inactive: false,
+            unknown_system: None,
+            not_in_vs: false,
+        };
+        let lang = self.display_language();
+        let Some(system) = c.system.clone() else {
+            r.valid = false;
+            let m = "Coding has no system. A code with no system has no defined meaning, and it cannot be validated. A system should be provided".to_string();
+            r.issues.push(issue_json(
+                "warning",
+                "invalid",
+                "invalid-data",
+                &m,
+                Some(&c.loc_code),
+            ));
+            r.messages.push(m);
+            return Ok(r);
+        };
+        let version = self.system_version(&system, c.version.as_deref());
+        let entry = self.find_cs(&system, version.as_deref());
+        let Some(entry) = entry else {
+            r.valid = false;
+            let m = match &version {
+                Some(v) if self.find_cs(&system, None).is_some() => format!(
+                    "A definition for CodeSystem '{system}' version '{v}' could not be found, so the code cannot be validated. Valid versions: {}",
+                    self.versions_of(&system).join(",")
+                ),
+                _ => format!(
+                    "A definition for CodeSystem '{system}' could not be found, so the code cannot be validated"
+                ),
+            };
+            r.issues.push(issue_json(
+                "error",
+                "not-found",
+                "not-found",
+                &m,
+                Some(&c.loc_system),
+            ));
+            r.messages.push(m);
+            r.unknown_system = Some(match &version {
+                Some(v) => format!("{system}|{v}"),
+                None => system.clone(),
+            });
+            return Ok(r);
+        };
+        let provider = entry.provider();
+        r.version = entry.version.clone();
+        let concept = provider.lookup(&c.code);
+        let mut not_in_vs_msg = None;
+        if let Some((vs, canon)) = vs {
+            if concept.is_none() || !self.vs_contains(vs, &system, &c.code, 0)? {
+                r.valid = false;
+                r.not_in_vs = true;
+                let m = format!(
+                    "The provided code '{system}#{}' was not found in the value set '{canon}'",
+                    c.code
+                );
+                let (sev, tx) = if in_cc {
+                    ("information", "this-code-not-in-vs")
+                } else {
+                    ("error", "not-in-vs")
+                };
+                r.issues
+                    .push(issue_json(sev, "code-invalid", tx, &m, Some(&c.loc_code)));
+                not_in_vs_msg = Some(m);
+            }
+        }
+        let Some(concept) = concept else {
+            r.valid = false;
+            let m = match &entry.version {
+                Some(v) => format!(
+                    "Unknown code '{}' in the CodeSystem '{system}' version '{v}'",
+                    c.code
+                ),
+                None => format!("Unknown code '{}' in the CodeSystem '{system}'", c.code),
+            };
+            r.issues.push(issue_json(
+                "error",
+                "code-invalid",
+                "invalid-code",
+                &m,
+                Some(&c.loc_code),
+            ));
+            if let Some(n) = not_in_vs_msg {
+                if !in_cc {
+                    r.messages.push(n);
+                }
+            }
+            r.messages.push(m);
+            return Ok(r);
+        };
+        if let Some(n) = not_in_vs_msg {
+            if !in_cc {
+                r.messages.push(n);
+            }
+        }
+        r.code = Some(concept.code.clone());
+        r.display = self.display_for(&concept, lang.as_deref());
+        if concept.inactive {
+            r.inactive = true;
+        }
+        if let Some(d) = &c.display {
+            let mut valid: Vec<&str> = concept.display.iter().map(String::as_str).collect();
+            valid.extend(concept.designations.iter().map(|d| d.value.as_str()));
+            let ok = valid.iter().any(|v| {
+                v == d
+                    || v.split_whitespace().eq(d.split_whitespace())
+                    || (!provider.case_sensitive() && v.eq_ignore_ascii_case(d))
+            });
+            if !ok && !valid.is_empty() {
+                let shown = r.display.clone().unwrap_or_default();
+                let m = format!(
+                    "Wrong Display Name '{d}' for {system}#{}. Valid display is '{shown}' (en) (for the language(s) '{}')",
+                    c.code,
+                    lang.as_deref().unwrap_or("--")
+                );
+                let lenient = self.params.bool("lenient-display-validation") == Some(true);
+                let sev = if lenient { "warning" } else { "error" };
+                r.issues.push(issue_json(
+                    sev,
+                    "invalid",
+                    "invalid-display",
+                    &m,
+                    Some(&c.loc_display),
+                ));
+                if !lenient {
+                    r.valid = false;
+                }
+                r.messages.push(m);
+            }
+        }
+        Ok(r)
+    }
+
+    fn versions_of(&self, url: &str) -> Vec<String> {
+        let mut v: Vec<String> = [&self.local, self.base]
+            .iter()
+            .filter_map(|r| r.cs.get(url))
+            .flatten()
+            .filter_map(|e| e.version.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn validate(&self, vs_mode: bool) -> Result<Value, TxError> {
+        let vs = if vs_mode {
+            Some(self.resolve_vs_param()?)
+        } else {
+            None
+        };
+        let (codings, cc, kind) = self.codings_in(vs_mode)?;
+        let in_cc = kind == "cc";
+        let vs_ref = vs.as_ref().map(|(v, c)| (v.as_ref(), c.as_str()));
+        let mut results = Vec::new();
+        for c in &codings {
+            results.push(self.validate_one(c, vs_ref, in_cc)?);
+        }
+        let mut out: Vec<Value> = Vec::new();
+        let best = results.iter().position(|r| r.valid);
+        let mut issues: Vec<Value> = Vec::new();
+        let mut messages: Vec<String> = Vec::new();
+        let result = best.is_some();
+        if in_cc {
+            if !result {
+                if let Some((_, canon)) = &vs {
+                    let m = format!("No valid coding was found for the value set '{canon}'");
+                    issues.push(issue_json("error", "code-invalid", "not-in-vs", &m, None));
+                    messages.push(m);
+                }
+            }
+            for r in &results {
+                issues.extend(r.issues.iter().cloned());
+                if !r.valid || best.is_none() {
+                    messages.extend(r.messages.iter().cloned());
+                }
+            }
+        } else {
+            for r in &results {
+                issues.extend(r.issues.iter().cloned());
+                messages.extend(r.messages.iter().cloned());
+            }
+        }
+        let shown = best
+            .map(|i| &results[i])
+            .or_else(|| if in_cc { None } else { results.first() });
+        if let Some(r) = shown {
+            if let Some(c) = &r.code {
+                out.push(p_str("code", "Code", c));
+            }
+            if let Some(sys) = &r.system {
+                if r.unknown_system.is_none() {
+                    out.push(p_str("system", "Uri", sys));
+                }
+            }
+            if let Some(v) = &r.version {
+                out.push(p_str("version", "String", v));
+            }
+            if let Some(d) = &r.display {
+                out.push(p_str("display", "String", d));
+            }
+            if r.inactive {
+                out.push(p_bool("inactive", true));
+            }
+        }
+        for r in &results {
+            if let Some(u) = &r.unknown_system {
+                out.push(p_str("x-caused-by-unknown-system", "Canonical", u));
+            }
+        }
+        if let Some(cc) = cc {
+            out.push(json!({"name": "codeableConcept", "valueCodeableConcept": cc}));
+        }
+        out.push(p_bool("result", result));
+        if !messages.is_empty() {
+            out.push(p_str("message", "String", &messages.join("; ")));
+        }
+        if !issues.is_empty() {
+            out.push(json!({"name": "issues", "resource": {"resourceType": "OperationOutcome", "issue": issues}}));
+        }
+        Ok(json!({"resourceType": "Parameters", "parameter": out}))
+    }
+
+    // ------------------------------------------------------------ lookup / subsumes
+
+    fn coding_param(
+        &self,
+        code_name: &str,
+        coding_name: &str,
+    ) -> Option<(Option<String>, Option<String>, String)> {
+        if let Some(c) = self.params.value(coding_name) {
+            return Some((
+                s(c, "system").map(str::to_string),
+                s(c, "version").map(str::to_string),
+                s(c, "code")?.to_string(),
+            ));
+        }
+        let code = self.params.str(code_name)?;
+        Some((
+            self.params.str("system").map(str::to_string),
+            self.params.str("version").map(str::to_string),
+            code.to_string(),
+        ))
+    }
+
+    fn lookup(&self) -> Result<Value, TxError> {
+        let Some((system, version, code)) = self.coding_param("code", "coding") else {
+            return Err(TxError::invalid(
+                "Unable to lookup: no code or coding parameter",
+            ));
+        };
+        let Some(system) = system else {
+            return Err(TxError::invalid("Unable to lookup: no system parameter"));
+        };
+        let entry = self.find_cs(&system, version.as_deref()).ok_or_else(|| {
+            TxError::not_found(match &version {
+                Some(v) => format!("A definition for CodeSystem '{system}' version '{v}' could not be found, so the code cannot be looked up"),
+                None => format!("A definition for CodeSystem '{system}' could not be found, so the code cannot be looked up"),
+            })
+        })?;
+        let provider = entry.provider();
+        let Some(c) = provider.lookup(&code) else {
+            return Err(TxError::new(
+                404,
+                "not-found",
+                "invalid-code",
+                match &entry.version {
+                    Some(v) => {
+                        format!("Unknown code '{code}' in the CodeSystem '{system}' version '{v}'")
+                    }
+                    None => format!("Unknown code '{code}' in the CodeSystem '{system}'"),
+                },
+            ));
+        };
+        let lang = self.display_language();
+        let wanted: Vec<String> = self
+            .params
+            .all("property")
+            .filter_map(value_x)
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        let want = |n: &str| wanted.is_empty() || wanted.iter().any(|w| w == n || w == "*");
+        let mut out = vec![
+            p_str("name", "String", provider.name().unwrap_or(&system)),
+            p_str("system", "Uri", &system),
+            p_str("code", "Code", &c.code),
+        ];
+        if let Some(v) = provider.version() {
+            out.push(p_str("version", "String", v));
+        }
+        if let Some(d) = self.display_for(&c, lang.as_deref()) {
+            out.push(p_str("display", "String", &d));
+        }
+        if let Some(d) = &c.definition {
+            out.push(p_str("definition", "String", d));
+        }
+        out.push(p_bool("abstract", c.not_selectable));
+        for d in &c.designations {
+            let mut parts = Vec::new();
+            if let Some(l) = &d.language {
+                parts.push(p_str("language", "Code", l));
+            }
+            if d.use_code.is_some() {
+                let mut u = Map::new();
+                if let Some(s) = &d.use_system {
+                    u.insert("system".into(), json!(s));
+                }
+                if let Some(s) = &d.use_code {
+                    u.insert("code".into(), json!(s));
+                }
+                if let Some(s) = &d.use_display {
+                    u.insert("display".into(), json!(s));
+                }
+                parts.push(json!({"name": "use", "valueCoding": u}));
+            }
+            parts.push(p_str("value", "String", &d.value));
+            out.push(json!({"name": "designation", "part": parts}));
+        }
+        let prop = |code: &str, (k, v): (&'static str, Value), desc: Option<String>| {
+            let mut parts = vec![p_str("code", "Code", code), json!({"name": "value", k: v})];
+            if let Some(d) = desc {
+                parts.push(p_str("description", "String", &d));
+            }
+            json!({"name": "property", "part": parts})
+        };
+        if want("parent") {
+            for p in provider.parents(&c.code) {
+                let d = provider.lookup(&p).and_then(|x| x.display);
+                out.push(prop("parent", ("valueCode", json!(p)), d));
+            }
+        }
+        if want("child") {
+            for p in provider.children(&c.code) {
+                let d = provider.lookup(&p).and_then(|x| x.display);
+                out.push(prop("child", ("valueCode", json!(p)), d));
+            }
+        }
+        if want("inactive") {
+            out.push(prop("inactive", ("valueBoolean", json!(c.inactive)), None));
+        }
+        for (n, v) in &c.properties {
+            if n == "parent" || n == "child" || n == "inactive" || !want(n) {
+                continue;
+            }
+            out.push(prop(n, v.to_fhir(), None));
+        }
+        Ok(json!({"resourceType": "Parameters", "parameter": out}))
+    }
+
+    fn subsumes(&self) -> Result<Value, TxError> {
+        let a = self.coding_param("codeA", "codingA");
+        let b = self.coding_param("codeB", "codingB");
+        let (Some((sa, va, ca)), Some((sb, _vb, cb))) = (a, b) else {
+            return Err(TxError::invalid(
+                "$subsumes needs codeA and codeB (or codingA and codingB)",
+            ));
+        };
+        let system = sa
+            .or(sb.clone())
+            .ok_or_else(|| TxError::invalid("$subsumes needs a system"))?;
+        if let Some(sb) = sb {
+            if sb != system {
+                return Err(TxError::invalid(format!(
+                    "Unable to test subsumption across different code systems ({system} and {sb})"
+                )));
+            }
+        }
+        let entry = self.find_cs(&system, va.as_deref()).ok_or_else(|| {
+            TxError::not_found(format!(
+                "A definition for CodeSystem '{system}' could not be found"
+            ))
+        })?;
+        let provider = entry.provider();
+        for c in [&ca, &cb] {
+            if provider.lookup(c).is_none() {
+                return Err(TxError::new(
+                    404,
+                    "not-found",
+                    "invalid-code",
+                    format!("Unknown code '{c}' in the CodeSystem '{system}'"),
+                ));
+            }
+        }
+        let outcome = provider
+            .subsumes(&ca, &cb)
+            .ok_or_else(|| TxError::invalid("Unable to determine subsumption"))?;
+        Ok(
+            json!({"resourceType": "Parameters", "parameter": [p_str("outcome", "Code", outcome.as_code())]}),
+        )
+    }
+
+    // ------------------------------------------------------------ translate
+
+    fn translate(&self) -> Result<Value, TxError> {
+        let p = &self.params;
+        let (mut system, mut code) = (
+            p.str("system")
+                .or_else(|| p.str("sourceSystem"))
+                .map(str::to_string),
+            p.str("code")
+                .or_else(|| p.str("sourceCode"))
+                .map(str::to_string),
+        );
+        if let Some(c) = p.value("coding").or_else(|| p.value("sourceCoding")) {
+            system = s(c, "system").map(str::to_string);
+            code = s(c, "code").map(str::to_string);
+        }
+        let mut reverse = p.bool("reverse") == Some(true);
+        let target_code = p.str("targetCode").map(str::to_string);
+        if code.is_none() {
+            if let Some(tc) = target_code {
+                code = Some(tc);
+                reverse = true;
+            }
+        }
+        let target_system = p
+            .str("targetsystem")
+            .or_else(|| p.str("targetSystem"))
+            .map(str::to_string);
+        if reverse && system.is_none() {
+            system = target_system.clone();
+        }
+        let Some(code) = code else {
+            return Err(TxError::invalid(
+                "$translate needs a code, coding or codeableConcept",
+            ));
+        };
+        let (src_sys, tgt_sys) = if reverse {
+            (
+                p.str("targetSystem")
+                    .or_else(|| p.str("targetsystem"))
+                    .map(str::to_string)
+                    .or(system.clone()),
+                p.str("sourceSystem")
+                    .or_else(|| p.str("system"))
+                    .map(str::to_string),
+            )
+        } else {
+            (system.clone(), target_system.clone())
+        };
+        let maps: Vec<Arc<Value>> = if let Some(m) = p.resource("conceptMap") {
+            vec![Arc::new(m.clone())]
+        } else if let Some(url) = p.str("url") {
+            let (u, v) = split_canonical(url);
+            let found: Vec<Arc<Value>> = self
+                .local
+                .cm
+                .iter()
+                .chain(self.base.cm.iter())
+                .filter(|m| {
+                    s(m, "url") == Some(u) && v.map(|v| s(m, "version") == Some(v)).unwrap_or(true)
+                })
+                .cloned()
+                .collect();
+            if found.is_empty() {
+                return Err(TxError::not_found(format!(
+                    "A definition for the ConceptMap '{url}' could not be found"
+                )));
+            }
+            found
+        } else {
+            self.local
+                .cm
+                .iter()
+                .chain(self.base.cm.iter())
+                .cloned()
+                .collect()
+        };
+        let mut matches = Vec::new();
+        for m in &maps {
+            let origin = match s(m, "version") {
+                Some(v) => format!("{}|{v}", s(m, "url").unwrap_or_default()),
+                None => s(m, "url").unwrap_or_default().to_string(),
+            };
+            for g in arr(m, "group") {
+                let gs = s(g, "source");
+                let gt = s(g, "target");
+                let (from, to) = if reverse { (gt, gs) } else { (gs, gt) };
+                if let (Some(want), Some(have)) = (&src_sys, from) {
+                    if want != split_canonical(have).0 {
+                        continue;
+                    }
+                }
+                if let (Some(want), Some(have)) = (&tgt_sys, to) {
+                    if want != split_canonical(have).0 {
+                        continue;
+                    }
+                }
+                for el in arr(g, "element") {
+                    for t in arr(el, "target") {
+                        let (src_code, dst_code) = if reverse {
+                            (s(t, "code"), s(el, "code"))
+                        } else {
+                            (s(el, "code"), s(t, "code"))
+                        };
+                        if src_code != Some(code.as_str()) {
+                            continue;
+                        }
+                        let rel = s(t, "equivalence")
+                            .or_else(|| s(t, "relationship"))
+                            .unwrap_or("equivalent");
+                        let equivalence = match rel {
+                            "related-to" => "relatedto",
+                            "source-is-narrower-than-target" => "wider",
+                            "source-is-broader-than-target" => "narrower",
+                            "not-related-to" => "unmatched",
+                            x => x,
+                        };
+                        let mut parts = vec![p_str("equivalence", "Code", equivalence)];
+                        if let Some(dc) = dst_code {
+                            let mut coding = Map::new();
+                            if let Some(ts) = to {
+                                coding.insert("system".into(), json!(split_canonical(ts).0));
+                            }
+                            coding.insert("code".into(), json!(dc));
+                            let disp = if reverse {
+                                s(el, "display")
+                            } else {
+                                s(t, "display")
+                            };
+                            if let Some(d) = disp {
+                                coding.insert("display".into(), json!(d));
+                            }
+                            parts.push(json!({"name": "concept", "valueCoding": coding}));
+                        }
+                        parts.push(p_str("originMap", "Canonical", &origin));
+                        if let Some(c) = s(t, "comment") {
+                            parts.push(p_str("comment", "String", c));
+                        }
+                        if reverse {
+                            if let Some(fs) = from {
+                                parts.push(json!({"name": "source", "valueCoding": {"system": split_canonical(fs).0, "code": code}}));
+                            }
+                        }
+                        matches.push(json!({"name": "match", "part": parts}));
+                    }
+                }
+            }
+        }
+        let mut out = vec![p_bool("result", !matches.is_empty())];
+        if matches.is_empty() {
+            out.push(p_str(
+                "message",
+                "String",
+                &format!(
+                    "No translations found for code '{code}'{}",
+                    system
+                        .as_deref()
+                        .map(|s| format!(" in system '{s}'"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        out.extend(matches);
+        Ok(json!({"resourceType": "Parameters", "parameter": out}))
+    }
+}
+
+fn latest<T: Clone>(list: &[T], version: impl Fn(&T) -> Option<String>) -> Option<T> {
+    list.iter()
+        .max_by(|a, b| {
+            let va = version(a).map(|v| version_key(&v));
+            let vb = version(b).map(|v| version_key(&v));
+            va.cmp(&vb)
+        })
+        .cloned()
+}
+
+fn vs_canonical(vs: &Value) -> String {
+    let url = s(vs, "url").unwrap_or_default();
+    match s(vs, "version") {
+        Some(v) => format!("{url}|{v}"),
+        None => url.to_string(),
+    }
+}
+
+fn designation_json(d: &Designation) -> Value {
+    let mut o = Map::new();
+    if let Some(l) = &d.language {
+        o.insert("language".into(), json!(l));
+    }
+    if d.use_code.is_some() {
+        let mut u = Map::new();
+        if let Some(s) = &d.use_system {
+            u.insert("system".into(), json!(s));
+        }
+        if let Some(s) = &d.use_code {
+            u.insert("code".into(), json!(s));
+        }
+        if let Some(s) = &d.use_display {
+            u.insert("display".into(), json!(s));
+        }
+        o.insert("use".into(), Value::Object(u));
+    }
+    o.insert("value".into(), json!(d.value));
+    Value::Object(o)
+}
+
+fn now_instant() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // civil-from-days (Howard Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+fn pseudo_uuid() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut x =
+        (t as u64) ^ (n.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ (std::process::id() as u64) << 32;
+    let mut hex = String::new();
+    for _ in 0..2 {
+        // splitmix64
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        hex.push_str(&format!("{z:016x}"));
+    }
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}
+
+/// `PropertyValue` is re-exported for callers building providers.
+pub type ConceptProperty = (String, PropertyValue);
