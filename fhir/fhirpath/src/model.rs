@@ -1,0 +1,198 @@
+//! FHIR type information used while navigating JSON: the FHIR type of each child element,
+//! choice-type (`value[x]`) resolution and the type hierarchy for `is`/`as`/`ofType`.
+
+/// Type name of a choice element's JSON suffix (`Quantity` in `valueQuantity`).
+pub(crate) fn choice_suffix_type(suffix: &str) -> Option<&'static str> {
+    Some(match suffix {
+        "Base64Binary" => "base64Binary",
+        "Boolean" => "boolean",
+        "Canonical" => "canonical",
+        "Code" => "code",
+        "Date" => "date",
+        "DateTime" => "dateTime",
+        "Decimal" => "decimal",
+        "Id" => "id",
+        "Instant" => "instant",
+        "Integer" => "integer",
+        "Markdown" => "markdown",
+        "Oid" => "oid",
+        "PositiveInt" => "positiveInt",
+        "String" => "string",
+        "Time" => "time",
+        "UnsignedInt" => "unsignedInt",
+        "Uri" => "uri",
+        "Url" => "url",
+        "Uuid" => "uuid",
+        "Address" => "Address",
+        "Age" => "Age",
+        "Annotation" => "Annotation",
+        "Attachment" => "Attachment",
+        "CodeableConcept" => "CodeableConcept",
+        "Coding" => "Coding",
+        "ContactPoint" => "ContactPoint",
+        "Count" => "Count",
+        "Distance" => "Distance",
+        "Duration" => "Duration",
+        "HumanName" => "HumanName",
+        "Identifier" => "Identifier",
+        "Money" => "Money",
+        "Period" => "Period",
+        "Quantity" => "Quantity",
+        "Range" => "Range",
+        "Ratio" => "Ratio",
+        "Reference" => "Reference",
+        "SampledData" => "SampledData",
+        "Signature" => "Signature",
+        "Timing" => "Timing",
+        "ContactDetail" => "ContactDetail",
+        "Contributor" => "Contributor",
+        "DataRequirement" => "DataRequirement",
+        "Expression" => "Expression",
+        "ParameterDefinition" => "ParameterDefinition",
+        "RelatedArtifact" => "RelatedArtifact",
+        "TriggerDefinition" => "TriggerDefinition",
+        "UsageContext" => "UsageContext",
+        "Dosage" => "Dosage",
+        "Meta" => "Meta",
+        _ => return None,
+    })
+}
+
+/// How a FHIRPath name maps onto a JSON property of a typed parent.
+pub(crate) enum ChildLookup {
+    /// The property name and the child's FHIR type when known.
+    Direct(Option<&'static str>),
+    /// A choice element: candidate (json key suffix type, type name) pairs.
+    Choice(Vec<(String, &'static str)>),
+    /// The model knows the parent type and it has no such element.
+    Unknown,
+    /// No model information for the parent.
+    NoModel,
+}
+
+/// Looks up `name` on a parent of FHIR type `parent` (`None` = unknown).
+pub(crate) fn lookup_child(parent: Option<&str>, name: &str) -> ChildLookup {
+    let Some(parent) = parent else {
+        return ChildLookup::NoModel;
+    };
+    let model = kiln_fhir::model::r4();
+    let Some(ti) = model.type_info(parent) else {
+        return ChildLookup::NoModel;
+    };
+    if let Some(m) = ti.resolve_json_name(name) {
+        if !m.info.is_choice || m.info.name != name {
+            return ChildLookup::Direct(Some(normalize_type(m.type_name())));
+        }
+    }
+    match ti.element_by_name(name) {
+        Some(e) if e.is_choice => ChildLookup::Choice(
+            e.types
+                .iter()
+                .map(|t| {
+                    (
+                        format!("{name}{}", capitalize(&t.code)),
+                        normalize_type(t.code.as_str()),
+                    )
+                })
+                .collect(),
+        ),
+        Some(e) => ChildLookup::Direct(e.child_type_name().map(normalize_type)),
+        None => ChildLookup::Unknown,
+    }
+}
+
+/// The type of a JSON property found directly (used for keys like `valueQuantity`).
+pub(crate) fn json_child_type(parent: Option<&str>, json_name: &str) -> Option<&'static str> {
+    let parent = parent?;
+    kiln_fhir::model::r4()
+        .resolve_json_name(parent, json_name)
+        .map(|m| normalize_type(m.type_name()))
+}
+
+fn normalize_type(t: &'static str) -> &'static str {
+    match t.strip_prefix("http://hl7.org/fhirpath/System.") {
+        Some("String") => "string",
+        Some("Boolean") => "boolean",
+        Some("Integer") => "integer",
+        Some("Decimal") => "decimal",
+        Some("Date") => "date",
+        Some("DateTime") => "dateTime",
+        Some("Time") => "time",
+        Some(_) => "string",
+        None => t,
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// The model's static name for a resource type (`None` if not an R4 resource type).
+pub(crate) fn resource_type(name: &str) -> Option<&'static str> {
+    let model = kiln_fhir::model::r4();
+    if model.is_resource_type(name) {
+        model.type_info(name).map(|t| t.name.as_str())
+    } else {
+        None
+    }
+}
+
+/// `type_name` is `ancestor` or derives from it.
+pub(crate) fn is_subtype(type_name: &str, ancestor: &str) -> bool {
+    if type_name == ancestor {
+        return true;
+    }
+    if kiln_fhir::model::r4().is_subtype(type_name, ancestor) {
+        return true;
+    }
+    // Backbone elements are BackboneElements; everything is an Element or Base.
+    (type_name.contains('.') && (ancestor == "BackboneElement" || ancestor == "Element"))
+        || ancestor == "Base"
+}
+
+/// Whether `name` names a FHIR type (resource, datatype or primitive).
+pub(crate) fn is_fhir_type(name: &str) -> bool {
+    kiln_fhir::model::r4().type_info(name).is_some()
+}
+
+/// Whether `name` is a FHIR primitive type name (`string`, `code`, …).
+pub(crate) fn is_fhir_primitive(name: &str) -> bool {
+    crate::value::system_type_of_fhir_primitive(name).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_children_and_choices() {
+        match lookup_child(Some("Patient"), "name") {
+            ChildLookup::Direct(t) => assert_eq!(t, Some("HumanName")),
+            _ => panic!("Patient.name"),
+        }
+        match lookup_child(Some("Observation"), "value") {
+            ChildLookup::Choice(c) => {
+                assert!(c
+                    .iter()
+                    .any(|(k, t)| k == "valueQuantity" && *t == "Quantity"))
+            }
+            _ => panic!("Observation.value"),
+        }
+        assert_eq!(
+            json_child_type(Some("Observation"), "valueQuantity"),
+            Some("Quantity")
+        );
+        assert!(matches!(
+            lookup_child(Some("Patient"), "given1"),
+            ChildLookup::Unknown
+        ));
+        assert!(is_subtype("Age", "Quantity"));
+        assert!(is_subtype("code", "string"));
+        assert!(is_subtype("Patient", "Resource"));
+        assert_eq!(choice_suffix_type("DateTime"), Some("dateTime"));
+    }
+}

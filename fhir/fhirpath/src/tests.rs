@@ -1,0 +1,142 @@
+//! Evaluator unit tests over small hand-written resources.
+
+use super::*;
+use serde_json::json;
+
+fn patient() -> Value {
+    json!({
+        "resourceType": "Patient",
+        "id": "p1",
+        "active": true,
+        "birthDate": "1974-12-25",
+        "_birthDate": {"extension": [{"url": "http://example.org/time", "valueDateTime": "1974-12-25T14:35:45-05:00"}]},
+        "name": [
+            {"use": "official", "family": "Chalmers", "given": ["Peter", "James"]},
+            {"use": "usual", "given": ["Jim"]}
+        ],
+        "gender": "male",
+        "contained": [{"resourceType": "Organization", "id": "org1", "name": "Acme"}],
+        "managingOrganization": {"reference": "#org1"}
+    })
+}
+
+fn eval_json(src: &str, input: &Value) -> Vec<Value> {
+    match eval_to_json_array(src, input) {
+        Ok(Value::Array(a)) => a,
+        other => panic!("{src}: {other:?}"),
+    }
+}
+
+#[test]
+fn navigation_and_functions() {
+    let p = patient();
+    assert_eq!(
+        eval_json("Patient.name.given", &p),
+        vec![json!("Peter"), json!("James"), json!("Jim")]
+    );
+    assert_eq!(
+        eval_json("name.where(use = 'usual').given", &p),
+        vec![json!("Jim")]
+    );
+    assert_eq!(eval_json("name.given.count()", &p), vec![json!(3)]);
+    assert_eq!(eval_json("name[1].given", &p), vec![json!("Jim")]);
+    assert_eq!(
+        eval_json("name.given.first() + ' ' + name.family", &p),
+        vec![json!("Peter Chalmers")]
+    );
+    assert_eq!(eval_json("birthDate < @2000-01-01", &p), vec![json!(true)]);
+    assert_eq!(eval_json("birthDate = @1974-12", &p), Vec::<Value>::new());
+    assert_eq!(eval_json("Encounter.name", &p), Vec::<Value>::new());
+    assert_eq!(
+        eval_json("birthDate.extension('http://example.org/time').value", &p),
+        vec![json!("1974-12-25T14:35:45-05:00")]
+    );
+    assert_eq!(
+        eval_json("managingOrganization.resolve().name", &p),
+        vec![json!("Acme")]
+    );
+    assert_eq!(
+        eval_json(
+            "name.given.select($this.length()).aggregate($total + $this, 0)",
+            &p
+        ),
+        vec![json!(13)]
+    );
+    assert_eq!(eval_json("gender.is(code)", &p), vec![json!(true)]);
+    assert_eq!(
+        eval_json("name.first().is(HumanName)", &p),
+        vec![json!(true)]
+    );
+    assert_eq!(eval_json("active.hasValue()", &p), vec![json!(true)]);
+}
+
+#[test]
+fn operators_and_logic() {
+    let e = json!({});
+    assert_eq!(eval_json("1 + 2 * 3", &e), vec![json!(7)]);
+    assert_eq!(eval_json("7 div 2", &e), vec![json!(3)]);
+    assert_eq!(eval_json("7 mod 2", &e), vec![json!(1)]);
+    assert_eq!(eval_json("1 / 0", &e), Vec::<Value>::new());
+    assert_eq!(eval_json("{} and false", &e), vec![json!(false)]);
+    assert_eq!(eval_json("{} and true", &e), Vec::<Value>::new());
+    assert_eq!(eval_json("{} implies true", &e), vec![json!(true)]);
+    assert_eq!(eval_json("4.0000 'g' = 4000.0 'mg'", &e), vec![json!(true)]);
+    assert_eq!(eval_json("1 year = 1 'a'", &e), Vec::<Value>::new());
+    assert_eq!(
+        eval_json("@2014-01-31 + 1 month", &e),
+        vec![json!("2014-02-28")]
+    );
+    assert_eq!(eval_json("'abc' ~ 'ABC'", &e), vec![json!(true)]);
+    assert_eq!(eval_json("(1 | 2 | 2).count()", &e), vec![json!(2)]);
+    assert_eq!(
+        eval_json("1.5 'mg'", &e),
+        vec![json!({"value": 1.5, "unit": "mg"})]
+    );
+    assert!(eval_to_json_array("(1 | 2).single()", &e).is_err());
+    assert!(eval_to_json_array("1 < 'a'", &e).is_err());
+}
+
+#[test]
+fn parse_errors_are_reported() {
+    let e = Expression::parse("name.foo(").unwrap_err();
+    assert!(e.is_parse_error());
+    let e = Expression::parse("name.nosuchfunction()").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Semantic);
+    let e = Expression::parse("name.where()").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Semantic);
+}
+
+#[test]
+fn bundle_resolve_and_variables() {
+    let bundle = json!({"resourceType": "Bundle", "entry": [
+        {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Patient", "id": "a", "gender": "female"}},
+        {"fullUrl": "http://x/fhir/Observation/o", "resource": {"resourceType": "Observation", "id": "o",
+            "subject": {"reference": "urn:uuid:1"}, "valueQuantity": {"value": 5.0, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}}}
+    ]});
+    let obs = &bundle["entry"][1]["resource"];
+    let expr = Expression::parse("subject.resolve().gender").unwrap();
+    let ctx = Context::new(obs).with_root(&bundle);
+    let out = evaluate(&expr, obs, &ctx).unwrap();
+    assert_eq!(out[0].to_json(), json!("female"));
+    let expr = Expression::parse("Observation.value.ofType(Quantity).value > %limit").unwrap();
+    let ctx = Context::new(obs).with_variable("limit", vec![json!(4)]);
+    let out = evaluate(&expr, obs, &ctx).unwrap();
+    assert_eq!(out[0].to_json(), json!(true));
+    let q = evaluate_str("Observation.value", obs).unwrap();
+    assert_eq!(q[0].type_name(), Some("Quantity"));
+    let resolver =
+        |r: &str| (r == "Patient/x").then(|| json!({"resourceType": "Patient", "id": "x"}));
+    let ctx = Context::new(obs).with_resolver(&resolver);
+    let expr = Expression::parse("'Patient/x'.resolve().id").unwrap();
+    assert_eq!(evaluate(&expr, obs, &ctx).unwrap()[0].to_json(), json!("x"));
+}
+
+#[test]
+fn expression_is_send_sync_and_cached() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<Expression>();
+    let a = compile_cached("name.given").unwrap();
+    let b = compile_cached("name.given").unwrap();
+    assert!(Arc::ptr_eq(&a.inner, &b.inner));
+    assert_eq!(a.source(), "name.given");
+}
