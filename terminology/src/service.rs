@@ -891,13 +891,23 @@ impl<'a> Ctx<'a> {
             .filter_map(Value::as_str)
             .map(str::to_string)
             .collect();
+        // contains.version only when the expansion mixes versions of one system
+        let mut versions_by_system: HashMap<&str, HashSet<Option<&str>>> = HashMap::new();
+        for i in &items {
+            versions_by_system
+                .entry(i.system.as_str())
+                .or_default()
+                .insert(i.version.as_deref());
+        }
         let contains: Vec<Value> = page
             .iter()
             .map(|i| {
                 let mut c = Map::new();
                 c.insert("system".into(), json!(i.system));
                 if let Some(v) = &i.version {
-                    c.insert("version".into(), json!(v));
+                    if versions_by_system.get(i.system.as_str()).map(|s| s.len() > 1).unwrap_or(false) {
+                        c.insert("version".into(), json!(v));
+                    }
                 }
                 if i.concept.not_selectable {
                     c.insert("abstract".into(), json!(true));
@@ -950,7 +960,6 @@ impl<'a> Ctx<'a> {
             "count",
             "offset",
             "filter",
-            "includeDefinition",
             "designation",
             "system-version",
             "force-system-version",
@@ -997,6 +1006,7 @@ impl<'a> Ctx<'a> {
         if let Some(o) = out.as_object_mut() {
             o.remove("text");
             o.remove("expansion");
+            o.remove("compose");
             o.insert("expansion".into(), Value::Object(expansion));
         }
         Ok(out)
@@ -1211,7 +1221,10 @@ impl<'a> Ctx<'a> {
             r.messages.push(m);
             return Ok(r);
         };
-        let version = self.system_version(&system, c.version.as_deref());
+        let declared = c.version.clone().or_else(|| {
+            vs.and_then(|(v, _)| include_version(v, &system))
+        });
+        let version = self.system_version(&system, declared.as_deref());
         let entry = self.find_cs(&system, version.as_deref());
         let Some(entry) = entry else {
             r.valid = false;
@@ -1761,6 +1774,15 @@ fn latest<T: Clone>(list: &[T], version: impl Fn(&T) -> Option<String>) -> Optio
             va.cmp(&vb)
         })
         .cloned()
+}
+
+/// The version a value set's compose pins for `system` (first include naming one).
+fn include_version(vs: &Value, system: &str) -> Option<String> {
+    let compose = vs.get("compose")?;
+    arr(compose, "include")
+        .iter()
+        .filter(|i| s(i, "system") == Some(system))
+        .find_map(|i| s(i, "version").map(str::to_string))
 }
 
 fn vs_canonical(vs: &Value) -> String {

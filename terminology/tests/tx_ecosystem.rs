@@ -135,7 +135,11 @@ fn compare(expected: &Value, actual: &Value, path: &str) -> Result<(), String> {
                         }
                     }
                     None => {
-                        if !optional.contains(&k.as_str()) && !is_optional(ev) {
+                        let all_optional_items = ev
+                            .as_array()
+                            .map(|items| items.iter().all(is_optional))
+                            .unwrap_or(false);
+                        if !optional.contains(&k.as_str()) && !is_optional(ev) && !all_optional_items {
                             return Err(format!("{path}: missing property '{k}'"));
                         }
                     }
@@ -161,10 +165,19 @@ fn compare(expected: &Value, actual: &Value, path: &str) -> Result<(), String> {
                     None if is_optional(ev) => {}
                     None => {
                         // report the closest reason
+                        let key = |v: &Value| {
+                            v.get("name")
+                                .or_else(|| v.get("code"))
+                                .or_else(|| v.get("severity"))
+                                .cloned()
+                        };
+                        let same: Vec<usize> = (0..a.len())
+                            .filter(|j| !used[*j] && key(&a[*j]) == key(ev))
+                            .collect();
                         let why = a
                             .iter()
                             .enumerate()
-                            .filter(|(j, _)| !used[*j])
+                            .filter(|(j, _)| !used[*j] && (same.is_empty() || same.contains(j)))
                             .map(|(_, av)| {
                                 compare(ev, av, &format!("{path}[{i}]"))
                                     .err()
