@@ -6,4 +6,5 @@ pub mod outcome;
 
 pub use outcome::{operation_outcome, Issue, Severity};
 pub mod model;
+pub mod validation;
 pub mod xml;

@@ -161,7 +161,11 @@ impl TypeInfo {
             (None, Some(t)) => t.code.as_str(),
             (None, None) => "",
         };
-        Some(ElementMatch { info, type_code })
+        Some(ElementMatch {
+            info,
+            index: i,
+            type_code,
+        })
     }
 
     /// The element named `name` (choice elements by their base name, e.g. `value`).
@@ -174,6 +178,8 @@ impl TypeInfo {
 #[derive(Debug, Clone, Copy)]
 pub struct ElementMatch<'a> {
     pub info: &'a ElementInfo,
+    /// Index of `info` in its type's `elements`.
+    pub index: usize,
     /// The concrete type: `Quantity` for `valueQuantity`, `string` for `name` of type string,
     /// `BackboneElement` for inline backbone elements.
     pub type_code: &'a str,

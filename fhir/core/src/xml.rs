@@ -188,11 +188,7 @@ impl XmlWriter {
             let m: ElementMatch<'static> = ti.resolve_json_name(bare).ok_or_else(|| {
                 XmlError::json(path, format!("unknown element '{key}' in {}", ti.name))
             })?;
-            let idx = ti
-                .elements
-                .iter()
-                .position(|e| std::ptr::eq(e, m.info))
-                .unwrap_or(0);
+            let idx = m.index;
             let slot = slots[idx].get_or_insert(Slot {
                 json_name: bare,
                 type_code: m.type_code,

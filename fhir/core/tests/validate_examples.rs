@@ -1,0 +1,113 @@
+//! Every JSON example of the R4 examples package validated structurally; and a timing of
+//! Synthea Patient/Observation validation.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use kiln_fhir::validation::validate;
+use serde_json::Value;
+
+#[test]
+fn examples_validate() {
+    let Some(examples) = common::examples() else {
+        return;
+    };
+    let mut clean = 0usize;
+    let mut failing: Vec<(String, Vec<String>)> = Vec::new();
+    let mut by_message: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, json) in &examples {
+        let errors: Vec<String> = validate(json)
+            .into_iter()
+            .filter(|i| i.is_error())
+            .map(|i| format!("{} @ {}", i.diagnostics, i.expression.join(",")))
+            .collect();
+        if errors.is_empty() {
+            clean += 1;
+        } else {
+            for e in &errors {
+                let key: String = e
+                    .split(" @ ")
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(70)
+                    .collect();
+                *by_message.entry(key).or_default() += 1;
+            }
+            failing.push((name.clone(), errors));
+        }
+    }
+    println!(
+        "examples validation: {clean} with 0 errors, {} with errors ({} total)",
+        failing.len(),
+        examples.len()
+    );
+    for (name, errs) in &failing {
+        println!(
+            "  {name}: {}",
+            errs.iter().take(3).cloned().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    let mut top: Vec<_> = by_message.into_iter().collect();
+    top.sort_by_key(|t| std::cmp::Reverse(t.1));
+    for (m, n) in top.iter().take(20) {
+        println!("  {n:5} × {m}");
+    }
+    assert!(clean * 100 >= examples.len() * 98);
+}
+
+fn synthea_resources() -> Option<Vec<Value>> {
+    let dir = common::shared_dir()?.join("synthea-r4");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    names.sort();
+    let text = std::fs::read_to_string(names.first()?).ok()?;
+    let bundle: Value = serde_json::from_str(&text).ok()?;
+    Some(
+        bundle["entry"]
+            .as_array()?
+            .iter()
+            .map(|e| e["resource"].clone())
+            .collect(),
+    )
+}
+
+#[test]
+fn synthea_validation_timing() {
+    let Some(resources) = synthea_resources() else {
+        println!("NOTICE: synthea-r4 absent; skipping");
+        return;
+    };
+    let _ = validate(&resources[0]); // warm up the model and regexes
+    let mut invalid = 0;
+    for r in &resources {
+        let errs: Vec<_> = validate(r).into_iter().filter(|i| i.is_error()).collect();
+        if !errs.is_empty() {
+            invalid += 1;
+            if invalid <= 5 {
+                println!("  synthea {}: {:?}", r["resourceType"], errs.first());
+            }
+        }
+    }
+    println!(
+        "synthea: {} resources, {invalid} with errors",
+        resources.len()
+    );
+    for rt in ["Patient", "Observation"] {
+        let Some(r) = resources.iter().find(|r| r["resourceType"] == rt) else {
+            continue;
+        };
+        let n = 2000;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(validate(std::hint::black_box(r)));
+        }
+        let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        println!("validate Synthea {rt}: {us:.1} µs");
+    }
+}
