@@ -476,6 +476,7 @@ struct CodingIn {
     loc_code: String,
     loc_display: String,
     loc_system: String,
+    loc_version: String,
 }
 
 struct CodingResult {
@@ -1139,6 +1140,7 @@ impl<'a> Ctx<'a> {
                     loc_code: format!("CodeableConcept.coding[{i}].code"),
                     loc_display: format!("CodeableConcept.coding[{i}].display"),
                     loc_system: format!("CodeableConcept.coding[{i}].system"),
+                    loc_version: format!("CodeableConcept.coding[{i}].version"),
                 })
                 .collect();
             return Ok((list, Some(cc.clone()), "cc"));
@@ -1153,6 +1155,7 @@ impl<'a> Ctx<'a> {
                     loc_code: "Coding.code".into(),
                     loc_display: "Coding.display".into(),
                     loc_system: "Coding.system".into(),
+                    loc_version: "Coding.version".into(),
                 }],
                 None,
                 "coding",
@@ -1183,6 +1186,7 @@ impl<'a> Ctx<'a> {
                 loc_code: "code".into(),
                 loc_display: "display".into(),
                 loc_system: "system".into(),
+                loc_version: "version".into(),
             }],
             None,
             "code",
@@ -1221,11 +1225,21 @@ impl<'a> Ctx<'a> {
             r.messages.push(m);
             return Ok(r);
         };
-        let declared = c.version.clone().or_else(|| {
-            vs.and_then(|(v, _)| include_version(v, &system))
-        });
-        let version = self.system_version(&system, declared.as_deref());
-        let entry = self.find_cs(&system, version.as_deref());
+        let forced = self.param_version("force-system-version", &system);
+        let default = self.param_version("system-version", &system);
+        let check = self.param_version("check-system-version", &system);
+        let entry = if self.find_cs(&system, None).is_none() {
+            None
+        } else if let Some((vsv, _)) = vs {
+            match self.vs_mode_entry(c, &system, vsv, forced.as_deref(), default.as_deref(), &mut r)? {
+                Some(e) => Some(e),
+                None => return Ok(r),
+            }
+        } else {
+            let v = forced.clone().or(c.version.clone()).or(default.clone());
+            self.find_cs(&system, v.as_deref())
+        };
+        let version = forced.clone().or(c.version.clone()).or(default.clone());
         let Some(entry) = entry else {
             r.valid = false;
             let m = match &version {
@@ -1253,6 +1267,17 @@ impl<'a> Ctx<'a> {
         };
         let provider = entry.provider();
         r.version = entry.version.clone();
+        if let Some(chk) = &check {
+            if !version_matches(entry.version.as_deref(), chk) {
+                r.valid = false;
+                let m = format!(
+                    "The version '{}' is not allowed for system '{system}': required to be '{chk}' by a version-check parameter",
+                    entry.version.as_deref().unwrap_or("")
+                );
+                r.issues.push(issue_json("error", "exception", "version-error", &m, Some(&c.loc_version)));
+                r.messages.push(m);
+            }
+        }
         let concept = provider.lookup(&c.code);
         let mut not_in_vs_msg = None;
         if let Some((vs, canon)) = vs {
@@ -1338,6 +1363,125 @@ impl<'a> Ctx<'a> {
             }
         }
         Ok(r)
+    }
+
+
+    /// The version given for `system` by a `system-version`-style parameter (`url|version`).
+    fn param_version(&self, name: &str, system: &str) -> Option<String> {
+        self.params
+            .all(name)
+            .filter_map(value_x)
+            .filter_map(Value::as_str)
+            .find_map(|v| {
+                let (u, ver) = split_canonical(v);
+                (u == system).then(|| ver.map(str::to_string)).flatten()
+            })
+    }
+
+    /// Chooses the code system version for ValueSet validation (value set pin, coding version,
+    /// force/default parameters) and records version mismatches. `Ok(None)`: `r` is final.
+    fn vs_mode_entry(
+        &self,
+        c: &CodingIn,
+        system: &str,
+        vs: &Value,
+        forced: Option<&str>,
+        default: Option<&str>,
+        r: &mut CodingResult,
+    ) -> Result<Option<Arc<CsEntry>>, TxError> {
+        let pin = include_version(vs, system);
+        let mut pin_missing: Option<String> = None;
+        let vs_entry = if let Some(f) = forced {
+            self.find_cs(system, Some(f))
+        } else if let Some(p) = &pin {
+            let e = self.find_cs(system, Some(p));
+            if e.is_none() {
+                pin_missing = Some(p.clone());
+            }
+            e
+        } else if c.version.is_none() && default.is_some() {
+            self.find_cs(system, default)
+        } else {
+            self.find_cs(system, None)
+        };
+        let not_found = |v: &str| {
+            format!(
+                "A definition for CodeSystem '{system}' version '{v}' could not be found, so the code cannot be validated. Valid versions: {}",
+                self.versions_of(system).join(",")
+            )
+        };
+        let mismatch = |vsv: &str, cv: &str, versionless: bool| {
+            format!(
+                "The code system '{system}' version '{vsv}'{} in the ValueSet include is different to the one in the value ('{cv}')",
+                if versionless { " for the versionless include" } else { "" }
+            )
+        };
+        let fallback = || {
+            default
+                .and_then(|d| self.find_cs(system, Some(d)))
+                .or_else(|| self.find_cs(system, None))
+        };
+        if let (Some(cv), None) = (&c.version, forced) {
+            match self.find_cs(system, Some(cv)) {
+                None => {
+                    r.valid = false;
+                    let m = not_found(cv);
+                    r.issues.push(issue_json("error", "not-found", "not-found", &m, Some(&c.loc_system)));
+                    r.messages.push(m);
+                    r.unknown_system = Some(format!("{system}|{cv}"));
+                    let rep = vs_entry.clone().or_else(fallback);
+                    if let Some(e) = &rep {
+                        if pin.is_none() {
+                            let m = mismatch(e.version.as_deref().unwrap_or(""), cv, true);
+                            r.issues.push(issue_json("warning", "invalid", "vs-invalid", &m, Some(&c.loc_version)));
+                        }
+                        r.version = e.version.clone();
+                        if let Some(concept) = e.provider().lookup(&c.code) {
+                            r.display = self.display_for(&concept, self.display_language().as_deref());
+                        }
+                    }
+                    return Ok(None);
+                }
+                Some(ce) => {
+                    if let Some(p) = pin_missing {
+                        r.valid = false;
+                        let m1 = mismatch(&p, cv, false);
+                        r.issues.push(issue_json("error", "invalid", "vs-invalid", &m1, Some(&c.loc_version)));
+                        let m2 = not_found(&p);
+                        r.issues.push(issue_json("error", "not-found", "not-found", &m2, Some(&c.loc_system)));
+                        r.messages.push(m1);
+                        r.messages.push(m2);
+                        r.unknown_system = Some(format!("{system}|{p}"));
+                        return Ok(Some(ce));
+                    }
+                    if let Some(p) = &pin {
+                        if version_matches(ce.version.as_deref(), p) {
+                            return Ok(Some(ce));
+                        }
+                    }
+                    match vs_entry {
+                        Some(ve) if ve.version != ce.version => {
+                            r.valid = false;
+                            let m = mismatch(ve.version.as_deref().unwrap_or(""), cv, false);
+                            r.issues.push(issue_json("error", "invalid", "vs-invalid", &m, Some(&c.loc_version)));
+                            r.messages.push(m);
+                            Ok(Some(ve))
+                        }
+                        _ => Ok(Some(ce)),
+                    }
+                }
+            }
+        } else {
+            if let Some(p) = pin_missing {
+                r.valid = false;
+                let m = not_found(&p);
+                r.issues.push(issue_json("error", "not-found", "not-found", &m, Some(&c.loc_system)));
+                r.messages.push(m);
+                r.unknown_system = Some(format!("{system}|{p}"));
+                return Ok(fallback());
+            }
+            Ok(vs_entry)
+        }
     }
 
     fn versions_of(&self, url: &str) -> Vec<String> {
