@@ -267,6 +267,19 @@ impl DateTimeValue {
 
     /// FHIRPath ordering: `None` when the precisions differ and the common part is equal.
     pub fn compare(&self, other: &Self) -> Option<Ordering> {
+        let both_timed = self.precision >= Precision::Hour && other.precision >= Precision::Hour;
+        if both_timed && self.tz_minutes.is_some() != other.tz_minutes.is_some() {
+            // One side has no timezone: only answer when the instants are more than a day apart
+            // (whatever the missing offset is).
+            let (x, y) = (self.to_naive()?, other.to_naive()?);
+            let diff = (x - y).num_minutes() + other.tz_minutes.unwrap_or(0) as i64
+                - self.tz_minutes.unwrap_or(0) as i64;
+            return if diff.abs() > 26 * 60 {
+                Some(diff.cmp(&0))
+            } else {
+                None
+            };
+        }
         let (a, b) = if self.tz_minutes.is_some() || other.tz_minutes.is_some() {
             (self.normalized(), other.normalized())
         } else {
@@ -283,7 +296,9 @@ impl DateTimeValue {
     /// Adds a calendar amount. `unit` is a normalised calendar unit (year, month, week, day,
     /// hour, minute, second, millisecond). Returns `None` on overflow / invalid dates.
     pub fn add(&self, amount: f64, unit: &str) -> Option<Self> {
-        let whole = amount.trunc() as i64;
+        // Calendar arithmetic uses whole units: `+ 7.7 days` adds 7 days, `+ 0.1 's'` nothing.
+        let amount = amount.trunc();
+        let whole = amount as i64;
         let mut v = *self;
         match unit {
             "year" => {
@@ -488,7 +503,7 @@ impl TimeValue {
             "millisecond" => 1.0,
             _ => return None,
         };
-        let ms = (amount * ms_per).round();
+        let ms = (amount.trunc() * ms_per).round();
         if !ms.is_finite() || ms.abs() > 1e15 {
             return None;
         }

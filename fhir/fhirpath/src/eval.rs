@@ -454,6 +454,25 @@ fn item_is(item: &Item<'_>, ts: &TypeSpec, exact: bool) -> bool {
     }
 }
 
+const SYSTEM_TYPES: [&str; 9] = [
+    "Boolean", "String", "Integer", "Decimal", "Date", "DateTime", "Time", "Quantity", "Any",
+];
+
+/// Unknown type names are an error (`as(string1)`).
+fn check_type_spec(ts: &TypeSpec) -> R<()> {
+    let ok = match ts.namespace.as_deref() {
+        Some("System") => true,
+        Some("FHIR") => model::is_fhir_type(&ts.name),
+        None => SYSTEM_TYPES.contains(&ts.name.as_str()) || model::is_fhir_type(&ts.name),
+        Some(_) => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(exec(format!("unknown type '{}'", ts.name)))
+    }
+}
+
 fn ast_type_spec(ast: &Ast) -> Option<TypeSpec> {
     fn parts(ast: &Ast, out: &mut Vec<String>) -> bool {
         match ast {
@@ -564,6 +583,16 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 Ok(out)
             }
             Ast::Member(target, name) => {
+                if self.ctx.strict {
+                    if let Ast::As(_, ts) = &**target {
+                        if model::has_element(&ts.name, name) == Some(false) {
+                            return Err(Error::semantic(
+                                format!("'{name}' is not an element of {}", ts.name),
+                                None,
+                            ));
+                        }
+                    }
+                }
                 let t = self.eval(target, fr)?;
                 let mut out = Vec::with_capacity(t.len());
                 for item in &t {
@@ -618,6 +647,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             }
             Ast::Binary(op, l, r, pos) => self.binary(*op, l, r, fr).map_err(|e| e.at(*pos)),
             Ast::Is(e, ts) => {
+                check_type_spec(ts)?;
                 let v = self.eval(e, fr)?;
                 Ok(match single(&v, "is")? {
                     None => vec![],
@@ -625,10 +655,10 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 })
             }
             Ast::As(e, ts) => {
+                check_type_spec(ts)?;
+                // The operator form filters (R4 search parameters apply it to collections,
+                // e.g. `Observation.component.value as Quantity`); `as()` requires one item.
                 let v = self.eval(e, fr)?;
-                if v.len() > 1 {
-                    return Err(exec("'as' requires a single item"));
-                }
                 Ok(v.into_iter().filter(|i| item_is(i, ts, true)).collect())
             }
         }
@@ -679,12 +709,28 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             ChildLookup::Direct(t) => {
                 self.push_children(&container, name, t, out);
             }
-            ChildLookup::Choice(cands) => {
-                for (key, t) in cands {
-                    if obj.contains_key(&key) || obj.contains_key(&format!("_{key}")) {
-                        self.push_children(&container, &key, Some(t), out);
+            ChildLookup::ChoiceSpecific => {
+                // FHIRPath names choice elements without the type suffix (`value`, then
+                // `ofType(Quantity)`); `valueQuantity` is a semantic error (official suite).
+                return Err(Error::semantic(
+                    format!(
+                        "'{name}' is a type-specific JSON name; use the choice element name with ofType()/as()"
+                    ),
+                    None,
+                ));
+            }
+            ChildLookup::Choice(info) => {
+                let mut found: Option<(&str, &'static str)> = None;
+                for key in obj.keys() {
+                    let base = key.strip_prefix('_').unwrap_or(key);
+                    if let Some(t) = model::choice_key_type(info, name, base) {
+                        found = Some((base, t));
                         break;
                     }
+                }
+                if let Some((key, t)) = found {
+                    let key = key.to_string();
+                    self.push_children(&container, &key, Some(t), out);
                 }
             }
             ChildLookup::Unknown => {
@@ -712,7 +758,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 }
             }
             ChildLookup::NoModel => {
-                if obj.contains_key(name) || obj.contains_key(&format!("_{name}")) {
+                if obj.contains_key(name) || with_underscore(name, |k| obj.contains_key(k)) {
                     self.push_children(&container, name, None, out);
                 } else {
                     // Heuristic choice resolution: `value` → `valueQuantity`.
@@ -741,7 +787,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         out: &mut Coll<'a>,
     ) {
         let value = container.child(|v| v.get(key));
-        let ext = container.child(|v| v.get(format!("_{key}").as_str()));
+        let ext = with_underscore(key, |k| container.child(|v| v.get(k)));
         let typed = |v: &Value| -> Option<&'static str> {
             match t {
                 Some("Resource") | Some("DomainResource") | None => v
@@ -1006,9 +1052,12 @@ impl<'c, 'a> Evaluator<'c, 'a> {
     }
 
     fn type_arg(&self, args: &[Ast]) -> R<TypeSpec> {
-        args.first()
+        let ts = args
+            .first()
             .and_then(ast_type_spec)
-            .ok_or_else(|| Error::semantic("expected a type name argument", None))
+            .ok_or_else(|| Error::semantic("expected a type name argument", None))?;
+        check_type_spec(&ts)?;
+        Ok(ts)
     }
 
     fn call(&self, name: &str, input: Coll<'a>, args: &[Ast], fr: Frame<'_, 'a>) -> R<Coll<'a>> {
@@ -1744,13 +1793,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         } else {
             keyed.sort_by(|a, b| {
                 for (k, d) in desc.iter().enumerate() {
+                    // Empty keys sort first in both directions.
                     let o = match (a.0[k].first(), b.0[k].first()) {
                         (None, None) => Ordering::Equal,
                         (None, Some(_)) => Ordering::Less,
                         (Some(_), None) => Ordering::Greater,
-                        (Some(x), Some(y)) => cmp_items(x, y, &mut err),
+                        (Some(x), Some(y)) => {
+                            let o = cmp_items(x, y, &mut err);
+                            if *d {
+                                o.reverse()
+                            } else {
+                                o
+                            }
+                        }
                     };
-                    let o = if *d { o.reverse() } else { o };
                     if o != Ordering::Equal {
                         return o;
                     }
@@ -1857,6 +1913,19 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             item
         })
     }
+}
+
+/// Calls `f` with `_name` without allocating for ordinary element names.
+fn with_underscore<T>(name: &str, f: impl FnOnce(&str) -> T) -> T {
+    let mut buf = [0u8; 64];
+    if name.len() < buf.len() {
+        buf[0] = b'_';
+        buf[1..=name.len()].copy_from_slice(name.as_bytes());
+        if let Ok(k) = std::str::from_utf8(&buf[..=name.len()]) {
+            return f(k);
+        }
+    }
+    f(&format!("_{name}"))
 }
 
 fn string_of<'x>(item: &'x Item<'_>) -> R<Cow<'x, str>> {

@@ -62,8 +62,11 @@ pub(crate) fn choice_suffix_type(suffix: &str) -> Option<&'static str> {
 pub(crate) enum ChildLookup {
     /// The property name and the child's FHIR type when known.
     Direct(Option<&'static str>),
-    /// A choice element: candidate (json key suffix type, type name) pairs.
-    Choice(Vec<(String, &'static str)>),
+    /// A type-specific choice name (`valueQuantity`): navigable, but not valid FHIRPath in
+    /// strict mode (FHIRPath uses `value`).
+    ChoiceSpecific,
+    /// A choice element (`value[x]`): its allowed types.
+    Choice(&'static kiln_fhir::model::ElementInfo),
     /// The model knows the parent type and it has no such element.
     Unknown,
     /// No model information for the parent.
@@ -80,25 +83,38 @@ pub(crate) fn lookup_child(parent: Option<&str>, name: &str) -> ChildLookup {
         return ChildLookup::NoModel;
     };
     if let Some(m) = ti.resolve_json_name(name) {
-        if !m.info.is_choice || m.info.name != name {
+        if !m.info.is_choice {
             return ChildLookup::Direct(Some(normalize_type(m.type_name())));
+        }
+        if m.info.name != name {
+            return ChildLookup::ChoiceSpecific;
         }
     }
     match ti.element_by_name(name) {
-        Some(e) if e.is_choice => ChildLookup::Choice(
-            e.types
-                .iter()
-                .map(|t| {
-                    (
-                        format!("{name}{}", capitalize(&t.code)),
-                        normalize_type(t.code.as_str()),
-                    )
-                })
-                .collect(),
-        ),
+        Some(e) if e.is_choice => ChildLookup::Choice(e),
         Some(e) => ChildLookup::Direct(e.child_type_name().map(normalize_type)),
         None => ChildLookup::Unknown,
     }
+}
+
+/// For a JSON key of a choice element (`valueQuantity` for `value`), the selected type.
+pub(crate) fn choice_key_type(
+    info: &'static kiln_fhir::model::ElementInfo,
+    name: &str,
+    key: &str,
+) -> Option<&'static str> {
+    let suffix = key.strip_prefix(name)?;
+    let first = suffix.as_bytes().first()?;
+    if !first.is_ascii_uppercase() {
+        return None;
+    }
+    info.types.iter().find_map(|t| {
+        let code = t.code.as_bytes();
+        let same = code.len() == suffix.len()
+            && code.first().map(u8::to_ascii_uppercase) == Some(*first)
+            && code[1..] == suffix.as_bytes()[1..];
+        same.then(|| normalize_type(t.code.as_str()))
+    })
 }
 
 /// The type of a JSON property found directly (used for keys like `valueQuantity`).
@@ -120,14 +136,6 @@ fn normalize_type(t: &'static str) -> &'static str {
         Some("Time") => "time",
         Some(_) => "string",
         None => t,
-    }
-}
-
-fn capitalize(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
     }
 }
 
@@ -159,6 +167,12 @@ pub(crate) fn is_fhir_type(name: &str) -> bool {
     kiln_fhir::model::r4().type_info(name).is_some()
 }
 
+/// Whether the FHIR type `type_name` has an element called `name` (for strict-mode checks).
+pub(crate) fn has_element(type_name: &str, name: &str) -> Option<bool> {
+    let ti = kiln_fhir::model::r4().type_info(type_name)?;
+    Some(ti.element_by_name(name).is_some() || ti.resolve_json_name(name).is_some())
+}
+
 /// Whether `name` is a FHIR primitive type name (`string`, `code`, …).
 pub(crate) fn is_fhir_primitive(name: &str) -> bool {
     crate::value::system_type_of_fhir_primitive(name).is_some()
@@ -176,9 +190,15 @@ mod tests {
         }
         match lookup_child(Some("Observation"), "value") {
             ChildLookup::Choice(c) => {
-                assert!(c
-                    .iter()
-                    .any(|(k, t)| k == "valueQuantity" && *t == "Quantity"))
+                assert_eq!(
+                    choice_key_type(c, "value", "valueQuantity"),
+                    Some("Quantity")
+                );
+                assert_eq!(
+                    choice_key_type(c, "value", "valueDateTime"),
+                    Some("dateTime")
+                );
+                assert_eq!(choice_key_type(c, "value", "valueWibble"), None);
             }
             _ => panic!("Observation.value"),
         }

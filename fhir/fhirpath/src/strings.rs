@@ -46,7 +46,29 @@ pub(crate) fn transform(function: &str, format: &str, s: &str) -> Option<String>
             let quoted = serde_json::to_string(s).ok()?;
             Some(quoted[1..quoted.len() - 1].to_string())
         }
-        ("unescape", "json") => serde_json::from_str::<String>(&format!("\"{s}\"")).ok(),
+        ("unescape", "json") => {
+            let mut out = String::with_capacity(s.len());
+            let mut chars = s.chars();
+            while let Some(c) = chars.next() {
+                if c != '\\' {
+                    out.push(c);
+                    continue;
+                }
+                match chars.next()? {
+                    'n' => out.push('\n'),
+                    'r' => out.push('\r'),
+                    't' => out.push('\t'),
+                    'b' => out.push('\u{8}'),
+                    'f' => out.push('\u{c}'),
+                    'u' => {
+                        let hex: String = chars.by_ref().take(4).collect();
+                        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                    }
+                    other => out.push(other),
+                }
+            }
+            Some(out)
+        }
         _ => None,
     }
 }

@@ -473,9 +473,8 @@ pub fn calendar_unit(unit: &str) -> Option<&'static str> {
 /// Maps a quantity unit to a calendar duration unit usable for date arithmetic (calendar keywords
 /// and the UCUM time codes).
 pub fn duration_unit(unit: &str) -> Option<&'static str> {
+    // UCUM `a` and `mo` are not definite calendar durations: not usable for date arithmetic.
     calendar_unit(unit).or(match unit {
-        "a" => Some("year"),
-        "mo" => Some("month"),
         "wk" => Some("week"),
         "d" => Some("day"),
         "h" => Some("hour"),

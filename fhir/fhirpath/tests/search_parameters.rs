@@ -1,0 +1,157 @@
+//! Every R4 SearchParameter expression (vendored in kiln-fhir) must compile, and evaluating them
+//! over real resources (Synthea bundles in `../shared`, skipped when absent) must not error.
+//! Also prints evaluation timings (no timing assertions).
+
+use kiln_fhirpath::{evaluate, Context, Expression};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn shared_dir() -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared"));
+    p.exists().then_some(p)
+}
+
+fn sp_expressions() -> Vec<(String, Vec<String>, String)> {
+    kiln_fhir::model::r4()
+        .search_parameters()
+        .iter()
+        .filter_map(|sp| {
+            sp.expression
+                .as_ref()
+                .map(|e| (sp.url.clone(), sp.base.clone(), e.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn all_r4_search_parameter_expressions_compile() {
+    let exprs = sp_expressions();
+    assert!(exprs.len() > 1000, "only {} expressions", exprs.len());
+    let mut failures = Vec::new();
+    for (url, _, e) in &exprs {
+        if let Err(err) = Expression::parse(e) {
+            failures.push(format!("{url}: `{e}`: {err}"));
+        }
+    }
+    for f in &failures {
+        println!("{f}");
+    }
+    println!(
+        "{} of {} search parameter expressions compile",
+        exprs.len() - failures.len(),
+        exprs.len()
+    );
+    assert!(failures.is_empty());
+}
+
+#[test]
+fn search_parameters_evaluate_on_synthea() {
+    let Some(shared) = shared_dir() else {
+        println!("NOTICE: ../shared not found; skipping Synthea evaluation");
+        return;
+    };
+    let dir = shared.join("synthea-r4");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        println!("NOTICE: ../shared/synthea-r4 not found; skipping");
+        return;
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    let exprs: Vec<(Vec<String>, Expression)> = sp_expressions()
+        .into_iter()
+        .map(|(_, base, e)| (base, Expression::parse(&e).expect("compiles")))
+        .collect();
+    let mut evaluations = 0usize;
+    let mut results = 0usize;
+    let mut errors = Vec::new();
+    let start = Instant::now();
+    for f in files.iter().take(3) {
+        let bundle: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        let Some(list) = bundle["entry"].as_array() else {
+            continue;
+        };
+        for entry in list {
+            let res = &entry["resource"];
+            let rt = res["resourceType"].as_str().unwrap_or("");
+            let ctx = Context::new(res).with_root(&bundle);
+            for (base, expr) in &exprs {
+                if !base
+                    .iter()
+                    .any(|b| b == rt || b == "Resource" || b == "DomainResource")
+                {
+                    continue;
+                }
+                evaluations += 1;
+                match evaluate(expr, res, &ctx) {
+                    Ok(r) => results += r.len(),
+                    Err(e) => {
+                        if errors.len() < 20 {
+                            errors.push(format!("{rt}: `{}`: {e}", expr.source()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    for e in &errors {
+        println!("{e}");
+    }
+    println!(
+        "{evaluations} search-parameter evaluations on 3 Synthea bundles: {results} values, {} errors, {:.1} µs/evaluation",
+        errors.len(),
+        elapsed.as_secs_f64() * 1e6 / evaluations.max(1) as f64
+    );
+    assert!(errors.is_empty());
+}
+
+fn time_it(label: &str, src: &str, input: &Value, expected_len: usize) {
+    let expr = Expression::parse(src).unwrap();
+    let ctx = Context::new(input);
+    let n = 20_000;
+    let out = evaluate(&expr, input, &ctx).unwrap();
+    assert_eq!(out.len(), expected_len, "{src}");
+    let start = Instant::now();
+    let mut total = 0;
+    for _ in 0..n {
+        total += evaluate(&expr, input, &ctx).unwrap().len();
+    }
+    let per = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    assert_eq!(total, n * expected_len);
+    println!("{label}: `{src}` {per:.2} µs/evaluation");
+}
+
+#[test]
+fn timings() {
+    let patient = json!({
+        "resourceType": "Patient", "id": "p",
+        "name": [{"use": "official", "family": "Chalmers", "given": ["Peter", "James"]},
+                 {"use": "usual", "given": ["Jim"]}],
+        "birthDate": "1974-12-25", "gender": "male",
+        "identifier": [{"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "12345"}]
+    });
+    let obs = json!({
+        "resourceType": "Observation", "id": "o", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+        "subject": {"reference": "Patient/p"},
+        "effectiveDateTime": "2016-03-28",
+        "valueQuantity": {"value": 185, "unit": "lbs", "system": "http://unitsofmeasure.org", "code": "[lb_av]"}
+    });
+    time_it("path", "Patient.name.given", &patient, 3);
+    time_it("choice", "Observation.value.ofType(Quantity)", &obs, 1);
+    time_it("as", "(Observation.value as Quantity)", &obs, 1);
+    time_it(
+        "where",
+        "Patient.name.where(use = 'official').family",
+        &patient,
+        1,
+    );
+    time_it(
+        "union",
+        "Observation.subject.where(resolve() is Patient) | Observation.code.coding",
+        &obs,
+        1,
+    );
+    time_it("compare", "Observation.value > 100 '[lb_av]'", &obs, 1);
+}
