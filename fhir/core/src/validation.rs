@@ -229,6 +229,22 @@ impl<'m> Validator<'m> {
                 "dom-2: a contained resource SHALL NOT contain nested resources",
             );
         }
+        if contained {
+            if let Some(meta) = obj.get("meta").and_then(Value::as_object) {
+                if meta.contains_key("versionId") || meta.contains_key("lastUpdated") {
+                    ctx.error(
+                        "invariant",
+                        "dom-4: a contained resource SHALL NOT have a meta.versionId or a meta.lastUpdated",
+                    );
+                }
+                if meta.contains_key("security") {
+                    ctx.error(
+                        "invariant",
+                        "dom-5: a contained resource SHALL NOT have a security label",
+                    );
+                }
+            }
+        }
         let ids: Vec<&'a str> = match obj.get("contained") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -1138,6 +1154,10 @@ mod tests {
                 expr(json!({"resourceType": "Patient", "managingOrganization": {"reference": r}}));
             assert_eq!(e.is_empty(), ok, "{r}: {e:?}");
         }
+        let e = expr(json!({"resourceType": "Patient",
+            "contained": [{"resourceType": "Organization", "id": "o", "meta": {"versionId": "1"}},
+                          {"resourceType": "Organization", "id": "o2", "meta": {"security": [{"code": "R"}]}}]}));
+        assert_eq!(e, vec!["Patient.contained[0]", "Patient.contained[1]"]);
         // Bundle.entry.resource may itself contain resources
         let b = json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource":
             {"resourceType": "Patient", "contained": [{"resourceType": "Organization", "id": "o"}],

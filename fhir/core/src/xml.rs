@@ -428,6 +428,8 @@ impl XmlWriter {
 #[derive(Debug)]
 struct Node {
     name: String,
+    /// Namespace prefix of the element name (`f` in `f:Patient`), usually empty.
+    prefix: String,
     attrs: Vec<(String, String)>,
     children: Vec<Node>,
     /// For an XHTML `div`: its verbatim XML.
@@ -465,6 +467,11 @@ fn node_from_start(input: &str, e: &BytesStart<'_>, pos: usize) -> Result<Node, 
     let name = std::str::from_utf8(e.local_name().as_ref())
         .map_err(|_| err_at(input, pos, "element name is not UTF-8"))?
         .to_string();
+    let prefix = e
+        .name()
+        .prefix()
+        .and_then(|p| std::str::from_utf8(p.as_ref()).ok().map(str::to_string))
+        .unwrap_or_default();
     let mut attrs = Vec::new();
     for a in e.attributes() {
         let a = a.map_err(|err| err_at(input, pos, format!("malformed attribute: {err}")))?;
@@ -479,6 +486,7 @@ fn node_from_start(input: &str, e: &BytesStart<'_>, pos: usize) -> Result<Node, 
     }
     Ok(Node {
         name,
+        prefix,
         attrs,
         children: Vec::new(),
         xhtml: None,
@@ -521,7 +529,7 @@ fn parse_dom(input: &str) -> Result<Node, XmlError> {
                             )
                         })?;
                     let end_pos = (reader.buffer_position() as usize).min(input.len());
-                    node.xhtml = Some(input[pos..end_pos].to_string());
+                    node.xhtml = input.get(pos..end_pos).map(str::to_string);
                     if let Some(parent) = stack.last_mut() {
                         parent.children.push(node);
                     }
@@ -536,7 +544,7 @@ fn parse_dom(input: &str) -> Result<Node, XmlError> {
                 let mut node = node_from_start(input, &e, pos)?;
                 if node.name == "div" {
                     let end_pos = (reader.buffer_position() as usize).min(input.len());
-                    node.xhtml = Some(input[pos..end_pos].to_string());
+                    node.xhtml = input.get(pos..end_pos).map(str::to_string);
                 }
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(node),
@@ -579,11 +587,17 @@ fn parse_dom(input: &str) -> Result<Node, XmlError> {
 
 /// Parses FHIR XML into the FHIR JSON form.
 pub fn xml_to_json(xml: &str) -> Result<Value, XmlError> {
+    let xml = xml.strip_prefix('\u{feff}').unwrap_or(xml);
     let root = parse_dom(xml)?;
+    let ns_attr = if root.prefix.is_empty() {
+        "xmlns".to_string()
+    } else {
+        format!("xmlns:{}", root.prefix)
+    };
     let ns = root
         .attrs
         .iter()
-        .find(|(k, _)| k == "xmlns")
+        .find(|(k, _)| *k == ns_attr)
         .map(|(_, v)| v.as_str());
     if ns != Some(FHIR_NS) {
         return Err(err_at(
@@ -931,6 +945,34 @@ mod tests {
         );
         let e = xml_to_json("<Patient xmlns=\"http://hl7.org/fhir\"><gender value=\"male\"/><gender value=\"female\"/></Patient>").unwrap_err();
         assert!(e.message.contains("repeat"));
+    }
+
+    #[test]
+    fn prefixed_namespace_and_bom() {
+        let xml = "\u{feff}<f:Patient xmlns:f=\"http://hl7.org/fhir\"><f:active value=\"true\"/></f:Patient>";
+        assert_eq!(
+            xml_to_json(xml).unwrap(),
+            json!({"resourceType": "Patient", "active": true})
+        );
+    }
+
+    #[test]
+    fn no_panic_on_truncated_or_mangled_xml() {
+        let p = json!({"resourceType": "Patient", "id": "x",
+            "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><p>é &amp; ü</p></div>"},
+            "name": [{"given": ["Ä", "B"], "_given": [null, {"id": "i"}]}],
+            "contained": [{"resourceType": "Organization", "name": "O"}]});
+        let xml = json_to_xml(&p, true).unwrap();
+        for (i, _) in xml.char_indices() {
+            let _ = xml_to_json(&xml[..i]);
+            let mut mangled = xml.clone();
+            mangled.insert(i, '<');
+            let _ = xml_to_json(&mangled);
+            let mut mangled = xml.clone();
+            mangled.insert(i, '"');
+            let _ = xml_to_json(&mangled);
+        }
+        assert_eq!(xml_to_json(&xml).unwrap(), p);
     }
 
     #[test]

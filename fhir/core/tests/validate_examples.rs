@@ -54,7 +54,40 @@ fn examples_validate() {
     for (m, n) in top.iter().take(20) {
         println!("  {n:5} × {m}");
     }
-    assert!(clean * 100 >= examples.len() * 98);
+    // Official examples that really are invalid R4 (checked by hand):
+    const KNOWN_INVALID: [(&str, &str); 18] = [
+        ("DeviceMetric-example.json", "parent references a DeviceDefinition (only Device allowed)"),
+        ("DeviceUseStatement-example.json", "reasonReference to Procedure is not an allowed target"),
+        ("ImplementationGuide-fhir.json", "no name/status (1..1); a reference id longer than 64"),
+        ("ig-r4.json", "same ImplementationGuide as ImplementationGuide-fhir.json"),
+        ("MedicationRequest-medrx0301.json", "dispenseRequest.performer references a Practitioner"),
+        ("Observation-clinical-gender.json", "performer references an Encounter"),
+        ("Questionnaire-qs1.json", "nested items without the required linkId"),
+        ("SearchParameter-codesystem-extensions-CodeSystem-author.json", "no base (1..*)"),
+        ("SearchParameter-codesystem-extensions-CodeSystem-effective.json", "no base"),
+        ("SearchParameter-codesystem-extensions-CodeSystem-end.json", "no base"),
+        ("SearchParameter-codesystem-extensions-CodeSystem-keyword.json", "no base"),
+        ("SearchParameter-codesystem-extensions-CodeSystem-workflow.json", "no base"),
+        ("SearchParameter-valueset-extensions-ValueSet-author.json", "no base"),
+        ("SearchParameter-valueset-extensions-ValueSet-effective.json", "no base"),
+        ("SearchParameter-valueset-extensions-ValueSet-end.json", "no base"),
+        ("SearchParameter-valueset-extensions-ValueSet-keyword.json", "no base"),
+        ("SearchParameter-valueset-extensions-ValueSet-workflow.json", "no base"),
+        (
+            "SearchParameter-questionnaireresponse-extensions-QuestionnaireResponse-item-subject.json",
+            "id longer than 64 characters",
+        ),
+    ];
+    let unexpected: Vec<&str> = failing
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !KNOWN_INVALID.iter().any(|(k, _)| k == n))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "unexpected invalid examples: {unexpected:?}"
+    );
+    assert!(clean * 100 >= examples.len() * 99);
 }
 
 fn synthea_resources() -> Option<Vec<Value>> {
