@@ -4,12 +4,17 @@
 //! This crate never touches the database: it produces SQL text + parameters (placeholders
 //! `$1, $2, …`) and index rows; `kiln-store` executes them.
 
+pub mod filter;
 pub mod index;
 pub mod path;
+pub mod query;
 pub mod registry;
 pub mod value;
 
 pub use index::{delete_statements, index_resource, insert_batch, schema, IndexEntries};
+pub use query::{
+    parse, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery, SearchValue, SortKey,
+};
 pub use registry::{ParamType, Registry, SearchParam};
 
 /// SQL dialect of the generated statements.

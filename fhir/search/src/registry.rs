@@ -166,6 +166,23 @@ impl Registry {
         reg
     }
 
+    /// The official R4 parameters and the Patient compartment, from `kiln-fhir`'s vendored
+    /// definitions. Clone it to add custom parameters.
+    pub fn r4() -> Registry {
+        let model = kiln_fhir::model::r4();
+        let bundle: Value =
+            serde_json::from_slice(model.search_parameters_json()).unwrap_or(Value::Null);
+        let mut reg = Registry::from_bundle(&bundle);
+        let mut map = HashMap::new();
+        for (rt, params) in model.patient_compartment() {
+            if !params.is_empty() {
+                map.insert(rt.clone(), params.clone());
+            }
+        }
+        reg.compartments.insert("Patient".to_string(), map);
+        reg
+    }
+
     /// Adds a custom SearchParameter resource (strict: the expression must compile).
     pub fn add(&mut self, sp: &Value) -> Result<(), RegistryError> {
         let def = Self::parse_def(sp)?;
@@ -193,7 +210,11 @@ impl Registry {
     }
 
     fn parse_def(sp: &Value) -> Result<SearchParam, RegistryError> {
-        let rt = sp.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        // the compact vendored form has no resourceType
+        let rt = sp
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("SearchParameter");
         if rt != "SearchParameter" {
             return Err(RegistryError::NotSearchParameter(rt.to_string()));
         }
@@ -441,6 +462,34 @@ mod tests {
         assert_eq!(cvq.def.components[1].param_type, ParamType::Quantity);
         assert_eq!(r.unsupported.len(), 1);
         assert!(r.get(Some("Patient"), "bad").unwrap().path.is_none());
+    }
+
+    #[test]
+    fn official_r4_registry() {
+        let r = Registry::r4();
+        assert!(r.get(Some("Patient"), "birthdate").is_some());
+        assert!(r
+            .get(Some("Observation"), "patient")
+            .unwrap()
+            .path
+            .is_some());
+        assert!(r
+            .get(Some("Observation"), "code-value-quantity")
+            .unwrap()
+            .path
+            .is_some());
+        assert_eq!(
+            r.get(Some("Observation"), "_lastUpdated")
+                .unwrap()
+                .param_type(),
+            ParamType::Date
+        );
+        assert_eq!(
+            r.compartment_params("Patient", "Observation").unwrap(),
+            &["subject".to_string(), "performer".to_string()]
+        );
+        // every official expression is inside the supported subset
+        assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
     }
 
     #[test]
