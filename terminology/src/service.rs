@@ -502,11 +502,18 @@ impl<'a> Ctx<'a> {
                 cands.extend(list.iter());
             }
         }
-        match version {
-            Some(v) => cands
-                .into_iter()
-                .find(|e| version_matches(e.version.as_deref(), v))
-                .cloned(),
+                match version {
+            Some(v) => {
+                let m: Vec<Arc<CsEntry>> = cands
+                    .into_iter()
+                    .filter(|e| version_matches(e.version.as_deref(), v))
+                    .cloned()
+                    .collect();
+                if let Some(exact) = m.iter().find(|e| e.version.as_deref() == Some(v)) {
+                    return Some(exact.clone());
+                }
+                latest(&m, |e| e.version.clone())
+            }
             None => {
                 // local resources win; else the latest version
                 if let Some(l) = self
@@ -1245,7 +1252,7 @@ impl<'a> Ctx<'a> {
             let m = match &version {
                 Some(v) if self.find_cs(&system, None).is_some() => format!(
                     "A definition for CodeSystem '{system}' version '{v}' could not be found, so the code cannot be validated. Valid versions: {}",
-                    self.versions_of(&system).join(",")
+                    or_list(&self.versions_of(&system))
                 ),
                 _ => format!(
                     "A definition for CodeSystem '{system}' could not be found, so the code cannot be validated"
@@ -1280,7 +1287,8 @@ impl<'a> Ctx<'a> {
         }
         let concept = provider.lookup(&c.code);
         let mut not_in_vs_msg = None;
-        if let Some((vs, canon)) = vs {
+                let version_problem = r.unknown_system.is_some();
+        if let (Some((vs, canon)), false) = (vs, version_problem) {
             if concept.is_none() || !self.vs_contains(vs, &system, &c.code, 0)? {
                 r.valid = false;
                 r.not_in_vs = true;
@@ -1407,7 +1415,7 @@ impl<'a> Ctx<'a> {
         let not_found = |v: &str| {
             format!(
                 "A definition for CodeSystem '{system}' version '{v}' could not be found, so the code cannot be validated. Valid versions: {}",
-                self.versions_of(system).join(",")
+                or_list(&self.versions_of(system))
             )
         };
         let mismatch = |vsv: &str, cv: &str, versionless: bool| {
@@ -1431,9 +1439,11 @@ impl<'a> Ctx<'a> {
                     r.unknown_system = Some(format!("{system}|{cv}"));
                     let rep = vs_entry.clone().or_else(fallback);
                     if let Some(e) = &rep {
-                        if pin.is_none() {
-                            let m = mismatch(e.version.as_deref().unwrap_or(""), cv, true);
-                            r.issues.push(issue_json("warning", "invalid", "vs-invalid", &m, Some(&c.loc_version)));
+                                                let m = mismatch(e.version.as_deref().unwrap_or(""), cv, pin.is_none());
+                        let sev = if pin.is_none() { "warning" } else { "error" };
+                        r.issues.push(issue_json(sev, "invalid", "vs-invalid", &m, Some(&c.loc_version)));
+                        if pin.is_some() {
+                            r.messages.push(m);
                         }
                         r.version = e.version.clone();
                         if let Some(concept) = e.provider().lookup(&c.code) {
@@ -1534,15 +1544,19 @@ impl<'a> Ctx<'a> {
                 messages.extend(r.messages.iter().cloned());
             }
         }
-        let shown = best
-            .map(|i| &results[i])
-            .or_else(|| if in_cc { None } else { results.first() });
+                let shown = best.map(|i| &results[i]).or_else(|| {
+            if in_cc {
+                results.iter().find(|r| r.display.is_some())
+            } else {
+                results.first()
+            }
+        });
         if let Some(r) = shown {
             if let Some(c) = &r.code {
                 out.push(p_str("code", "Code", c));
             }
-            if let Some(sys) = &r.system {
-                if r.unknown_system.is_none() {
+                        if let Some(sys) = &r.system {
+                if self.find_cs(sys, None).is_some() {
                     out.push(p_str("system", "Uri", sys));
                 }
             }
@@ -1907,6 +1921,15 @@ impl<'a> Ctx<'a> {
         }
         out.extend(matches);
         Ok(json!({"resourceType": "Parameters", "parameter": out}))
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn or_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
 }
 

@@ -302,7 +302,17 @@ fn tx_ecosystem_suites() {
                 failures.push(format!("{name}/{tname}: cannot read request/response"));
                 continue;
             };
+            let profile_params: Vec<Value> = test
+                .get("profile")
+                .and_then(Value::as_str)
+                .and_then(|f| load(&root.join(f)))
+                .and_then(|p| p.get("parameter").and_then(Value::as_array).cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p["name"] != "uuid")
+                .collect();
             if let Some(params) = req.get_mut("parameter").and_then(Value::as_array_mut) {
+                params.extend(profile_params);
                 for r in &setup {
                     params.push(json!({"name": "tx-resource", "resource": r}));
                 }
