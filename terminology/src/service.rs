@@ -488,8 +488,9 @@ struct CodingResult {
     version: Option<String>,
     display: Option<String>,
     inactive: bool,
-    unknown_system: Option<String>,
+        unknown_system: Option<String>,
     not_in_vs: bool,
+    pin_missing: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -974,12 +975,17 @@ impl<'a> Ctx<'a> {
             "check-system-version",
             "default-to-latest-version",
         ] {
-            for prm in p.all(name) {
+                        for prm in p.all(name) {
                 let mut x = prm.clone();
                 if let Some(o) = x.as_object_mut() {
                     o.remove("part");
+                    if let Some(v) = o.remove("valueCanonical") {
+                        o.insert("valueUri".into(), v);
+                    }
                 }
-                parameters.push(x);
+                if !parameters.contains(&x) {
+                    parameters.push(x);
+                }
             }
         }
         for c in &used.code_systems {
@@ -1215,8 +1221,9 @@ impl<'a> Ctx<'a> {
             version: None,
             display: None,
             inactive: false,
-            unknown_system: None,
+                        unknown_system: None,
             not_in_vs: false,
+            pin_missing: false,
         };
         let lang = self.display_language();
         let Some(system) = c.system.clone() else {
@@ -1233,8 +1240,10 @@ impl<'a> Ctx<'a> {
             return Ok(r);
         };
         let forced = self.param_version("force-system-version", &system);
-        let default = self.param_version("system-version", &system);
-        let check = self.param_version("check-system-version", &system);
+                let check = self.param_version("check-system-version", &system);
+        let default = self
+            .param_version("system-version", &system)
+            .or_else(|| check.clone());
         let entry = if self.find_cs(&system, None).is_none() {
             None
         } else if let Some((vsv, _)) = vs {
@@ -1437,12 +1446,20 @@ impl<'a> Ctx<'a> {
                     r.issues.push(issue_json("error", "not-found", "not-found", &m, Some(&c.loc_system)));
                     r.messages.push(m);
                     r.unknown_system = Some(format!("{system}|{cv}"));
-                    let rep = vs_entry.clone().or_else(fallback);
+                    let rep = if pin.is_some() {
+                        vs_entry.clone()
+                    } else {
+                        fallback()
+                    };
                     if let Some(e) = &rep {
                                                 let m = mismatch(e.version.as_deref().unwrap_or(""), cv, pin.is_none());
-                        let sev = if pin.is_none() { "warning" } else { "error" };
+                        let sev = if pin.is_none() && default.is_none() {
+                            "warning"
+                        } else {
+                            "error"
+                        };
                         r.issues.push(issue_json(sev, "invalid", "vs-invalid", &m, Some(&c.loc_version)));
-                        if pin.is_some() {
+                                                if sev == "error" {
                             r.messages.push(m);
                         }
                         r.version = e.version.clone();
@@ -1455,13 +1472,14 @@ impl<'a> Ctx<'a> {
                 Some(ce) => {
                     if let Some(p) = pin_missing {
                         r.valid = false;
-                        let m1 = mismatch(&p, cv, false);
+                                                let m1 = mismatch(&p, cv, false);
                         r.issues.push(issue_json("error", "invalid", "vs-invalid", &m1, Some(&c.loc_version)));
                         let m2 = not_found(&p);
                         r.issues.push(issue_json("error", "not-found", "not-found", &m2, Some(&c.loc_system)));
-                        r.messages.push(m1);
                         r.messages.push(m2);
+                        r.messages.push(m1);
                         r.unknown_system = Some(format!("{system}|{p}"));
+                r.pin_missing = true;
                         return Ok(Some(ce));
                     }
                     if let Some(p) = &pin {
@@ -1488,6 +1506,7 @@ impl<'a> Ctx<'a> {
                 r.issues.push(issue_json("error", "not-found", "not-found", &m, Some(&c.loc_system)));
                 r.messages.push(m);
                 r.unknown_system = Some(format!("{system}|{p}"));
+                r.pin_missing = true;
                 return Ok(fallback());
             }
             Ok(vs_entry)
@@ -1524,8 +1543,8 @@ impl<'a> Ctx<'a> {
         let mut issues: Vec<Value> = Vec::new();
         let mut messages: Vec<String> = Vec::new();
         let result = best.is_some();
-        if in_cc {
-            if !result {
+                if in_cc {
+            if !result && results.iter().any(|r| r.not_in_vs) {
                 if let Some((_, canon)) = &vs {
                     let m = format!("No valid coding was found for the value set '{canon}'");
                     issues.push(issue_json("error", "code-invalid", "not-in-vs", &m, None));
@@ -1546,7 +1565,9 @@ impl<'a> Ctx<'a> {
         }
                 let shown = best.map(|i| &results[i]).or_else(|| {
             if in_cc {
-                results.iter().find(|r| r.display.is_some())
+                results
+                    .iter()
+                    .find(|r| r.display.is_some() && !r.pin_missing)
             } else {
                 results.first()
             }
