@@ -206,6 +206,14 @@ impl AuthState {
         Ok(())
     }
 
+    /// Deletes expired codes, tokens, sessions, launches and replay-cache entries and forgets
+    /// idle rate-limit buckets. Call periodically (e.g. every few minutes).
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.login_limiter.retain_recent();
+        self.token_limiter.retain_recent();
+        self.store.purge_expired().await
+    }
+
     pub(crate) fn jwks_fetcher(&self) -> Option<&Arc<dyn JwksFetcher>> {
         self.jwks_fetcher.as_ref()
     }

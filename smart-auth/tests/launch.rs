@@ -1166,16 +1166,7 @@ async fn login_lockout_and_rate_limit() {
     assert!(limited, "login is rate limited");
 }
 
-#[tokio::test]
-async fn sql_store_backs_a_full_launch() {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect("sqlite::memory:")
-        .await
-        .unwrap();
-    let store = SqlAuthStore::new(AnyAuthPool::Sqlite(pool));
-    store.migrate().await.unwrap();
-    let store: std::sync::Arc<dyn AuthStore> = std::sync::Arc::new(store);
+async fn full_launch_over(store: std::sync::Arc<dyn AuthStore>) {
     let s = server_with(config(), store.clone()).await;
     let (verifier, challenge) = pkce_pair();
     let cb = run_authorization(
@@ -1213,16 +1204,68 @@ async fn sql_store_backs_a_full_launch() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = s
+        .post_form(
+            "/auth/revoke",
+            &[
+                ("token", r.json()["refresh_token"].as_str().unwrap()),
+                ("client_id", &s.public_client),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        authorize_bearer(
+            &s.state,
+            Some(&format!("Bearer {}", t["access_token"].as_str().unwrap()))
+        )
+        .await
+        .is_err(),
+        "grant revoked"
+    );
     // A second AuthState over the same store reuses the persisted key.
-    let again = AuthState::new(config(), store).await.unwrap();
+    let again = AuthState::new(config(), store.clone()).await.unwrap();
     assert_eq!(
         again.key_ring().active().unwrap().kid,
         s.state.key_ring().active().unwrap().kid
     );
-    assert!(authorize_bearer(
-        &again,
-        Some(&format!("Bearer {}", t["access_token"].as_str().unwrap()))
-    )
-    .await
-    .is_ok());
+    assert!(again.purge_expired().await.is_ok());
+    assert_eq!(store.list_users().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn sql_store_backs_a_full_launch() {
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect("sqlite::memory:")
+        .await
+        .unwrap();
+    let store = SqlAuthStore::new(AnyAuthPool::Sqlite(pool));
+    store.migrate().await.unwrap();
+    full_launch_over(std::sync::Arc::new(store)).await;
+}
+
+/// Runs against PostgreSQL when `KILN_TEST_POSTGRES_URL` is set (its `auth_*` tables are emptied).
+#[tokio::test]
+async fn postgres_store_backs_a_full_launch() {
+    let Ok(url) = std::env::var("KILN_TEST_POSTGRES_URL") else {
+        eprintln!("skipping postgres_store_backs_a_full_launch: KILN_TEST_POSTGRES_URL not set");
+        return;
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    let store = SqlAuthStore::new(AnyAuthPool::Postgres(pool.clone()));
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    for kind in kiln_smart_auth::store::RecordKind::ALL {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", kind.table())))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    full_launch_over(std::sync::Arc::new(store)).await;
 }
