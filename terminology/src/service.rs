@@ -582,7 +582,7 @@ impl<'a> Ctx<'a> {
         if let Some(d) = declared {
             return Some(d.to_string());
         }
-        for name in ["system-version", "check-system-version"] {
+                for name in ["system-version"] {
             for v in self
                 .params
                 .all(name)
@@ -757,6 +757,10 @@ impl<'a> Ctx<'a> {
         let version = self.system_version(system, s(inc, "version"));
         let Some(entry) = self.find_cs(system, version.as_deref()) else {
             return Err(TxError::not_found(match &version {
+                                Some(v) if self.find_cs(system, None).is_some() => format!(
+                    "A definition for CodeSystem '{system}' version '{v}' could not be found, so the value set cannot be expanded. Valid versions: {}",
+                    or_list(&self.versions_of(system))
+                ),
                 Some(v) => format!(
                     "A definition for CodeSystem '{system}' version '{v}' could not be found, so the value set cannot be expanded"
                 ),
@@ -765,6 +769,19 @@ impl<'a> Ctx<'a> {
                 ),
             }));
         };
+                if let Some(chk) = self.param_version("check-system-version", system) {
+            if !version_matches(entry.version.as_deref(), &chk) {
+                return Err(TxError::new(
+                    422,
+                    "exception",
+                    "version-error",
+                    format!(
+                        "The version '{}' is not allowed for system '{system}': required to be '{chk}' by a version-check parameter",
+                        entry.version.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
+        }
         used.cs(entry.canonical());
         let provider = entry.provider();
         let lang = self.display_language();
@@ -970,9 +987,7 @@ impl<'a> Ctx<'a> {
             "offset",
             "filter",
             "designation",
-            "system-version",
-            "force-system-version",
-            "check-system-version",
+                        "force-system-version",
             "default-to-latest-version",
         ] {
                         for prm in p.all(name) {
