@@ -488,7 +488,7 @@ struct CodingResult {
     version: Option<String>,
     display: Option<String>,
     inactive: bool,
-        unknown_system: Option<String>,
+    unknown_system: Option<String>,
     not_in_vs: bool,
     pin_missing: bool,
 }
@@ -503,7 +503,7 @@ impl<'a> Ctx<'a> {
                 cands.extend(list.iter());
             }
         }
-                match version {
+        match version {
             Some(v) => {
                 let m: Vec<Arc<CsEntry>> = cands
                     .into_iter()
@@ -582,7 +582,7 @@ impl<'a> Ctx<'a> {
         if let Some(d) = declared {
             return Some(d.to_string());
         }
-                for name in ["system-version"] {
+        for name in ["system-version"] {
             for v in self
                 .params
                 .all(name)
@@ -769,7 +769,7 @@ impl<'a> Ctx<'a> {
                 ),
             }));
         };
-                if let Some(chk) = self.param_version("check-system-version", system) {
+        if let Some(chk) = self.param_version("check-system-version", system) {
             if !version_matches(entry.version.as_deref(), &chk) {
                 return Err(TxError::new(
                     422,
@@ -987,10 +987,10 @@ impl<'a> Ctx<'a> {
             "offset",
             "filter",
             "designation",
-                        "force-system-version",
+            "force-system-version",
             "default-to-latest-version",
         ] {
-                        for prm in p.all(name) {
+            for prm in p.all(name) {
                 let mut x = prm.clone();
                 if let Some(o) = x.as_object_mut() {
                     o.remove("part");
@@ -1236,7 +1236,7 @@ impl<'a> Ctx<'a> {
             version: None,
             display: None,
             inactive: false,
-                        unknown_system: None,
+            unknown_system: None,
             not_in_vs: false,
             pin_missing: false,
         };
@@ -1255,14 +1255,21 @@ impl<'a> Ctx<'a> {
             return Ok(r);
         };
         let forced = self.param_version("force-system-version", &system);
-                let check = self.param_version("check-system-version", &system);
+        let check = self.param_version("check-system-version", &system);
         let default = self
             .param_version("system-version", &system)
             .or_else(|| check.clone());
         let entry = if self.find_cs(&system, None).is_none() {
             None
         } else if let Some((vsv, _)) = vs {
-            match self.vs_mode_entry(c, &system, vsv, forced.as_deref(), default.as_deref(), &mut r)? {
+            match self.vs_mode_entry(
+                c,
+                &system,
+                vsv,
+                forced.as_deref(),
+                default.as_deref(),
+                &mut r,
+            )? {
                 Some(e) => Some(e),
                 None => return Ok(r),
             }
@@ -1305,20 +1312,29 @@ impl<'a> Ctx<'a> {
                     "The version '{}' is not allowed for system '{system}': required to be '{chk}' by a version-check parameter",
                     entry.version.as_deref().unwrap_or("")
                 );
-                r.issues.push(issue_json("error", "exception", "version-error", &m, Some(&c.loc_version)));
+                r.issues.push(issue_json(
+                    "error",
+                    "exception",
+                    "version-error",
+                    &m,
+                    Some(&c.loc_version),
+                ));
                 r.messages.push(m);
             }
         }
         let concept = provider.lookup(&c.code);
         let mut not_in_vs_msg = None;
-                let version_problem = r.unknown_system.is_some();
+        let version_problem = r.unknown_system.is_some();
         if let (Some((vs, canon)), false) = (vs, version_problem) {
             if concept.is_none() || !self.vs_contains(vs, &system, &c.code, 0)? {
                 r.valid = false;
                 r.not_in_vs = true;
+                let shown_code = match &c.display {
+                    Some(d) => format!("{}#{} ('{d}')", system, c.code),
+                    None => format!("{}#{}", system, c.code),
+                };
                 let m = format!(
-                    "The provided code '{system}#{}' was not found in the value set '{canon}'",
-                    c.code
+                    "The provided code '{shown_code}' was not found in the value set '{canon}'"
                 );
                 let (sev, tx) = if in_cc {
                     ("information", "this-code-not-in-vs")
@@ -1397,7 +1413,6 @@ impl<'a> Ctx<'a> {
         Ok(r)
     }
 
-
     /// The version given for `system` by a `system-version`-style parameter (`url|version`).
     fn param_version(&self, name: &str, system: &str) -> Option<String> {
         self.params
@@ -1458,7 +1473,13 @@ impl<'a> Ctx<'a> {
                 None => {
                     r.valid = false;
                     let m = not_found(cv);
-                    r.issues.push(issue_json("error", "not-found", "not-found", &m, Some(&c.loc_system)));
+                    r.issues.push(issue_json(
+                        "error",
+                        "not-found",
+                        "not-found",
+                        &m,
+                        Some(&c.loc_system),
+                    ));
                     r.messages.push(m);
                     r.unknown_system = Some(format!("{system}|{cv}"));
                     let rep = if pin.is_some() {
@@ -1467,19 +1488,26 @@ impl<'a> Ctx<'a> {
                         fallback()
                     };
                     if let Some(e) = &rep {
-                                                let m = mismatch(e.version.as_deref().unwrap_or(""), cv, pin.is_none());
+                        let m = mismatch(e.version.as_deref().unwrap_or(""), cv, pin.is_none());
                         let sev = if pin.is_none() && default.is_none() {
                             "warning"
                         } else {
                             "error"
                         };
-                        r.issues.push(issue_json(sev, "invalid", "vs-invalid", &m, Some(&c.loc_version)));
-                                                if sev == "error" {
+                        r.issues.push(issue_json(
+                            sev,
+                            "invalid",
+                            "vs-invalid",
+                            &m,
+                            Some(&c.loc_version),
+                        ));
+                        if sev == "error" {
                             r.messages.push(m);
                         }
                         r.version = e.version.clone();
                         if let Some(concept) = e.provider().lookup(&c.code) {
-                            r.display = self.display_for(&concept, self.display_language().as_deref());
+                            r.display =
+                                self.display_for(&concept, self.display_language().as_deref());
                         }
                     }
                     return Ok(None);
@@ -1487,14 +1515,26 @@ impl<'a> Ctx<'a> {
                 Some(ce) => {
                     if let Some(p) = pin_missing {
                         r.valid = false;
-                                                let m1 = mismatch(&p, cv, false);
-                        r.issues.push(issue_json("error", "invalid", "vs-invalid", &m1, Some(&c.loc_version)));
+                        let m1 = mismatch(&p, cv, false);
+                        r.issues.push(issue_json(
+                            "error",
+                            "invalid",
+                            "vs-invalid",
+                            &m1,
+                            Some(&c.loc_version),
+                        ));
                         let m2 = not_found(&p);
-                        r.issues.push(issue_json("error", "not-found", "not-found", &m2, Some(&c.loc_system)));
+                        r.issues.push(issue_json(
+                            "error",
+                            "not-found",
+                            "not-found",
+                            &m2,
+                            Some(&c.loc_system),
+                        ));
                         r.messages.push(m2);
                         r.messages.push(m1);
                         r.unknown_system = Some(format!("{system}|{p}"));
-                r.pin_missing = true;
+                        r.pin_missing = true;
                         return Ok(Some(ce));
                     }
                     if let Some(p) = &pin {
@@ -1506,7 +1546,13 @@ impl<'a> Ctx<'a> {
                         Some(ve) if ve.version != ce.version => {
                             r.valid = false;
                             let m = mismatch(ve.version.as_deref().unwrap_or(""), cv, false);
-                            r.issues.push(issue_json("error", "invalid", "vs-invalid", &m, Some(&c.loc_version)));
+                            r.issues.push(issue_json(
+                                "error",
+                                "invalid",
+                                "vs-invalid",
+                                &m,
+                                Some(&c.loc_version),
+                            ));
                             r.messages.push(m);
                             Ok(Some(ve))
                         }
@@ -1518,7 +1564,13 @@ impl<'a> Ctx<'a> {
             if let Some(p) = pin_missing {
                 r.valid = false;
                 let m = not_found(&p);
-                r.issues.push(issue_json("error", "not-found", "not-found", &m, Some(&c.loc_system)));
+                r.issues.push(issue_json(
+                    "error",
+                    "not-found",
+                    "not-found",
+                    &m,
+                    Some(&c.loc_system),
+                ));
                 r.messages.push(m);
                 r.unknown_system = Some(format!("{system}|{p}"));
                 r.pin_missing = true;
@@ -1557,9 +1609,13 @@ impl<'a> Ctx<'a> {
         let best = results.iter().position(|r| r.valid);
         let mut issues: Vec<Value> = Vec::new();
         let mut messages: Vec<String> = Vec::new();
-        let result = best.is_some();
-                if in_cc {
-            if !result && results.iter().any(|r| r.not_in_vs) {
+        let any_error = results
+            .iter()
+            .flat_map(|r| r.issues.iter())
+            .any(|i| i["severity"] == "error");
+        let result = best.is_some() && !(in_cc && any_error);
+        if in_cc {
+            if best.is_none() && results.iter().any(|r| r.not_in_vs) {
                 if let Some((_, canon)) = &vs {
                     let m = format!("No valid coding was found for the value set '{canon}'");
                     issues.push(issue_json("error", "code-invalid", "not-in-vs", &m, None));
@@ -1578,7 +1634,7 @@ impl<'a> Ctx<'a> {
                 messages.extend(r.messages.iter().cloned());
             }
         }
-                let shown = best.map(|i| &results[i]).or_else(|| {
+        let shown = best.map(|i| &results[i]).or_else(|| {
             if in_cc {
                 results
                     .iter()
@@ -1591,7 +1647,7 @@ impl<'a> Ctx<'a> {
             if let Some(c) = &r.code {
                 out.push(p_str("code", "Code", c));
             }
-                        if let Some(sys) = &r.system {
+            if let Some(sys) = &r.system {
                 if self.find_cs(sys, None).is_some() {
                     out.push(p_str("system", "Uri", sys));
                 }
