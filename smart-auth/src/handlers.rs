@@ -56,6 +56,8 @@ pub fn router(state: AuthState) -> Router {
         )
         .route("/auth/launch", post(create_launch))
         .route("/auth/smart-style.json", get(smart_style))
+        .route("/auth/mfa", get(mfa_page).post(mfa_submit))
+        .route("/auth/password-reset", get(reset_page).post(reset_submit))
         .with_state(state)
 }
 
@@ -1773,4 +1775,104 @@ async fn create_launch(
         StatusCode::CREATED,
         json!({"launch": launch.launch_id, "iss": state.config().fhir_base_url, "expires_in": state.config().launch_lifetime}),
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// account pages: TOTP enrolment, password reset
+// ---------------------------------------------------------------------------------------------
+
+fn session_csrf(session: &Session) -> String {
+    sha256_hex(&format!("csrf:{}", session.id))
+}
+
+async fn mfa_page(State(state): State<AuthState>, headers: HeaderMap) -> Response {
+    let Some((session, user)) = current_session(&state, &headers).await else {
+        return redirect(&state.config().endpoint("/auth/login"));
+    };
+    html_response(
+        StatusCode::OK,
+        html::mfa_status(
+            &session_csrf(&session),
+            user.totp_enabled,
+            user.recovery_codes.len(),
+        ),
+    )
+}
+
+async fn mfa_submit(State(state): State<AuthState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some((session, user)) = current_session(&state, &headers).await else {
+        return redirect(&state.config().endpoint("/auth/login"));
+    };
+    let f = FormData::parse(&body);
+    let csrf = session_csrf(&session);
+    if f.get("csrf") != Some(csrf.as_str()) {
+        return error_page(StatusCode::FORBIDDEN, "Forbidden", "Invalid form token.");
+    }
+    let store = state.store();
+    match f.get("action") {
+        Some("enrol") => match crate::users::enrol_totp(store, &user.username, "Kiln").await {
+            Ok(e) => html_response(
+                StatusCode::OK,
+                html::mfa_enrol(&csrf, &e.secret, &e.otpauth_uri, None),
+            ),
+            Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string()),
+        },
+        Some("confirm") => {
+            match crate::users::confirm_totp(store, &user.username, f.get("code").unwrap_or(""))
+                .await
+            {
+                Ok(codes) => html_response(StatusCode::OK, html::mfa_recovery_codes(&codes)),
+                Err(crate::users::UserError::Invalid(msg)) => {
+                    let secret = user.totp_secret.clone().unwrap_or_default();
+                    html_response(
+                        StatusCode::BAD_REQUEST,
+                        html::mfa_enrol(&csrf, &secret, "", Some(&msg)),
+                    )
+                }
+                Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string()),
+            }
+        }
+        _ => error_page(
+            StatusCode::BAD_REQUEST,
+            "Invalid request",
+            "Unknown action.",
+        ),
+    }
+}
+
+async fn reset_page(Query(q): Query<Vec<(String, String)>>) -> Response {
+    let f = FormData(q);
+    html_response(
+        StatusCode::OK,
+        html::password_reset(f.get("token").unwrap_or(""), None),
+    )
+}
+
+async fn reset_submit(State(state): State<AuthState>, ext: Extensions, body: Bytes) -> Response {
+    if !state.login_allowed(&format!("ip:{}", client_addr(&ext))) {
+        return error_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts",
+            "Wait a minute and try again.",
+        );
+    }
+    let f = FormData::parse(&body);
+    let token = f.get("token").unwrap_or("");
+    match crate::users::reset_password(state.store(), token, f.get("password").unwrap_or("")).await
+    {
+        Ok(_) => html_response(
+            StatusCode::OK,
+            html::message(
+                "Password changed",
+                "Your password was changed. You can sign in now.",
+            ),
+        ),
+        Err(crate::users::UserError::Store(e)) => {
+            error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string())
+        }
+        Err(e) => html_response(
+            StatusCode::BAD_REQUEST,
+            html::password_reset(token, Some(&e.to_string())),
+        ),
+    }
 }

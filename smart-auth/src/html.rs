@@ -164,3 +164,69 @@ below after you sign out, until you revoke it.</p>"
 pub fn message(title: &str, text: &str) -> String {
     page(title, &format!("<p>{}</p>", escape(text)))
 }
+
+pub fn mfa_status(csrf: &str, enabled: bool, recovery_left: usize) -> String {
+    let body = if enabled {
+        format!(
+            "<p>Two-step sign-in is <strong>on</strong>. Recovery codes left: {recovery_left}.</p>\
+<form method=\"post\" action=\"mfa\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\">\
+<button type=\"submit\" name=\"action\" value=\"enrol\">Replace authenticator</button></form>",
+            c = escape(csrf)
+        )
+    } else {
+        format!(
+            "<p>Two-step sign-in is <strong>off</strong>.</p>\
+<form method=\"post\" action=\"mfa\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\">\
+<button type=\"submit\" name=\"action\" value=\"enrol\">Set up an authenticator app</button></form>",
+            c = escape(csrf)
+        )
+    };
+    page("Two-step sign-in", &body)
+}
+
+pub fn mfa_enrol(csrf: &str, secret: &str, uri: &str, error: Option<&str>) -> String {
+    page(
+        "Set up your authenticator",
+        &format!(
+            "{err}<p>Add this key to your authenticator app (time-based, 6 digits, 30 seconds):</p>\
+<p><code>{s}</code></p><p>Or open this link on your phone: <code>{u}</code></p>\
+<form method=\"post\" action=\"mfa\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\">\
+<label for=\"code\">Code shown by the app</label>\
+<input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required>\
+<button type=\"submit\" name=\"action\" value=\"confirm\">Turn on</button></form>",
+            err = error_box(error),
+            s = escape(secret),
+            u = escape(uri),
+            c = escape(csrf)
+        ),
+    )
+}
+
+pub fn mfa_recovery_codes(codes: &[String]) -> String {
+    let items: String = codes
+        .iter()
+        .map(|c| format!("<li><code>{}</code></li>", escape(c)))
+        .collect();
+    page(
+        "Two-step sign-in is on",
+        &format!(
+            "<p>Keep these recovery codes somewhere safe. Each works once, in place of an \
+authenticator code.</p><ul>{items}</ul>"
+        ),
+    )
+}
+
+pub fn password_reset(token: &str, error: Option<&str>) -> String {
+    page(
+        "Choose a new password",
+        &format!(
+            "{err}<form method=\"post\" action=\"password-reset\">\
+<input type=\"hidden\" name=\"token\" value=\"{t}\">\
+<label for=\"password\">New password (at least 8 characters)</label>\
+<input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"new-password\" minlength=\"8\" required>\
+<button type=\"submit\">Set password</button></form>",
+            err = error_box(error),
+            t = escape(token)
+        ),
+    )
+}

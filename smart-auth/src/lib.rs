@@ -18,6 +18,9 @@
 //! | `/auth/userinfo` | GET | OIDC userinfo |
 //! | `/auth/launch` | POST | admin: create an EHR launch context |
 //! | `/auth/logout` | POST | end the login session |
+//! | `/auth/mfa` | GET, POST | signed-in user: TOTP enrolment, recovery codes |
+//! | `/auth/password-reset` | GET, POST | set a new password with a reset token |
+//! | `/auth/smart-style.json` | GET | the `smart_style_url` document |
 //!
 //! The resource server calls [`authorize_bearer`] on every request and enforces the [`Grant`].
 
