@@ -7,11 +7,13 @@
 pub mod filter;
 pub mod index;
 pub mod path;
+pub mod plan;
 pub mod query;
 pub mod registry;
 pub mod value;
 
 pub use index::{delete_statements, index_resource, insert_batch, schema, IndexEntries};
+pub use plan::{include_sql, plan, KeyKind, PageRequest, SqlPlan};
 pub use query::{
     parse, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery, SearchValue, SortKey,
 };

@@ -1,0 +1,1009 @@
+//! SQL planning: a [`SearchQuery`] → SQL text + parameters over `resources` and the index
+//! tables, for SQLite and PostgreSQL (placeholders `$1, $2, …`).
+
+use base64::Engine;
+use kiln_fhir::Issue;
+use serde_json::{json, Value};
+
+use crate::filter::FilterNode;
+use crate::index::{component_param, table_for};
+use crate::query::{Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery, SearchValue};
+use crate::registry::ParamType;
+use crate::value::{canonical_quantity, DateRange, Decimal};
+use crate::{Dialect, SqlValue};
+
+/// Which page to produce.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PageRequest {
+    /// Page size (`_count`, defaulted and capped by the server).
+    pub count: usize,
+    /// The opaque cursor from the previous page's `next` link.
+    pub cursor: Option<String>,
+}
+
+/// SQL type of a sort key column (`k0`, `k1`, … after `rid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Int,
+    Real,
+    Text,
+}
+
+/// The planned search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqlPlan {
+    /// `SELECT rid, k0, k1, … ORDER BY … LIMIT count+1`: matching current, non-deleted resources
+    /// of the page. One extra row is fetched: when present there is a next page, whose cursor is
+    /// [`SqlPlan::next_cursor`] of the page's last (count-th) row.
+    pub sql: String,
+    pub params: Vec<SqlValue>,
+    /// `SELECT COUNT(*) …` for `_total=accurate`.
+    pub count_sql: String,
+    pub count_params: Vec<SqlValue>,
+    /// Kinds of the sort key columns `k0..` following `rid` in `sql`'s result.
+    pub sort_keys: Vec<KeyKind>,
+    pub page_size: usize,
+    /// Human-readable description of the plan (`_explain`).
+    pub explain: String,
+}
+
+impl SqlPlan {
+    /// Opaque cursor continuing after a row (its sort keys, in `k0..` order, and rid).
+    pub fn next_cursor(&self, keys: &[SqlValue], rid: i64) -> String {
+        let mut arr: Vec<Value> = keys
+            .iter()
+            .map(|k| match k {
+                SqlValue::Null => Value::Null,
+                SqlValue::Int(i) => json!({ "i": i }),
+                SqlValue::Real(r) => json!({ "r": r }),
+                SqlValue::Text(t) => json!({ "t": t }),
+            })
+            .collect();
+        arr.push(json!(rid));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Value::Array(arr).to_string())
+    }
+}
+
+fn decode_cursor(c: &str, n_keys: usize) -> Option<(Vec<SqlValue>, i64)> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    let arr = v.as_array()?;
+    if arr.len() != n_keys + 1 {
+        return None;
+    }
+    let rid = arr.last()?.as_i64()?;
+    let mut keys = Vec::new();
+    for k in &arr[..n_keys] {
+        keys.push(match k {
+            Value::Null => SqlValue::Null,
+            Value::Object(o) => {
+                if let Some(i) = o.get("i") {
+                    SqlValue::Int(i.as_i64()?)
+                } else if let Some(r) = o.get("r") {
+                    SqlValue::Real(r.as_f64()?)
+                } else {
+                    SqlValue::Text(o.get("t")?.as_str()?.to_string())
+                }
+            }
+            _ => return None,
+        });
+    }
+    Some((keys, rid))
+}
+
+pub(crate) struct Builder {
+    pub params: Vec<SqlValue>,
+    n: usize,
+    #[allow(dead_code)]
+    dialect: Dialect,
+    now: i64,
+}
+
+fn like_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+/// Upper bound (exclusive) of the strings starting with `s`.
+fn prefix_end(s: &str) -> String {
+    format!("{s}\u{10FFFF}")
+}
+
+/// Half-width of the `ap` window around a date: 10% of the distance to now, at least a day.
+pub(crate) fn date_ap_window(r: &DateRange, now: i64) -> i64 {
+    ((now - r.low).abs() / 10).max(86_400_000_000)
+}
+
+impl Builder {
+    pub(crate) fn new(dialect: Dialect) -> Builder {
+        Builder {
+            params: Vec::new(),
+            n: 0,
+            dialect,
+            now: chrono::Utc::now().timestamp_micros(),
+        }
+    }
+
+    fn bind(&mut self, v: SqlValue) -> String {
+        self.params.push(v);
+        format!("${}", self.params.len())
+    }
+
+    fn text(&mut self, s: &str) -> String {
+        self.bind(SqlValue::Text(s.to_string()))
+    }
+
+    fn alias(&mut self, p: &str) -> String {
+        self.n += 1;
+        format!("{p}{}", self.n)
+    }
+
+    fn date_cond(&mut self, lo: &str, hi: &str, prefix: Prefix, r: &DateRange) -> String {
+        let sl = self.bind(SqlValue::Int(r.low));
+        let sh = self.bind(SqlValue::Int(r.high));
+        match prefix {
+            Prefix::Eq => format!("({lo} >= {sl} AND {hi} <= {sh})"),
+            Prefix::Ne => format!("({lo} < {sl} OR {hi} > {sh})"),
+            Prefix::Gt => format!("{hi} > {sh}"),
+            Prefix::Lt => format!("{lo} < {sl}"),
+            Prefix::Ge => format!("({hi} > {sh} OR ({lo} >= {sl} AND {hi} <= {sh}))"),
+            Prefix::Le => format!("({lo} < {sl} OR ({lo} >= {sl} AND {hi} <= {sh}))"),
+            Prefix::Sa => format!("{lo} > {sh}"),
+            Prefix::Eb => format!("{hi} < {sl}"),
+            Prefix::Ap => {
+                let w = date_ap_window(r, self.now);
+                let a = self.bind(SqlValue::Int(r.low - w));
+                let b = self.bind(SqlValue::Int(r.high + w));
+                format!("({lo} <= {b} AND {hi} >= {a})")
+            }
+        }
+    }
+
+    fn number_cond(&mut self, col: &str, prefix: Prefix, d: &Decimal) -> String {
+        match prefix {
+            Prefix::Eq | Prefix::Ne => {
+                let lo = self.bind(SqlValue::Real(d.low));
+                let hi = self.bind(SqlValue::Real(d.high));
+                if prefix == Prefix::Eq {
+                    format!("({col} >= {lo} AND {col} < {hi})")
+                } else {
+                    format!("({col} < {lo} OR {col} >= {hi})")
+                }
+            }
+            Prefix::Ap => {
+                let w = (d.value.abs() * 0.1).max(d.high - d.low);
+                let lo = self.bind(SqlValue::Real(d.value - w));
+                let hi = self.bind(SqlValue::Real(d.value + w));
+                format!("({col} >= {lo} AND {col} <= {hi})")
+            }
+            _ => {
+                let v = self.bind(SqlValue::Real(d.value));
+                let op = match prefix {
+                    Prefix::Gt | Prefix::Sa => ">",
+                    Prefix::Lt | Prefix::Eb => "<",
+                    Prefix::Ge => ">=",
+                    _ => "<=",
+                };
+                format!("{col} {op} {v}")
+            }
+        }
+    }
+
+    /// Condition on one index row (alias `x`) for one value.
+    fn value_cond(&mut self, x: &str, t: ParamType, m: &Modifier, v: &SearchValue) -> String {
+        match (t, v) {
+            (ParamType::String, SearchValue::String(s)) => {
+                let n = crate::value::normalize_string(s);
+                match m {
+                    Modifier::Exact => {
+                        let p = self.text(s);
+                        format!("{x}.value_exact = {p}")
+                    }
+                    Modifier::Contains => {
+                        let p = self.text(&format!("%{}%", like_escape(&n)));
+                        format!("{x}.value_norm LIKE {p} ESCAPE '\\'")
+                    }
+                    Modifier::EndsWith => {
+                        let p = self.text(&format!("%{}", like_escape(&n)));
+                        format!("{x}.value_norm LIKE {p} ESCAPE '\\'")
+                    }
+                    Modifier::NormEq => {
+                        let p = self.text(&n);
+                        format!("{x}.value_norm = {p}")
+                    }
+                    _ => {
+                        let a = self.text(&n);
+                        let b = self.text(&prefix_end(&n));
+                        format!("({x}.value_norm >= {a} AND {x}.value_norm < {b})")
+                    }
+                }
+            }
+            (ParamType::Token, SearchValue::String(s)) => {
+                // :text
+                let n = crate::value::normalize_string(s);
+                let a = self.text(&n);
+                let b = self.text(&prefix_end(&n));
+                let c = self.text(&format!("% {}%", like_escape(&n)));
+                format!("(({x}.text_norm >= {a} AND {x}.text_norm < {b}) OR {x}.text_norm LIKE {c} ESCAPE '\\')")
+            }
+            (ParamType::Token, SearchValue::Token { system, code }) => {
+                let mut parts = Vec::new();
+                match system {
+                    None => {}
+                    Some(None) => parts.push(format!("{x}.system IS NULL")),
+                    Some(Some(s)) => {
+                        let p = self.text(s);
+                        parts.push(format!("{x}.system = {p}"));
+                    }
+                }
+                if let Some(c) = code {
+                    let p = self.text(c);
+                    parts.push(format!("{x}.code = {p}"));
+                }
+                if parts.is_empty() {
+                    "1=1".into()
+                } else {
+                    format!("({})", parts.join(" AND "))
+                }
+            }
+            (
+                ParamType::Token,
+                SearchValue::OfType {
+                    system,
+                    code,
+                    value,
+                },
+            ) => {
+                let mut parts = Vec::new();
+                if let Some(s) = system {
+                    let p = self.text(s);
+                    parts.push(format!("{x}.system = {p}"));
+                }
+                let p = self.text(&format!("{code}|{value}"));
+                parts.push(format!("{x}.code = {p}"));
+                format!("({})", parts.join(" AND "))
+            }
+            (
+                ParamType::Reference,
+                SearchValue::Reference {
+                    ref_type,
+                    id,
+                    version,
+                    url,
+                },
+            ) => {
+                let mut parts = Vec::new();
+                if let Some(u) = url {
+                    let p = self.text(u);
+                    parts.push(format!("{x}.ref_url = {p}"));
+                }
+                if let Some(i) = id {
+                    let p = self.text(i);
+                    parts.push(format!("{x}.ref_id = {p}"));
+                }
+                if let Some(t) = ref_type {
+                    let p = self.text(t);
+                    parts.push(format!("{x}.ref_type = {p}"));
+                }
+                if let Some(v) = version {
+                    let p = self.text(v);
+                    parts.push(format!("{x}.ref_version = {p}"));
+                }
+                if parts.is_empty() {
+                    "1=0".into()
+                } else {
+                    format!("({})", parts.join(" AND "))
+                }
+            }
+            (ParamType::Reference, SearchValue::Identifier { system, value }) => {
+                let p = self.text(value);
+                let mut s = format!("({x}.ident_value = {p}");
+                if let Some(sys) = system {
+                    let q = self.text(sys);
+                    s.push_str(&format!(" AND {x}.ident_system = {q}"));
+                }
+                s.push(')');
+                s
+            }
+            (ParamType::Date, SearchValue::Date(prefix, r)) => {
+                self.date_cond(&format!("{x}.low"), &format!("{x}.high"), *prefix, r)
+            }
+            (ParamType::Number, SearchValue::Number(prefix, d)) => {
+                self.number_cond(&format!("{x}.value"), *prefix, d)
+            }
+            (
+                ParamType::Quantity,
+                SearchValue::Quantity {
+                    prefix,
+                    value,
+                    system,
+                    code,
+                },
+            ) => {
+                if let Some((cv, cc)) =
+                    canonical_quantity(value.value, system.as_deref(), code.as_deref())
+                {
+                    let f = if value.value != 0.0 {
+                        cv / value.value
+                    } else {
+                        1.0
+                    };
+                    let scaled = Decimal {
+                        value: cv,
+                        low: value.low * f,
+                        high: value.high * f,
+                    };
+                    let c = self.number_cond(&format!("{x}.canon_value"), *prefix, &scaled);
+                    let p = self.text(&cc);
+                    format!("({c} AND {x}.canon_code = {p})")
+                } else {
+                    let mut parts = vec![self.number_cond(&format!("{x}.value"), *prefix, value)];
+                    if let Some(s) = system {
+                        let p = self.text(s);
+                        parts.push(format!("{x}.system = {p}"));
+                    }
+                    if let Some(c) = code {
+                        let p = self.text(c);
+                        parts.push(format!("{x}.code = {p}"));
+                    }
+                    format!("({})", parts.join(" AND "))
+                }
+            }
+            (ParamType::Uri, SearchValue::Uri(u)) => match m {
+                Modifier::Below => {
+                    let p = self.text(&format!("{}%", like_escape(u)));
+                    format!("{x}.value LIKE {p} ESCAPE '\\'")
+                }
+                Modifier::Above => {
+                    let p = self.text(u);
+                    format!("{p} LIKE ({x}.value || '%')")
+                }
+                Modifier::Contains => {
+                    let p = self.text(&format!("%{}%", like_escape(u)));
+                    format!("{x}.value LIKE {p} ESCAPE '\\'")
+                }
+                _ => {
+                    let p = self.text(u);
+                    format!("{x}.value = {p}")
+                }
+            },
+            _ => "1=0".into(),
+        }
+    }
+
+    /// SQL condition on resources alias `a`.
+    pub(crate) fn criterion(&mut self, a: &str, c: &Criterion) -> String {
+        match c {
+            Criterion::Param(p) => self.clause(a, p),
+            Criterion::Chain {
+                reference_param,
+                target_types,
+                inner,
+            } => {
+                let x = self.alias("x");
+                let t = self.alias("t");
+                let rp = self.text(reference_param);
+                let types: Vec<String> = target_types.iter().map(|ty| self.text(ty)).collect();
+                let inner_sql = self.criterion(&t, inner);
+                format!(
+                    "{a}.rid IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql})",
+                    types.join(", ")
+                )
+            }
+            Criterion::Has {
+                source_type,
+                reference_param,
+                inner,
+            } => {
+                let x = self.alias("x");
+                let s = self.alias("s");
+                let rp = self.text(reference_param);
+                let st = self.text(source_type);
+                let inner_sql = self.criterion(&s, inner);
+                format!(
+                    "{a}.res_id IN (SELECT {x}.ref_id FROM search_reference {x} JOIN resources {s} ON {s}.rid = {x}.rid WHERE {x}.param = {rp} AND {x}.ref_type = {a}.res_type AND {s}.res_type = {st} AND {s}.deleted = 0 AND {inner_sql})"
+                )
+            }
+            Criterion::Filter(f) => self.filter(a, f),
+        }
+    }
+
+    fn filter(&mut self, a: &str, f: &FilterNode) -> String {
+        match f {
+            FilterNode::Leaf(c) => self.criterion(a, c),
+            FilterNode::Not(inner) => format!("NOT ({})", self.filter(a, inner)),
+            FilterNode::And(items) => {
+                let parts: Vec<String> = items.iter().map(|i| self.filter(a, i)).collect();
+                format!("({})", parts.join(" AND "))
+            }
+            FilterNode::Or(items) => {
+                let parts: Vec<String> = items.iter().map(|i| self.filter(a, i)).collect();
+                format!("({})", parts.join(" OR "))
+            }
+        }
+    }
+
+    fn clause(&mut self, a: &str, c: &ParamClause) -> String {
+        let missing = c.values.iter().find_map(|v| match v {
+            SearchValue::Missing(b) => Some(*b),
+            _ => None,
+        });
+        match c.code.as_str() {
+            "_id" => {
+                if let Some(m) = missing {
+                    return if m { "1=0".into() } else { "1=1".into() };
+                }
+                let ids: Vec<String> = c
+                    .values
+                    .iter()
+                    .filter_map(|v| match v {
+                        SearchValue::Token {
+                            code: Some(code), ..
+                        } => Some(code.clone()),
+                        _ => None,
+                    })
+                    .map(|id| self.text(&id))
+                    .collect();
+                let not = if c.modifier == Modifier::Not {
+                    "NOT "
+                } else {
+                    ""
+                };
+                return format!("{a}.res_id {not}IN ({})", ids.join(", "));
+            }
+            "_lastUpdated" => {
+                if let Some(m) = missing {
+                    return if m { "1=0".into() } else { "1=1".into() };
+                }
+                let col = format!("{a}.last_updated");
+                let parts: Vec<String> = c
+                    .values
+                    .iter()
+                    .filter_map(|v| match v {
+                        SearchValue::Date(p, r) => Some(self.date_cond(&col, &col, *p, r)),
+                        _ => None,
+                    })
+                    .collect();
+                return format!("({})", parts.join(" OR "));
+            }
+            "_content" => {
+                let parts: Vec<String> = c
+                    .values
+                    .iter()
+                    .filter_map(|v| match v {
+                        SearchValue::String(s) => Some(s.to_lowercase()),
+                        _ => None,
+                    })
+                    .map(|s| {
+                        let p = self.text(&format!("%{}%", like_escape(&s)));
+                        format!("lower({a}.content) LIKE {p} ESCAPE '\\'")
+                    })
+                    .collect();
+                return format!("({})", parts.join(" OR "));
+            }
+            _ => {}
+        }
+        if c.param_type == ParamType::Composite {
+            if let Some(m) = missing {
+                let (Some(t0), Some(table)) = (
+                    c.components.first(),
+                    c.components.first().and_then(|t| table_for(*t)),
+                ) else {
+                    return "1=0".into();
+                };
+                let _ = t0;
+                let p = self.text(&component_param(&c.code, 0));
+                let not = if m { "NOT " } else { "" };
+                return format!("{a}.rid {not}IN (SELECT rid FROM {table} WHERE param = {p})");
+            }
+            let mut ors = Vec::new();
+            for v in &c.values {
+                let SearchValue::Composite(parts) = v else {
+                    continue;
+                };
+                let mut from = String::new();
+                let mut conds = Vec::new();
+                let mut first = String::new();
+                for (j, (pt, pv)) in c.components.iter().zip(parts).enumerate() {
+                    let Some(table) = table_for(*pt) else {
+                        continue;
+                    };
+                    let al = self.alias("c");
+                    if j == 0 {
+                        from = format!("{table} {al}");
+                        first = al.clone();
+                    } else {
+                        from.push_str(&format!(" JOIN {table} {al} ON {al}.rid = {first}.rid AND {al}.grp = {first}.grp"));
+                    }
+                    let pp = self.text(&component_param(&c.code, j));
+                    conds.push(format!("{al}.param = {pp}"));
+                    conds.push(self.value_cond(&al, *pt, &Modifier::None, pv));
+                }
+                if first.is_empty() {
+                    continue;
+                }
+                ors.push(format!(
+                    "{a}.rid IN (SELECT {first}.rid FROM {from} WHERE {})",
+                    conds.join(" AND ")
+                ));
+            }
+            return if ors.is_empty() {
+                "1=0".into()
+            } else {
+                format!("({})", ors.join(" OR "))
+            };
+        }
+        let Some(table) = table_for(c.param_type) else {
+            return "1=0".into();
+        };
+        let param_name = if c.modifier == Modifier::OfType {
+            format!("{}:of-type", c.code)
+        } else {
+            c.code.clone()
+        };
+        if let Some(m) = missing {
+            let p = self.text(&param_name);
+            let not = if m { "NOT " } else { "" };
+            return format!("{a}.rid {not}IN (SELECT rid FROM {table} WHERE param = {p})");
+        }
+        let x = self.alias("i");
+        let p = self.text(&param_name);
+        let conds: Vec<String> = c
+            .values
+            .iter()
+            .map(|v| self.value_cond(&x, c.param_type, &c.modifier, v))
+            .collect();
+        let not = if c.modifier == Modifier::Not {
+            "NOT "
+        } else {
+            ""
+        };
+        format!(
+            "{a}.rid {not}IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
+            conds.join(" OR ")
+        )
+    }
+}
+
+/// Heuristic selectivity rank (lower = more selective = evaluated first).
+fn selectivity(c: &Criterion) -> u8 {
+    match c {
+        Criterion::Param(p) => {
+            if p.values
+                .iter()
+                .any(|v| matches!(v, SearchValue::Missing(_)))
+                || p.modifier == Modifier::Not
+            {
+                return 8;
+            }
+            match (p.code.as_str(), p.param_type, &p.modifier) {
+                ("_id", _, _) => 0,
+                ("_content" | "_text", _, _) => 9,
+                (
+                    _,
+                    ParamType::Token | ParamType::Reference,
+                    Modifier::None | Modifier::Type(_) | Modifier::Identifier | Modifier::OfType,
+                ) => 1,
+                (_, ParamType::String, Modifier::Exact) | (_, ParamType::Uri, Modifier::None) => 2,
+                (_, ParamType::Composite, _) => 2,
+                (_, ParamType::String, Modifier::None) => 3,
+                (_, ParamType::Date | ParamType::Number | ParamType::Quantity, _) => 4,
+                _ => 6,
+            }
+        }
+        Criterion::Chain { .. } => 5,
+        Criterion::Has { .. } => 6,
+        Criterion::Filter(_) => 7,
+    }
+}
+
+fn describe(c: &Criterion) -> String {
+    match c {
+        Criterion::Param(p) => {
+            let m = match &p.modifier {
+                Modifier::None => String::new(),
+                other => format!(":{other:?}").to_lowercase(),
+            };
+            format!(
+                "{}{} ({}) matches any of {} value(s) via {}",
+                p.code,
+                m,
+                p.param_type.as_str(),
+                p.values.len(),
+                table_for(p.param_type).unwrap_or("resources")
+            )
+        }
+        Criterion::Chain {
+            reference_param,
+            target_types,
+            inner,
+        } => {
+            format!(
+                "{reference_param} references a {} where [{}]",
+                target_types.join("|"),
+                describe(inner)
+            )
+        }
+        Criterion::Has {
+            source_type,
+            reference_param,
+            inner,
+        } => {
+            format!(
+                "referenced by a {source_type} (via {reference_param}) where [{}]",
+                describe(inner)
+            )
+        }
+        Criterion::Filter(_) => "_filter expression".into(),
+    }
+}
+
+fn sort_expr(b: &mut Builder, key: &crate::query::SortKey) -> (String, KeyKind) {
+    match key.code.as_str() {
+        "_id" => return ("r.res_id".into(), KeyKind::Text),
+        "_lastUpdated" => return ("r.last_updated".into(), KeyKind::Int),
+        _ => {}
+    }
+    let (col, kind) = match key.param_type {
+        ParamType::String => ("value_norm", KeyKind::Text),
+        ParamType::Token => ("code", KeyKind::Text),
+        ParamType::Reference => ("ref_id", KeyKind::Text),
+        ParamType::Date => (if key.descending { "high" } else { "low" }, KeyKind::Int),
+        ParamType::Number | ParamType::Quantity => ("value", KeyKind::Real),
+        _ => ("value", KeyKind::Text),
+    };
+    let table = table_for(key.param_type).unwrap_or("search_string");
+    let agg = if key.descending { "MAX" } else { "MIN" };
+    let s = b.alias("o");
+    let p = b.text(&key.code);
+    (
+        format!(
+            "(SELECT {agg}({s}.{col}) FROM {table} {s} WHERE {s}.rid = r.rid AND {s}.param = {p})"
+        ),
+        kind,
+    )
+}
+
+/// Plans a search.
+pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result<SqlPlan, Issue> {
+    let mut b = Builder::new(dialect);
+    let mut explain = Vec::new();
+    let mut wh = vec!["r.deleted = 0".to_string()];
+    match &query.resource_type {
+        Some(t) => {
+            let p = b.text(t);
+            wh.push(format!("r.res_type = {p}"));
+            explain.push(format!("{t} resources, not deleted"));
+        }
+        None if !query.types.is_empty() => {
+            let ps: Vec<String> = query.types.iter().map(|t| b.text(t)).collect();
+            wh.push(format!("r.res_type IN ({})", ps.join(", ")));
+            explain.push(format!(
+                "resources of type {}, not deleted",
+                query.types.join(", ")
+            ));
+        }
+        None => explain.push("resources of any type, not deleted".into()),
+    }
+    if let Some(comp) = &query.compartment {
+        let mut ors = Vec::new();
+        for (t, params) in &comp.params {
+            let tp = b.text(t);
+            let ps: Vec<String> = params.iter().map(|p| b.text(p)).collect();
+            let ct = b.text(&comp.compartment_type);
+            let id = b.text(&comp.id);
+            ors.push(format!(
+                "(r.res_type = {tp} AND r.rid IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}))",
+                ps.join(", ")
+            ));
+            explain.push(format!(
+                "in compartment {}/{} via {t}.{}",
+                comp.compartment_type,
+                comp.id,
+                params.join("|")
+            ));
+        }
+        wh.push(if ors.is_empty() {
+            "1=0".into()
+        } else {
+            format!("({})", ors.join(" OR "))
+        });
+    }
+    let mut crits: Vec<&Criterion> = query.criteria.iter().collect();
+    crits.sort_by_key(|c| selectivity(c));
+    for c in crits {
+        explain.push(describe(c));
+        wh.push(b.criterion("r", c));
+    }
+    let where_sql = wh.join(" AND ");
+    let count_sql = format!("SELECT COUNT(*) FROM resources r WHERE {where_sql}");
+    let count_params = b.params.clone();
+
+    let mut keys = Vec::new();
+    for k in &query.sort {
+        let (e, kind) = sort_expr(&mut b, k);
+        keys.push((e, kind, k.descending));
+        explain.push(format!(
+            "sort by {}{} (missing last)",
+            if k.descending { "-" } else { "" },
+            k.code
+        ));
+    }
+    let page_size = page.count;
+    let cursor = match &page.cursor {
+        Some(c) => Some(decode_cursor(c, keys.len()).ok_or_else(|| {
+            Issue::error("invalid", "Invalid or expired paging cursor").at("_cursor")
+        })?),
+        None => None,
+    };
+    let sql = if keys.is_empty() {
+        let mut w = where_sql.clone();
+        if let Some((_, rid)) = &cursor {
+            let p = b.bind(SqlValue::Int(*rid));
+            w.push_str(&format!(" AND r.rid > {p}"));
+        }
+        format!(
+            "SELECT r.rid FROM resources r WHERE {w} ORDER BY r.rid LIMIT {}",
+            page_size + 1
+        )
+    } else {
+        let cols: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (e, _, _))| format!("{e} AS k{i}"))
+            .collect();
+        let inner = format!(
+            "SELECT r.rid AS rid, {} FROM resources r WHERE {where_sql}",
+            cols.join(", ")
+        );
+        let order: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, desc))| {
+                format!(
+                    "(q.k{i} IS NULL), q.k{i}{}",
+                    if *desc { " DESC" } else { "" }
+                )
+            })
+            .collect();
+        let mut outer_where = String::new();
+        if let Some((vals, rid)) = &cursor {
+            // lexicographic "after (vals, rid)" with missing values last
+            let mut after = {
+                let p = b.bind(SqlValue::Int(*rid));
+                format!("q.rid > {p}")
+            };
+            for (i, ((_, _, desc), v)) in keys.iter().zip(vals).enumerate().rev() {
+                let k = format!("q.k{i}");
+                let (strict, equal) = if *v == SqlValue::Null {
+                    ("1=0".to_string(), format!("{k} IS NULL"))
+                } else {
+                    let p = b.bind(v.clone());
+                    let op = if *desc { "<" } else { ">" };
+                    (
+                        format!("({k} {op} {p} OR {k} IS NULL)"),
+                        format!("{k} = {p}"),
+                    )
+                };
+                after = format!("({strict} OR ({equal} AND {after}))");
+            }
+            outer_where = format!(" WHERE {after}");
+        }
+        let cols_out: Vec<String> = (0..keys.len()).map(|i| format!("q.k{i}")).collect();
+        format!(
+            "SELECT q.rid, {} FROM ({inner}) q{outer_where} ORDER BY {}, q.rid LIMIT {}",
+            cols_out.join(", "),
+            order.join(", "),
+            page_size + 1
+        )
+    };
+    explain.push(format!(
+        "page of {page_size}{}",
+        if cursor.is_some() {
+            " after cursor"
+        } else {
+            ""
+        }
+    ));
+    Ok(SqlPlan {
+        sql,
+        params: b.params,
+        count_sql,
+        count_params,
+        sort_keys: keys.iter().map(|(_, k, _)| *k).collect(),
+        page_size,
+        explain: explain.join("; "),
+    })
+}
+
+fn rid_list(rids: &[i64]) -> String {
+    rids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String {
+    let mut conds = Vec::new();
+    if inc.source_type != "*" {
+        let p = b.text(&inc.source_type);
+        conds.push(format!("s.res_type = {p}"));
+    }
+    if let Some(param) = &inc.param {
+        let p = b.text(param);
+        conds.push(format!("x.param = {p}"));
+    }
+    if let Some(t) = &inc.target_type {
+        let p = b.text(t);
+        conds.push(format!("t.res_type = {p}"));
+    }
+    let extra = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" AND {}", conds.join(" AND "))
+    };
+    if rev {
+        format!(
+            "SELECT s.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}) AND s.deleted = 0{extra}"
+        )
+    } else {
+        format!(
+            "SELECT t.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE x.rid IN ({rids}) AND t.deleted = 0{extra}"
+        )
+    }
+}
+
+/// One include level: the rids of resources included (`_include`) or reverse-included
+/// (`_revinclude`) by `rids`. Call first with the page's rids (`iterate_only = false`), then
+/// repeatedly with the newly found rids and `iterate_only = true` until nothing new is found
+/// (the `:iterate` directives). `None` when there is nothing to include.
+pub fn include_sql(
+    query: &SearchQuery,
+    _dialect: Dialect,
+    rids: &[i64],
+    iterate_only: bool,
+) -> Option<(String, Vec<SqlValue>)> {
+    if rids.is_empty() {
+        return None;
+    }
+    let mut b = Builder::new(_dialect);
+    let list = rid_list(rids);
+    let mut parts = Vec::new();
+    for inc in query.includes.iter().filter(|i| !iterate_only || i.iterate) {
+        parts.push(include_part(&mut b, inc, &list, false));
+    }
+    for inc in query
+        .revincludes
+        .iter()
+        .filter(|i| !iterate_only || i.iterate)
+    {
+        parts.push(include_part(&mut b, inc, &list, true));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some((parts.join(" UNION "), b.params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::parse;
+    use crate::query::tests::R4;
+
+    fn q(rt: &str, list: &[(&str, &str)]) -> SearchQuery {
+        let params: Vec<(String, String)> = list
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        parse(&R4, Some(rt), &params, true).unwrap()
+    }
+
+    fn page() -> PageRequest {
+        PageRequest {
+            count: 10,
+            cursor: None,
+        }
+    }
+
+    #[test]
+    fn shapes() {
+        let p = plan(
+            &q("Patient", &[("name", "smi"), ("_id", "a,b")]),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        // _id (most selective) comes before name
+        let id_pos = p.sql.find("r.res_id IN").unwrap();
+        let name_pos = p.sql.find("search_string").unwrap();
+        assert!(id_pos < name_pos, "{}", p.sql);
+        assert!(p.sql.ends_with("ORDER BY r.rid LIMIT 11"));
+        assert!(p.count_sql.starts_with(
+            "SELECT COUNT(*) FROM resources r WHERE r.deleted = 0 AND r.res_type = $1"
+        ));
+        assert_eq!(p.params, p.count_params);
+        let max = p.sql.matches('$').count();
+        assert!(max >= p.params.len());
+    }
+
+    #[test]
+    fn sort_and_cursor_round_trip() {
+        let query = q("Patient", &[("_sort", "-birthdate,_id")]);
+        let p = plan(&query, Dialect::Postgres, &page()).unwrap();
+        assert_eq!(p.sort_keys, vec![KeyKind::Int, KeyKind::Text]);
+        assert!(
+            p.sql.contains(
+                "ORDER BY (q.k0 IS NULL), q.k0 DESC, (q.k1 IS NULL), q.k1, q.rid LIMIT 11"
+            ),
+            "{}",
+            p.sql
+        );
+        let c = p.next_cursor(&[SqlValue::Int(5), SqlValue::Text("x".into())], 42);
+        let p2 = plan(
+            &query,
+            Dialect::Postgres,
+            &PageRequest {
+                count: 10,
+                cursor: Some(c),
+            },
+        )
+        .unwrap();
+        assert!(p2.sql.contains("q.rid >"), "{}", p2.sql);
+        assert!(p2.params.contains(&SqlValue::Int(42)));
+        assert!(plan(
+            &query,
+            Dialect::Postgres,
+            &PageRequest {
+                count: 10,
+                cursor: Some("garbage".into())
+            }
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn chains_has_includes_compartment_explain() {
+        let p = plan(
+            &q(
+                "Observation",
+                &[
+                    ("subject:Patient.name", "x"),
+                    ("_has:Provenance:target:agent", "Practitioner/1"),
+                ],
+            ),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(p.sql.contains("JOIN resources t"));
+        assert!(p.sql.contains(".ref_type = r.res_type"));
+        assert!(p.explain.contains("subject references a Patient"));
+        let query = q(
+            "Observation",
+            &[
+                ("_include", "Observation:patient"),
+                ("_revinclude:iterate", "Provenance:target"),
+            ],
+        );
+        let (sql, params) = include_sql(&query, Dialect::Sqlite, &[1, 2], false).unwrap();
+        assert!(sql.contains("x.rid IN (1,2)") && sql.contains(" UNION "));
+        assert_eq!(params.len(), 4);
+        let (sql, _) = include_sql(&query, Dialect::Sqlite, &[3], true).unwrap();
+        assert!(!sql.contains("UNION"));
+        assert!(include_sql(&query, Dialect::Sqlite, &[], false).is_none());
+        let cq = q("Observation", &[])
+            .with_compartment(&R4, "Patient", "p1")
+            .unwrap();
+        let p = plan(&cq, Dialect::Sqlite, &page()).unwrap();
+        assert!(p.sql.contains("cx.param IN ($3, $4)"), "{}", p.sql);
+    }
+}
