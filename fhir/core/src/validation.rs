@@ -443,8 +443,11 @@ impl<'m> Validator<'m> {
     ) {
         if type_code == "xhtml" {
             match value.as_str() {
-                Some(s) if s.trim_start().starts_with("<div") => {}
-                Some(_) => ctx.error("value", "the narrative must be an XHTML <div>"),
+                Some(s) => {
+                    if let Err(msg) = check_xhtml(s) {
+                        ctx.error("value", msg);
+                    }
+                }
                 None => ctx.error("structure", "xhtml must be a JSON string"),
             }
             return;
@@ -833,6 +836,212 @@ impl<'m> Validator<'m> {
     }
 }
 
+/// txt-1 (no active content: only basic formatting elements and attributes), txt-2 (non-empty),
+/// well-formed XML with a `<div>` root in the XHTML namespace.
+pub fn check_xhtml(div: &str) -> Result<(), String> {
+    use quick_xml::events::Event;
+    const ELEMENTS: &[&str] = &[
+        "a",
+        "abbr",
+        "acronym",
+        "b",
+        "big",
+        "blockquote",
+        "br",
+        "caption",
+        "cite",
+        "code",
+        "col",
+        "colgroup",
+        "dd",
+        "dfn",
+        "div",
+        "dl",
+        "dt",
+        "em",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "hr",
+        "i",
+        "img",
+        "li",
+        "ol",
+        "p",
+        "pre",
+        "q",
+        "samp",
+        "small",
+        "span",
+        "strong",
+        "sub",
+        "sup",
+        "table",
+        "tbody",
+        "td",
+        "tfoot",
+        "th",
+        "thead",
+        "tr",
+        "tt",
+        "ul",
+        "var",
+    ];
+    const ATTRIBUTES: &[&str] = &[
+        "abbr",
+        "accesskey",
+        "align",
+        "alt",
+        "axis",
+        "bgcolor",
+        "border",
+        "cellhalign",
+        "cellpadding",
+        "cellspacing",
+        "cellvalign",
+        "char",
+        "charoff",
+        "charset",
+        "class",
+        "colspan",
+        "compact",
+        "coords",
+        "dir",
+        "frame",
+        "headers",
+        "height",
+        "href",
+        "hreflang",
+        "hspace",
+        "id",
+        "lang",
+        "longdesc",
+        "name",
+        "nowrap",
+        "rel",
+        "rev",
+        "rowspan",
+        "rules",
+        "scope",
+        "shape",
+        "span",
+        "src",
+        "start",
+        "style",
+        "summary",
+        "tabindex",
+        "title",
+        "type",
+        "valign",
+        "value",
+        "vspace",
+        "width",
+    ];
+    let mut reader = quick_xml::Reader::from_str(div);
+    reader.config_mut().check_end_names = true;
+    let mut depth = 0usize;
+    let mut roots = 0usize;
+    let mut has_content = false;
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| format!("the narrative is not well-formed XHTML: {e}"))?;
+        let start = match &event {
+            Event::Start(e) | Event::Empty(e) => Some(e),
+            _ => None,
+        };
+        if let Some(e) = start {
+            let qname = e.name();
+            let name = String::from_utf8_lossy(qname.local_name().as_ref()).to_ascii_lowercase();
+            if depth == 0 {
+                roots += 1;
+                if name != "div" || roots > 1 {
+                    return Err("the narrative must be a single XHTML <div>".into());
+                }
+                let ns_ok = e.attributes().flatten().any(|a| {
+                    let k = a.key.as_ref();
+                    (k == b"xmlns" || k.starts_with(b"xmlns:"))
+                        && a.value.as_ref() == b"http://www.w3.org/1999/xhtml"
+                });
+                if !ns_ok {
+                    return Err("the narrative <div> must be in the XHTML namespace".into());
+                }
+            }
+            if !ELEMENTS.contains(&name.as_str()) {
+                return Err(format!(
+                    "txt-1: the narrative contains a disallowed element <{name}>"
+                ));
+            }
+            if name == "img" {
+                has_content = true;
+            }
+            for a in e.attributes() {
+                let a = a.map_err(|e| format!("the narrative is not well-formed XHTML: {e}"))?;
+                let key = a.key.as_ref();
+                if key == b"xmlns" || key.starts_with(b"xmlns:") || key.starts_with(b"xml:") {
+                    continue;
+                }
+                let local =
+                    String::from_utf8_lossy(a.key.local_name().as_ref()).to_ascii_lowercase();
+                if !ATTRIBUTES.contains(&local.as_str()) {
+                    return Err(format!(
+                        "txt-1: the narrative contains a disallowed attribute '{local}'"
+                    ));
+                }
+                if local == "href" || local == "src" {
+                    let v = String::from_utf8_lossy(a.value.as_ref())
+                        .trim()
+                        .to_ascii_lowercase();
+                    if v.starts_with("javascript:") || v.starts_with("vbscript:") {
+                        return Err("txt-1: the narrative contains active content".into());
+                    }
+                }
+            }
+            if matches!(event, Event::Start(_)) {
+                depth += 1;
+            }
+            continue;
+        }
+        match event {
+            Event::End(_) => depth = depth.saturating_sub(1),
+            Event::Text(t) if t.iter().any(|b| !b.is_ascii_whitespace()) => {
+                if depth == 0 {
+                    return Err("text outside the narrative <div>".into());
+                }
+                has_content = true;
+            }
+            Event::GeneralRef(r) => {
+                let known = r.is_char_ref()
+                    || matches!(r.as_ref(), b"amp" | b"lt" | b"gt" | b"quot" | b"apos");
+                if !known {
+                    return Err(format!(
+                        "the narrative uses the undefined entity '&{};' (use a character reference)",
+                        String::from_utf8_lossy(r.as_ref())
+                    ));
+                }
+                has_content = true;
+            }
+            Event::CData(_) => has_content = true,
+            Event::DocType(_) => return Err("DOCTYPE is not allowed in the narrative".into()),
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err("the narrative is not well-formed XHTML: unclosed element".into());
+    }
+    if roots == 0 {
+        return Err("the narrative must be an XHTML <div>".into());
+    }
+    if !has_content {
+        return Err("txt-2: the narrative must have some non-whitespace content".into());
+    }
+    Ok(())
+}
+
 fn push_index(path: &mut String, i: usize) {
     use std::fmt::Write;
     let _ = write!(path, "[{i}]");
@@ -1163,6 +1372,34 @@ mod tests {
             {"resourceType": "Patient", "contained": [{"resourceType": "Organization", "id": "o"}],
              "managingOrganization": {"reference": "#o"}}}]});
         assert_eq!(errors(b), vec![]);
+    }
+
+    #[test]
+    fn narrative_xhtml() {
+        let ns = "xmlns=\"http://www.w3.org/1999/xhtml\"";
+        assert!(check_xhtml(&format!(
+            "<div {ns}><p>Hi &amp; <b>x</b>&#160;</p><img src=\"a.png\"/></div>"
+        ))
+        .is_ok());
+        let bad = [
+            format!("<div {ns}><script>alert(1)</script></div>"),
+            format!("<div {ns}><p onclick=\"x()\">x</p></div>"),
+            format!("<div {ns}><a href=\"javascript:x()\">x</a></div>"),
+            format!("<div {ns}><p>x</div>"),
+            format!("<div {ns}>   </div>"),
+            format!("<div {ns}>&nbsp;</div>"),
+            "<div>no namespace</div>".to_string(),
+            format!("<p {ns}>x</p>"),
+            format!("<div {ns}>x</div><div {ns}>y</div>"),
+            "plain text".to_string(),
+        ];
+        for b in bad {
+            assert!(check_xhtml(&b).is_err(), "{b}");
+        }
+        let e = expr(
+            json!({"resourceType": "Patient", "text": {"status": "generated", "div": "<div>x</div>"}}),
+        );
+        assert_eq!(e, vec!["Patient.text.div"]);
     }
 
     #[test]
