@@ -252,9 +252,7 @@ impl Registry {
                 list.push(r);
             }
             "ConceptMap" => {
-                self.cm.retain(|x| {
-                    !(s(x, "url") == s(&r, "url") && s(x, "version") == s(&r, "version"))
-                });
+                // several maps may share url|version (e.g. one per source system): keep them all
                 self.cm.push(r);
             }
             other => {
@@ -690,25 +688,40 @@ impl<'a> Ctx<'a> {
             .and_then(Value::as_bool)
             .unwrap_or(true);
         let mut items: Vec<Item> = Vec::new();
-        let mut seen: HashSet<(String, String)> = HashSet::new();
+        type Key = (String, Option<String>, String);
+        let mut seen: HashSet<Key> = HashSet::new();
         for inc in arr(compose, "include") {
             for it in self.include_items(inc, depth, used)? {
                 if !inactive_ok && it.concept.inactive {
                     continue;
                 }
-                if seen.insert((it.system.clone(), it.concept.code.clone())) {
+                if seen.insert((
+                    it.system.clone(),
+                    it.version.clone(),
+                    it.concept.code.clone(),
+                )) {
                     items.push(it);
                 }
             }
         }
-        let mut excluded: HashSet<(String, String)> = HashSet::new();
+        // an exclude without a version removes the code from every version
+        let mut excluded: HashSet<Key> = HashSet::new();
         for exc in arr(compose, "exclude") {
-            for it in self.include_items(exc, depth, used)? {
-                excluded.insert((it.system, it.concept.code));
+            let any_version = s(exc, "version").is_none();
+            for it in self.include_items(exc, depth, &mut Used::default())? {
+                let v = if any_version { None } else { it.version };
+                excluded.insert((it.system, v, it.concept.code));
             }
         }
         if !excluded.is_empty() {
-            items.retain(|i| !excluded.contains(&(i.system.clone(), i.concept.code.clone())));
+            items.retain(|i| {
+                !excluded.contains(&(i.system.clone(), None, i.concept.code.clone()))
+                    && !excluded.contains(&(
+                        i.system.clone(),
+                        i.version.clone(),
+                        i.concept.code.clone(),
+                    ))
+            });
         }
         Ok(items)
     }
@@ -1510,7 +1523,7 @@ impl<'a> Ctx<'a> {
                                 self.display_for(&concept, self.display_language().as_deref());
                         }
                     }
-                    return Ok(None);
+                    Ok(None)
                 }
                 Some(ce) => {
                     if let Some(p) = pin_missing {
@@ -1967,7 +1980,15 @@ impl<'a> Ctx<'a> {
                             x => x,
                         };
                         let mut parts = vec![p_str("equivalence", "Code", equivalence)];
-                        if let Some(dc) = dst_code {
+                        if reverse {
+                            // R5 style: `concept` is the given target code, `source` the mapped source code
+                            if let Some(gt) = gt {
+                                parts.push(json!({"name": "concept", "valueCoding": {"system": split_canonical(gt).0, "code": code}}));
+                            }
+                            if let (Some(gs), Some(dc)) = (gs, dst_code) {
+                                parts.push(json!({"name": "source", "valueCoding": {"system": split_canonical(gs).0, "code": dc}}));
+                            }
+                        } else if let Some(dc) = dst_code {
                             let mut coding = Map::new();
                             if let Some(ts) = to {
                                 coding.insert("system".into(), json!(split_canonical(ts).0));
@@ -1987,11 +2008,7 @@ impl<'a> Ctx<'a> {
                         if let Some(c) = s(t, "comment") {
                             parts.push(p_str("comment", "String", c));
                         }
-                        if reverse {
-                            if let Some(fs) = from {
-                                parts.push(json!({"name": "source", "valueCoding": {"system": split_canonical(fs).0, "code": code}}));
-                            }
-                        }
+
                         matches.push(json!({"name": "match", "part": parts}));
                     }
                 }
