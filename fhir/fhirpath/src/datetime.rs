@@ -280,7 +280,9 @@ impl DateTimeValue {
                 None
             };
         }
-        let (a, b) = if self.tz_minutes.is_some() || other.tz_minutes.is_some() {
+        // Offsets only matter when both sides have a time; a Date compares with the date part
+        // of a DateTime as written.
+        let (a, b) = if both_timed && (self.tz_minutes.is_some() || other.tz_minutes.is_some()) {
             (self.normalized(), other.normalized())
         } else {
             (*self, *other)
@@ -587,6 +589,14 @@ mod tests {
         assert_eq!(c.compare(&d), None);
         let e = DateTimeValue::parse_datetime("2018-03-01T10:30:00.0").unwrap();
         assert_eq!(d.compare(&e), Some(Ordering::Equal));
+        let day = DateTimeValue::parse_date("2012-04-15").unwrap();
+        let late = DateTimeValue::parse_datetime("2012-04-15T01:00:00+10:00").unwrap();
+        assert_eq!(day.compare(&late), None);
+        let naive = DateTimeValue::parse_datetime("2012-04-15T10:00:00").unwrap();
+        let utc = DateTimeValue::parse_datetime("2012-04-15T15:00:00Z").unwrap();
+        assert_eq!(utc.compare(&naive), None);
+        let far = DateTimeValue::parse_datetime("2012-04-18T10:00:00").unwrap();
+        assert_eq!(utc.compare(&far), Some(Ordering::Less));
         let t1 = TimeValue::parse("10:30").unwrap();
         let t2 = TimeValue::parse("11").unwrap();
         assert_eq!(t1.compare(&t2), Some(Ordering::Less));

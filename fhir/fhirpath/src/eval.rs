@@ -549,6 +549,8 @@ fn calendar_name(unit: &str) -> Option<&'static str> {
 
 impl<'c, 'a> Evaluator<'c, 'a> {
     fn eval(&self, ast: &Ast, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        // Arms delegate to non-inlined helpers so the recursive frame stays small (deep
+        // expressions must evaluate within a 2 MiB thread stack, e.g. tokio workers).
         match ast {
             Ast::Empty => Ok(vec![]),
             Ast::Literal(l) => Ok(vec![literal_item(l)]),
@@ -559,109 +561,154 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 .unwrap_or_default()),
             Ast::Total => Ok(fr.total.map(|t| t.to_vec()).unwrap_or_default()),
             Ast::Variable(name) => self.variable(name),
-            Ast::Identifier(name) => {
-                let mut out = Vec::new();
-                for item in fr.focus {
-                    if name.starts_with(|c: char| c.is_ascii_uppercase()) {
-                        if let Item::Node(n) = item {
-                            if let Some(t) = node_type_guess(n) {
-                                if t == name || model::is_subtype(t, name) {
-                                    out.push(item.clone());
-                                    continue;
-                                }
-                            }
-                            if self.ctx.strict && model::is_fhir_type(name) {
-                                return Err(Error::semantic(
-                                    format!("the context is not of type {name}"),
-                                    None,
-                                ));
-                            }
-                        }
-                    }
-                    self.navigate(item, name, &mut out)?;
-                }
-                Ok(out)
-            }
-            Ast::Member(target, name) => {
-                if self.ctx.strict {
-                    if let Ast::As(_, ts) = &**target {
-                        if model::has_element(&ts.name, name) == Some(false) {
-                            return Err(Error::semantic(
-                                format!("'{name}' is not an element of {}", ts.name),
-                                None,
-                            ));
-                        }
-                    }
-                }
-                let t = self.eval(target, fr)?;
-                let mut out = Vec::with_capacity(t.len());
-                for item in &t {
-                    self.navigate(item, name, &mut out)?;
-                }
-                Ok(out)
-            }
+            Ast::Identifier(name) => self.eval_identifier(name, fr),
+            Ast::Member(target, name) => self.eval_member(target, name, fr),
             Ast::Call {
                 target, name, args, ..
-            } => {
-                let input = match target {
-                    Some(t) => self.eval(t, fr)?,
-                    None => fr.focus.to_vec(),
-                };
-                self.call(name, input, args, fr)
-            }
-            Ast::Indexer(target, idx) => {
-                let t = self.eval(target, fr)?;
-                let i = self.eval(idx, fr)?;
-                match single(&i, "indexer")?.map(Item::prim) {
-                    None => Ok(vec![]),
-                    Some(Prim::Int(i)) => Ok(usize::try_from(i)
-                        .ok()
-                        .and_then(|i| t.into_iter().nth(i))
-                        .into_iter()
-                        .collect()),
-                    Some(_) => Err(exec("indexer must be an Integer")),
-                }
-            }
-            Ast::Negate(inner, pos) => {
-                let v = self.eval(inner, fr).map_err(|e| e.at(*pos))?;
-                match single(&v, "unary minus")? {
-                    None => Ok(vec![]),
-                    Some(item) => Ok(vec![match item.prim() {
-                        Prim::Int(i) => {
-                            Item::Integer(i.checked_neg().ok_or_else(|| exec("integer overflow"))?)
-                        }
-                        Prim::Dec(d) => Item::Decimal(-d),
-                        Prim::Qty(q) => Item::Quantity(Quantity {
-                            value: -q.value,
-                            unit: q.unit.clone(),
-                        }),
-                        p => {
-                            return Err(exec(format!(
-                                "unary minus cannot be applied to {}",
-                                prim_type_name(&p)
-                            ))
-                            .at(*pos))
-                        }
-                    }]),
-                }
-            }
+            } => self.eval_call(target.as_deref(), name, args, fr),
+            Ast::Indexer(target, idx) => self.eval_indexer(target, idx, fr),
+            Ast::Negate(inner, pos) => self.eval_negate(inner, *pos, fr),
+            Ast::Binary(BinOp::Union, _, _, _) => self.eval_union(ast, fr),
             Ast::Binary(op, l, r, pos) => self.binary(*op, l, r, fr).map_err(|e| e.at(*pos)),
-            Ast::Is(e, ts) => {
-                check_type_spec(ts)?;
-                let v = self.eval(e, fr)?;
-                Ok(match single(&v, "is")? {
-                    None => vec![],
-                    Some(item) => bool_coll(item_is(item, ts, false)),
-                })
+            Ast::Is(e, ts) => self.eval_is(e, ts, fr),
+            Ast::As(e, ts) => self.eval_as(e, ts, fr),
+        }
+    }
+
+    #[inline(never)]
+    fn eval_identifier(&self, name: &str, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        let mut out = Vec::new();
+        for item in fr.focus {
+            if name.starts_with(|c: char| c.is_ascii_uppercase()) {
+                if let Item::Node(n) = item {
+                    if let Some(t) = node_type_guess(n) {
+                        if t == name || model::is_subtype(t, name) {
+                            out.push(item.clone());
+                            continue;
+                        }
+                    }
+                    if self.ctx.strict && model::is_fhir_type(name) {
+                        return Err(Error::semantic(
+                            format!("the context is not of type {name}"),
+                            None,
+                        ));
+                    }
+                }
             }
-            Ast::As(e, ts) => {
-                check_type_spec(ts)?;
-                // The operator form filters (R4 search parameters apply it to collections,
-                // e.g. `Observation.component.value as Quantity`); `as()` requires one item.
-                let v = self.eval(e, fr)?;
-                Ok(v.into_iter().filter(|i| item_is(i, ts, true)).collect())
+            self.navigate(item, name, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    #[inline(never)]
+    fn eval_member(&self, target: &Ast, name: &str, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        if self.ctx.strict {
+            if let Ast::As(_, ts) = target {
+                if model::has_element(&ts.name, name) == Some(false) {
+                    return Err(Error::semantic(
+                        format!("'{name}' is not an element of {}", ts.name),
+                        None,
+                    ));
+                }
             }
         }
+        let t = self.eval(target, fr)?;
+        let mut out = Vec::with_capacity(t.len());
+        for item in &t {
+            self.navigate(item, name, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    #[inline(never)]
+    fn eval_call(
+        &self,
+        target: Option<&Ast>,
+        name: &str,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let input = match target {
+            Some(t) => self.eval(t, fr)?,
+            None => fr.focus.to_vec(),
+        };
+        self.call(name, input, args, fr)
+    }
+
+    #[inline(never)]
+    fn eval_indexer(&self, target: &Ast, idx: &Ast, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        let t = self.eval(target, fr)?;
+        let i = self.eval(idx, fr)?;
+        match single(&i, "indexer")?.map(Item::prim) {
+            None => Ok(vec![]),
+            Some(Prim::Int(i)) => Ok(usize::try_from(i)
+                .ok()
+                .and_then(|i| t.into_iter().nth(i))
+                .into_iter()
+                .collect()),
+            Some(_) => Err(exec("indexer must be an Integer")),
+        }
+    }
+
+    #[inline(never)]
+    fn eval_negate(&self, inner: &Ast, pos: usize, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        let v = self.eval(inner, fr).map_err(|e| e.at(pos))?;
+        match single(&v, "unary minus")? {
+            None => Ok(vec![]),
+            Some(item) => Ok(vec![match item.prim() {
+                Prim::Int(i) => {
+                    Item::Integer(i.checked_neg().ok_or_else(|| exec("integer overflow"))?)
+                }
+                Prim::Dec(d) => Item::Decimal(-d),
+                Prim::Qty(q) => Item::Quantity(Quantity {
+                    value: -q.value,
+                    unit: q.unit.clone(),
+                }),
+                p => {
+                    return Err(exec(format!(
+                        "unary minus cannot be applied to {}",
+                        prim_type_name(&p)
+                    ))
+                    .at(pos))
+                }
+            }]),
+        }
+    }
+
+    /// `a | b | c …` evaluated iteratively (long unions are common in search parameters).
+    #[inline(never)]
+    fn eval_union(&self, ast: &Ast, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        let mut operands = Vec::new();
+        let mut cur = ast;
+        while let Ast::Binary(BinOp::Union, l, r, _) = cur {
+            operands.push(&**r);
+            cur = l;
+        }
+        operands.push(cur);
+        let mut all = Vec::new();
+        for op in operands.into_iter().rev() {
+            all.extend(self.eval(op, fr)?);
+        }
+        Ok(distinct(all))
+    }
+
+    #[inline(never)]
+    fn eval_is(&self, e: &Ast, ts: &TypeSpec, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        check_type_spec(ts)?;
+        let v = self.eval(e, fr)?;
+        Ok(match single(&v, "is")? {
+            None => vec![],
+            Some(item) => bool_coll(item_is(item, ts, false)),
+        })
+    }
+
+    #[inline(never)]
+    fn eval_as(&self, e: &Ast, ts: &TypeSpec, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
+        check_type_spec(ts)?;
+        // The operator form filters (R4 search parameters apply it to collections,
+        // e.g. `Observation.component.value as Quantity`); `as()` requires one item.
+        let v = self.eval(e, fr)?;
+        Ok(v.into_iter().filter(|i| item_is(i, ts, true)).collect())
     }
 
     fn variable(&self, name: &str) -> R<Coll<'a>> {
@@ -880,6 +927,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         }
     }
 
+    #[inline(never)]
     fn binary(&self, op: BinOp, l: &Ast, r: &Ast, fr: Frame<'_, 'a>) -> R<Coll<'a>> {
         // Boolean operators short-circuit where the result is already known.
         match op {
@@ -1062,7 +1110,47 @@ impl<'c, 'a> Evaluator<'c, 'a> {
 
     fn call(&self, name: &str, input: Coll<'a>, args: &[Ast], fr: Frame<'_, 'a>) -> R<Coll<'a>> {
         match name {
-            // ---- existence
+            "empty" | "exists" | "all" | "allTrue" | "anyTrue" | "allFalse" | "anyFalse"
+            | "subsetOf" | "supersetOf" | "count" | "distinct" | "isDistinct" => {
+                self.call_existence(name, input, args, fr)
+            }
+            "where" | "select" | "repeat" | "ofType" | "is" | "as" => {
+                self.call_filter(name, input, args, fr)
+            }
+            "single" | "first" | "last" | "tail" | "skip" | "take" | "intersect" | "exclude"
+            | "union" | "combine" => self.call_subset(name, input, args, fr),
+            "iif" => self.call_iif(name, input, args, fr),
+            "toBoolean" | "convertsToBoolean" | "toInteger" | "convertsToInteger" | "toDecimal"
+            | "convertsToDecimal" | "toString" | "convertsToString" | "toDate"
+            | "convertsToDate" | "toDateTime" | "convertsToDateTime" | "toTime"
+            | "convertsToTime" | "toQuantity" | "convertsToQuantity" => {
+                self.call_conversion(name, input, args, fr)
+            }
+            "indexOf" | "lastIndexOf" | "substring" | "startsWith" | "endsWith" | "contains"
+            | "upper" | "lower" | "trim" | "length" | "toChars" | "replace" | "matches"
+            | "matchesFull" | "replaceMatches" | "split" | "join" | "encode" | "decode"
+            | "escape" | "unescape" => self.call_string(name, input, args, fr),
+            "abs" | "ceiling" | "floor" | "truncate" | "exp" | "ln" | "sqrt" | "round" | "log"
+            | "power" => self.call_math(name, input, args, fr),
+            "children" | "descendants" | "trace" | "now" | "today" | "timeOfDay" | "not"
+            | "aggregate" | "sort" | "type" | "extension" | "hasValue" | "getValue" | "resolve"
+            | "memberOf" | "subsumes" | "subsumedBy" | "conformsTo" | "htmlChecks"
+            | "htmlchecks" | "lowBoundary" | "highBoundary" | "precision" | "comparable"
+            | "sum" | "min" | "max" | "avg" => self.call_misc(name, input, args, fr),
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_existence(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "empty" => Ok(bool_coll(input.is_empty())),
             "exists" => {
                 if let Some(crit) = args.first() {
@@ -1123,6 +1211,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 Ok(bool_coll(distinct(input).len() == n))
             }
             // ---- filtering and projection
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_filter(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "where" => {
                 let mut out = Vec::new();
                 for (i, item) in input.into_iter().enumerate() {
@@ -1193,6 +1295,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                     .collect())
             }
             // ---- subsetting
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_subset(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "single" => {
                 if input.len() > 1 {
                     return Err(exec("single() on a collection with more than one item"));
@@ -1237,6 +1353,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 Ok(all)
             }
             // ---- conversion
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_iif(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "iif" => {
                 if input.len() > 1 {
                     return Err(exec("iif() requires an input of at most one item"));
@@ -1262,6 +1392,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                     self.arg(args, 2, frame)
                 }
             }
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_conversion(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "toBoolean" | "convertsToBoolean" => self.convert(name, input, |i| match i.prim() {
                 Prim::Bool(b) => Some(Item::Boolean(b)),
                 Prim::Int(1) => Some(Item::Boolean(true)),
@@ -1357,6 +1501,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 })
             }
             // ---- strings
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_string(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "indexOf" | "lastIndexOf" => self.string_fn(input, |s| {
                 let Some(sub) = self.arg_string(args, 0, fr)? else {
                     return Ok(None);
@@ -1494,6 +1652,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 Ok(crate::strings::transform(name, &fmt, s).map(Item::String))
             }),
             // ---- math
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_math(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "abs" | "ceiling" | "floor" | "truncate" | "exp" | "ln" | "sqrt" => {
                 let Some(item) = single(&input, name)? else {
                     return Ok(vec![]);
@@ -1548,6 +1720,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 Ok(from_f64(r).map(Item::Decimal).into_iter().collect())
             }
             // ---- tree navigation
+            _ => Err(Error::semantic(format!("unknown function {name}()"), None)),
+        }
+    }
+
+    #[inline(never)]
+    fn call_misc(
+        &self,
+        name: &str,
+        input: Coll<'a>,
+        args: &[Ast],
+        fr: Frame<'_, 'a>,
+    ) -> R<Coll<'a>> {
+        let _ = (&args, &fr);
+        match name {
             "children" => {
                 let mut out = Vec::new();
                 for i in &input {

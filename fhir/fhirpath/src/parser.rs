@@ -392,9 +392,14 @@ struct Parser<'s> {
     tok: Tok,
     pos: usize,
     depth: usize,
+    nodes: usize,
 }
 
-const MAX_DEPTH: usize = 200;
+const MAX_DEPTH: usize = 64;
+/// Upper bound on composite AST nodes (keeps trees small enough to drop/evaluate safely).
+const MAX_NODES: usize = 10_000;
+/// Maximum AST depth accepted for evaluation.
+pub(crate) const MAX_AST_DEPTH: usize = 256;
 
 fn binop(tok: &Tok) -> Option<(BinOp, u8)> {
     let op = match tok {
@@ -445,6 +450,14 @@ fn binop(tok: &Tok) -> Option<(BinOp, u8)> {
 const TYPE_OP_PREC: u8 = 8;
 
 impl<'s> Parser<'s> {
+    fn bump(&mut self) -> Result<(), Error> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(Error::syntax("expression too large", self.pos));
+        }
+        Ok(())
+    }
+
     fn advance(&mut self) -> Result<(), Error> {
         let (t, p) = self.lex.next()?;
         self.tok = t;
@@ -475,6 +488,7 @@ impl<'s> Parser<'s> {
                     let is = w == "is";
                     self.advance()?;
                     let ts = self.type_spec()?;
+                    self.bump()?;
                     lhs = if is {
                         Ast::Is(Box::new(lhs), ts)
                     } else {
@@ -492,6 +506,7 @@ impl<'s> Parser<'s> {
             let pos = self.pos;
             self.advance()?;
             let rhs = self.expression(prec + 1)?;
+            self.bump()?;
             lhs = Ast::Binary(op, Box::new(lhs), Box::new(rhs), pos);
         }
         self.depth -= 1;
@@ -526,12 +541,25 @@ impl<'s> Parser<'s> {
             Tok::Sym("-") => {
                 let pos = self.pos;
                 self.advance()?;
+                self.bump()?;
+                self.depth += 1;
+                if self.depth > MAX_DEPTH {
+                    return Err(Error::syntax("expression nested too deeply", pos));
+                }
                 let inner = self.unary()?;
+                self.depth -= 1;
                 Ok(Ast::Negate(Box::new(inner), pos))
             }
             Tok::Sym("+") => {
                 self.advance()?;
-                self.unary()
+                self.bump()?;
+                self.depth += 1;
+                if self.depth > MAX_DEPTH {
+                    return Err(Error::syntax("expression nested too deeply", self.pos));
+                }
+                let r = self.unary();
+                self.depth -= 1;
+                r
             }
             _ => self.postfix(),
         }
@@ -543,6 +571,7 @@ impl<'s> Parser<'s> {
             match self.tok {
                 Tok::Sym(".") => {
                     self.advance()?;
+                    self.bump()?;
                     let pos = self.pos;
                     let name = self.identifier()?;
                     if self.tok == Tok::Sym("(") {
@@ -559,6 +588,7 @@ impl<'s> Parser<'s> {
                 }
                 Tok::Sym("[") => {
                     self.advance()?;
+                    self.bump()?;
                     let idx = self.expression(0)?;
                     self.expect("]")?;
                     e = Ast::Indexer(Box::new(e), Box::new(idx));
@@ -742,6 +772,7 @@ pub fn parse(src: &str) -> Result<Ast, Error> {
         tok: Tok::Eof,
         pos: 0,
         depth: 0,
+        nodes: 0,
     };
     p.advance()?;
     if p.tok == Tok::Eof {
@@ -754,7 +785,47 @@ pub fn parse(src: &str) -> Result<Ast, Error> {
             p.pos,
         ));
     }
+    if ast_depth(&e) > MAX_AST_DEPTH {
+        return Err(Error::syntax("expression nested too deeply", 0));
+    }
     Ok(e)
+}
+
+/// Depth of an AST, computed without recursion.
+fn ast_depth(root: &Ast) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(root, 1usize)];
+    while let Some((node, d)) = stack.pop() {
+        max = max.max(d);
+        match node {
+            Ast::Member(t, _) | Ast::Negate(t, _) | Ast::Is(t, _) | Ast::As(t, _) => {
+                stack.push((t, d + 1))
+            }
+            Ast::Binary(BinOp::Union, _, _, _) => {
+                // Union chains are evaluated iteratively: count them as one level.
+                let mut cur = node;
+                while let Ast::Binary(BinOp::Union, l, r, _) = cur {
+                    stack.push((r, d + 1));
+                    cur = l;
+                }
+                stack.push((cur, d + 1));
+            }
+            Ast::Indexer(a, b) | Ast::Binary(_, a, b, _) => {
+                stack.push((a, d + 1));
+                stack.push((b, d + 1));
+            }
+            Ast::Call { target, args, .. } => {
+                if let Some(t) = target {
+                    stack.push((t, d + 1));
+                }
+                for a in args {
+                    stack.push((a, d + 1));
+                }
+            }
+            _ => {}
+        }
+    }
+    max
 }
 
 #[cfg(test)]
@@ -810,6 +881,21 @@ mod tests {
         assert!(matches!(ok("'a\\'b'"), Ast::Literal(Literal::String(ref s)) if s == "a'b"));
         assert!(matches!(ok("%`vs-x`"), Ast::Variable(_)));
         assert!(matches!(ok("2 + 2 // c"), Ast::Binary(..)));
+    }
+
+    #[test]
+    fn pathological_inputs_are_rejected_without_overflow() {
+        let long_chain = vec!["1"; 5000].join(" + ");
+        assert!(parse(&long_chain).is_err());
+        let minus = format!("{}1", "-".repeat(100_000));
+        assert!(parse(&minus).is_err());
+        let parens = format!("{}1{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert!(parse(&parens).is_err());
+        let path = format!("a{}", ".b".repeat(100_000));
+        assert!(parse(&path).is_err());
+        // A realistic long union is fine.
+        let union = vec!["Patient.name.given"; 60].join(" | ");
+        assert!(parse(&union).is_ok());
     }
 
     #[test]

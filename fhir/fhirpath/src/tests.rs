@@ -140,3 +140,27 @@ fn expression_is_send_sync_and_cached() {
     assert!(Arc::ptr_eq(&a.inner, &b.inner));
     assert_eq!(a.source(), "name.given");
 }
+
+#[test]
+fn deep_but_accepted_expressions_evaluate() {
+    let e = json!({"resourceType": "Patient", "name": [{"given": ["a"]}]});
+    let union = vec!["name.given"; 250].join(" | ");
+    assert_eq!(eval_json(&union, &e), vec![json!("a")]);
+    let nested = format!("{}name.given{}", "(".repeat(60), ")".repeat(60));
+    assert_eq!(eval_json(&nested, &e), vec![json!("a")]);
+    let wheres = format!("name{}", ".where(given.exists())".repeat(200));
+    assert_eq!(eval_json(&wheres, &e).len(), 1);
+    // Worst case accepted by the parser: 40 nested lambdas around a 120-term arithmetic chain,
+    // evaluated on a 2 MiB stack (tokio's default worker stack size).
+    let chain = vec!["1"; 120].join(" + ");
+    let nested = format!("{}{chain} > 0{}", "select(".repeat(40), ")".repeat(40));
+    let src = nested.clone();
+    let handle = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let e = json!({"resourceType": "Patient", "name": [{"given": ["a"]}]});
+            eval_to_json_array(&src, &e).map(|v| v.as_array().map(Vec::len))
+        })
+        .unwrap();
+    assert_eq!(handle.join().unwrap().unwrap(), Some(1));
+}
