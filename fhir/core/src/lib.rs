@@ -1,10 +1,15 @@
 //! `kiln-fhir`: the FHIR R4 resource model (vendored definitions), OperationOutcome issues,
-//! XML⇄JSON, and structural validation. This crate does no I/O beyond reading its own vendored
-//! files and no HTTP.
+//! XML⇄JSON, structural validation and `_summary`/`_elements`. This crate does no I/O beyond
+//! reading its own vendored files and no HTTP.
 
-pub mod outcome;
-
-pub use outcome::{operation_outcome, Issue, Severity};
 pub mod model;
+pub mod outcome;
+pub mod summary;
 pub mod validation;
 pub mod xml;
+
+pub use model::{r4, ElementInfo, ElementMatch, Model, TypeInfo, TypeKind};
+pub use outcome::{operation_outcome, Issue, Severity};
+pub use summary::{select_elements, summarize, SummaryMode};
+pub use validation::{validate, Validator};
+pub use xml::{json_to_xml, xml_to_json, XmlError};
