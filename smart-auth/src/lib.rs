@@ -138,6 +138,8 @@ pub struct AuthState {
     config: Arc<SmartConfig>,
     store: Arc<dyn AuthStore>,
     keys: Arc<RwLock<Arc<KeyRing>>>,
+    /// Unix time of the last on-demand key reload (unknown `kid`), to bound store reads.
+    last_key_reload: Arc<std::sync::atomic::AtomicI64>,
     jwks_fetcher: Option<Arc<dyn JwksFetcher>>,
     patient_directory: Option<Arc<dyn PatientDirectory>>,
     login_limiter: Arc<Limiter>,
@@ -161,6 +163,7 @@ impl AuthState {
             config: Arc::new(config),
             store,
             keys: Arc::new(RwLock::new(Arc::new(ring))),
+            last_key_reload: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             jwks_fetcher: default_fetcher(),
             patient_directory: None,
         })
@@ -195,6 +198,23 @@ impl AuthState {
         let ring = KeyRing::load_or_create(self.store()).await?;
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
         Ok(())
+    }
+
+    /// Reloads keys when a token names an unknown `kid` (another instance may have rotated),
+    /// at most once every 30 seconds. Returns whether a reload happened.
+    pub(crate) async fn reload_keys_for_unknown_kid(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = store::now();
+        let last = self.last_key_reload.load(Ordering::Relaxed);
+        if now - last < 30
+            || self
+                .last_key_reload
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        self.reload_keys().await.is_ok()
     }
 
     /// Rotates the signing key; the old one stays in the JWKS until its tokens expire.

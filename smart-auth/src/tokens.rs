@@ -160,6 +160,8 @@ pub(crate) fn sign<T: Serialize>(state: &AuthState, claims: &T) -> Result<String
     jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| e.to_string())
 }
 
+const UNKNOWN_KEY: &str = "unknown signing key";
+
 /// Verifies one of our access tokens (signature, kid, iss, aud, exp) without the revocation check.
 pub fn verify_access_token(state: &AuthState, token: &str) -> Result<AccessToken, AuthError> {
     let header = jsonwebtoken::decode_header(token)
@@ -173,7 +175,7 @@ pub fn verify_access_token(state: &AuthState, token: &str) -> Result<AccessToken
         None if ring.keys.len() == 1 => ring.keys.first(),
         None => None,
     }
-    .ok_or_else(|| AuthError::invalid_token("unknown signing key"))?;
+    .ok_or_else(|| AuthError::invalid_token(UNKNOWN_KEY))?;
     let mut v = Validation::new(Algorithm::RS256);
     v.leeway = 30;
     v.set_audience(&[&state.config().fhir_base_url]);
@@ -189,7 +191,14 @@ pub async fn verify_active_access_token(
     state: &AuthState,
     token: &str,
 ) -> Result<AccessToken, AuthError> {
-    let claims = verify_access_token(state, token)?;
+    let claims = match verify_access_token(state, token) {
+        Err(AuthError::Unauthorized { description, .. })
+            if description == UNKNOWN_KEY && state.reload_keys_for_unknown_kid().await =>
+        {
+            verify_access_token(state, token)?
+        }
+        other => other?,
+    };
     let store = state.store();
     if store.is_token_id_revoked(&claims.jti).await? {
         return Err(AuthError::invalid_token("token revoked"));

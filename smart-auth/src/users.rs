@@ -160,8 +160,10 @@ pub async fn verify_login(
     mfa_code: Option<&str>,
 ) -> Result<LoginOutcome, StoreError> {
     let Some(mut user) = store.get_user(username).await? else {
-        // Spend comparable time on unknown users.
-        let _ = verify_password(password, "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0000000000000000000000000000000000000000000");
+        // Spend comparable time on unknown users (no user-name probing by timing).
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let dummy = DUMMY.get_or_init(|| hash_password("dummy password").unwrap_or_default());
+        let _ = verify_password(password, dummy);
         return Ok(LoginOutcome::InvalidCredentials);
     };
     let now = now();

@@ -356,3 +356,83 @@ async fn jwks_uri_and_jku() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn asymmetric_client_authorization_code_and_refresh() {
+    let s = server().await;
+    let key = rsa_client_key("rsa-app");
+    let client_id = add_client(
+        s.state.store(),
+        NewClient {
+            client_name: "Asymmetric app".into(),
+            redirect_uris: vec![REDIRECT.into()],
+            jwks: Some(json!({"keys": [key.jwk.clone()]})),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .client
+    .client_id;
+    let (verifier, challenge) = pkce_pair();
+    let scope = "launch/patient openid fhirUser offline_access patient/*.rs";
+    let cb = run_authorization(
+        &s,
+        &client_id,
+        scope,
+        &challenge,
+        ("pat", "patient-password"),
+        None,
+        &[],
+        &|_| true,
+    )
+    .await;
+    let code = query_param(&cb, "code").unwrap();
+    let a = assertion_with(&key, &claims(&client_id, 200), Some(&key.kid));
+    let r = s
+        .post_form(
+            "/auth/token",
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("code_verifier", &verifier),
+                ("client_assertion_type", ASSERTION_TYPE),
+                ("client_assertion", &a),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let t = r.json();
+    assert!(t["id_token"].is_string());
+    let refresh = t["refresh_token"].as_str().unwrap();
+    // Refresh without authenticating is refused; with a fresh assertion it works.
+    let r = s
+        .post_form(
+            "/auth/token",
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh),
+                ("client_id", &client_id),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let a = assertion_with(&key, &claims(&client_id, 200), Some(&key.kid));
+    let r = s
+        .post_form(
+            "/auth/token",
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh),
+                ("client_assertion_type", ASSERTION_TYPE),
+                ("client_assertion", &a),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["patient"], "p1");
+}

@@ -1269,3 +1269,46 @@ async fn postgres_store_backs_a_full_launch() {
     }
     full_launch_over(std::sync::Arc::new(store)).await;
 }
+
+#[tokio::test]
+async fn rotation_by_another_instance_is_picked_up() {
+    let store: std::sync::Arc<dyn AuthStore> = std::sync::Arc::new(MemoryAuthStore::new());
+    let a = server_with(config(), store.clone()).await;
+    let b = AuthState::new(config(), store.clone()).await.unwrap();
+    a.state.rotate_signing_key().await.unwrap();
+    let cc = add_client(
+        store.as_ref(),
+        NewClient {
+            client_name: "svc".into(),
+            auth_method: Some(ClientAuthMethod::ClientSecretBasic),
+            grant_types: vec!["client_credentials".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let r = a
+        .post_form(
+            "/auth/token",
+            &[
+                ("grant_type", "client_credentials"),
+                ("scope", "system/Observation.rs"),
+            ],
+            &[(
+                "authorization",
+                &basic(&cc.client.client_id, cc.client_secret.as_deref().unwrap()),
+            )],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let token = r.json()["access_token"].as_str().unwrap().to_string();
+    assert_ne!(
+        b.key_ring().active().unwrap().kid,
+        a.state.key_ring().active().unwrap().kid
+    );
+    let g = authorize_bearer(&b, Some(&format!("Bearer {token}")))
+        .await
+        .unwrap();
+    assert!(g.allows(Interaction::Search, "Observation"));
+    assert_eq!(b.key_ring().keys.len(), 2, "b reloaded the new key");
+}
