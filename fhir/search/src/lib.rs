@@ -6,6 +6,7 @@
 
 pub mod filter;
 pub mod index;
+pub mod matcher;
 pub mod path;
 pub mod plan;
 pub mod query;
@@ -13,6 +14,7 @@ pub mod registry;
 pub mod value;
 
 pub use index::{delete_statements, index_resource, insert_batch, schema, IndexEntries};
+pub use matcher::matches;
 pub use plan::{include_sql, plan, KeyKind, PageRequest, SqlPlan};
 pub use query::{
     parse, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery, SearchValue, SortKey,
