@@ -55,6 +55,7 @@ pub fn router(state: AuthState) -> Router {
             get(userinfo).post(userinfo).options(preflight),
         )
         .route("/auth/launch", post(create_launch))
+        .route("/auth/ehr-launch", get(ehr_launch_redirect))
         .route("/auth/smart-style.json", get(smart_style))
         .route("/auth/mfa", get(mfa_page).post(mfa_submit))
         .route("/auth/password-reset", get(reset_page).post(reset_submit))
@@ -348,7 +349,8 @@ const SCOPES_SUPPORTED: &[&str] = &[
     "system/*.write",
 ];
 
-pub(crate) fn smart_configuration_document(state: &AuthState) -> Value {
+/// The `.well-known/smart-configuration` document.
+pub fn smart_configuration_document(state: &AuthState) -> Value {
     let c = state.config();
     let mut doc = json!({
         "issuer": c.issuer,
@@ -1875,4 +1877,104 @@ async fn reset_submit(State(state): State<AuthState>, ext: Extensions, body: Byt
             html::password_reset(token, Some(&e.to_string())),
         ),
     }
+}
+
+/// `GET /auth/ehr-launch?client_id=..&patient=..[&encounter=..]`: acts as the EHR for a signed-in
+/// user: creates a launch context and redirects the browser to the client's registered
+/// `launch_uri?iss={base}&launch={id}`.
+async fn ehr_launch_redirect(
+    State(state): State<AuthState>,
+    headers: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let f = FormData(q);
+    let Some((_, user)) = current_session(&state, &headers).await else {
+        return redirect(&state.config().endpoint("/auth/login"));
+    };
+    let client = match f.non_empty("client_id") {
+        Some(id) => match state.store().get_client(id).await {
+            Ok(Some(c)) => c,
+            _ => {
+                return error_page(
+                    StatusCode::BAD_REQUEST,
+                    "Invalid request",
+                    "Unknown client_id.",
+                )
+            }
+        },
+        None => {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                "Invalid request",
+                "client_id is missing.",
+            )
+        }
+    };
+    let Some(launch_uri) = client.launch_uri.clone() else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Invalid request",
+            "This client has no registered launch_uri.",
+        );
+    };
+    let patient = f.non_empty("patient").map(str::to_string);
+    if let Some(p) = &patient {
+        let allowed = user.admin
+            || patient_of_user(&user) == Some(p.as_str())
+            || user.patients.iter().any(|x| x == p);
+        if !allowed {
+            return error_page(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "You may not launch for this patient.",
+            );
+        }
+    }
+    let launch = EhrLaunch {
+        launch_id: random_token(24),
+        context: LaunchContext {
+            patient,
+            encounter: f.non_empty("encounter").map(str::to_string),
+            need_patient_banner: Some(true),
+            ..Default::default()
+        },
+        username: Some(user.username.clone()),
+        created_at: now(),
+        expires_at: now() + state.config().launch_lifetime,
+    };
+    if let Err(e) = state.store().put_launch(&launch).await {
+        return error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string());
+    }
+    redirect(&with_query(
+        &launch_uri,
+        &[
+            ("iss", &state.config().fhir_base_url),
+            ("launch", &launch.launch_id),
+        ],
+    ))
+}
+
+/// The `rest.security` element for the server's CapabilityStatement (SMART `oauth-uris`).
+pub fn capability_security(state: &AuthState) -> Value {
+    let c = state.config();
+    let mut ext = vec![
+        json!({"url": "authorize", "valueUri": c.endpoint("/auth/authorize")}),
+        json!({"url": "token", "valueUri": c.token_endpoint()}),
+        json!({"url": "introspect", "valueUri": c.endpoint("/auth/introspect")}),
+        json!({"url": "revoke", "valueUri": c.endpoint("/auth/revoke")}),
+    ];
+    if c.dynamic_registration {
+        ext.push(json!({"url": "register", "valueUri": c.endpoint("/auth/register")}));
+    }
+    json!({
+        "cors": true,
+        "service": [{
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
+            "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)"
+        }],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": ext
+        }]
+    })
 }

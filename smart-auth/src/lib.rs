@@ -16,7 +16,8 @@
 //! | `/auth/register` | POST | RFC 7591 dynamic registration (if enabled) |
 //! | `/auth/jwks` | GET | our public keys |
 //! | `/auth/userinfo` | GET | OIDC userinfo |
-//! | `/auth/launch` | POST | admin: create an EHR launch context |
+//! | `/auth/launch` | POST | admin: create an EHR launch context (JSON) |
+//! | `/auth/ehr-launch` | GET | signed-in user: create a launch and redirect to the app's `launch_uri` |
 //! | `/auth/logout` | POST | end the login session |
 //! | `/auth/mfa` | GET, POST | signed-in user: TOTP enrolment, recovery codes |
 //! | `/auth/password-reset` | GET, POST | set a new password with a reset token |
@@ -42,7 +43,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 pub use clients::{add_client, JwksFetcher, NewClient, RegisteredClient};
 pub use error::{AuthError, OAuthError, StoreError};
-pub use handlers::router;
+pub use handlers::{capability_security, router, smart_configuration_document};
 pub use keys::KeyRing;
 pub use scopes::{Interaction, Scope, ScopeFilter, ScopeSet};
 pub use sql::{AnyAuthPool, SqlAuthStore};

@@ -1312,3 +1312,75 @@ async fn rotation_by_another_instance_is_picked_up() {
     assert!(g.allows(Interaction::Search, "Observation"));
     assert_eq!(b.key_ring().keys.len(), 2, "b reloaded the new key");
 }
+
+#[tokio::test]
+async fn ehr_launch_redirect_and_capability_security() {
+    let s = server().await;
+    let app = add_client(
+        s.state.store(),
+        NewClient {
+            client_name: "EHR app".into(),
+            redirect_uris: vec![REDIRECT.into()],
+            launch_uri: Some("https://app.example.org/launch".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .client;
+    let path = format!(
+        "/auth/ehr-launch?client_id={}&patient=p2&encounter=e9",
+        app.client_id
+    );
+    assert_eq!(
+        s.get(&path, &[]).await.status,
+        StatusCode::SEE_OTHER,
+        "login first"
+    );
+    let pat = s.login("pat", "patient-password").await;
+    assert_eq!(
+        s.get(&path, &[("cookie", &pat)]).await.status,
+        StatusCode::FORBIDDEN,
+        "not pat's patient"
+    );
+    let doc = s.login("doc", "doctor-password").await;
+    let r = s.get(&path, &[("cookie", &doc)]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let loc = r.location();
+    assert!(loc.starts_with("https://app.example.org/launch?"), "{loc}");
+    assert_eq!(query_param(&loc, "iss").as_deref(), Some(BASE));
+    let launch = query_param(&loc, "launch").unwrap();
+    let (verifier, challenge) = pkce_pair();
+    let cb = run_authorization(
+        &s,
+        &app.client_id,
+        "launch openid fhirUser patient/*.rs",
+        &challenge,
+        ("doc", "doctor-password"),
+        None,
+        &[("launch", &launch)],
+        &|_| true,
+    )
+    .await;
+    let t = exchange(
+        &s,
+        &query_param(&cb, "code").unwrap(),
+        &verifier,
+        &app.client_id,
+    )
+    .await
+    .json();
+    assert_eq!(t["patient"], "p2");
+    assert_eq!(t["encounter"], "e9");
+
+    let sec = capability_security(&s.state);
+    assert_eq!(sec["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    let uris = sec["extension"][0]["extension"].as_array().unwrap();
+    assert!(uris
+        .iter()
+        .any(|e| e["url"] == "token" && e["valueUri"] == format!("{BASE}/auth/token")));
+    assert_eq!(
+        smart_configuration_document(&s.state)["token_endpoint"],
+        format!("{BASE}/auth/token")
+    );
+}
