@@ -31,6 +31,7 @@ pub struct Context<'a> {
     pub(crate) variables: HashMap<String, Vec<Item<'static>>>,
     pub(crate) resolver: Option<Resolver<'a>>,
     pub(crate) strict: bool,
+    pub(crate) reference_stubs: bool,
 }
 
 impl<'a> Context<'a> {
@@ -42,6 +43,7 @@ impl<'a> Context<'a> {
             variables: HashMap::new(),
             resolver: None,
             strict: false,
+            reference_stubs: true,
         }
     }
 
@@ -53,6 +55,7 @@ impl<'a> Context<'a> {
             variables: HashMap::new(),
             resolver: None,
             strict: false,
+            reference_stubs: true,
         }
     }
 
@@ -75,6 +78,16 @@ impl<'a> Context<'a> {
     /// resources.
     pub fn with_resolver(mut self, resolver: Resolver<'a>) -> Self {
         self.resolver = Some(resolver);
+        self
+    }
+
+    /// When a reference cannot be resolved (not contained, not in the root Bundle, no resolver
+    /// result) but names its target type (`Patient/123`, `http://x/fhir/Patient/123`),
+    /// `resolve()` returns a stub `{"resourceType": "Patient", "id": "123"}` so that search
+    /// parameter expressions like `subject.where(resolve() is Patient)` work during indexing.
+    /// On by default; disable for validation-style checks (`resolve().exists()`).
+    pub fn with_reference_stubs(mut self, enabled: bool) -> Self {
+        self.reference_stubs = enabled;
         self
     }
 
@@ -2093,12 +2106,34 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 }
             }
         }
-        let resolver = self.ctx.resolver?;
-        resolver(reference).map(|v| {
-            let item: Item<'a> = owned_item(v);
-            item
-        })
+        if let Some(resolver) = self.ctx.resolver {
+            if let Some(v) = resolver(reference) {
+                return Some(owned_item(v));
+            }
+        }
+        if self.ctx.reference_stubs {
+            return reference_stub(plain);
+        }
+        None
     }
+}
+
+/// `{"resourceType": T, "id": id}` for a `…/T/id` reference whose `T` is a resource type.
+fn reference_stub(reference: &str) -> Option<Item<'static>> {
+    let mut parts = reference.rsplit('/');
+    let id = parts.next()?;
+    let t = parts.next()?;
+    let t = model::resource_type(t)?;
+    if id.is_empty() {
+        return None;
+    }
+    let mut m = serde_json::Map::new();
+    m.insert("resourceType".into(), Value::String(t.to_string()));
+    m.insert("id".into(), Value::String(id.to_string()));
+    Some(Item::node(
+        JsonRef::Shared(Arc::new(Value::Object(m))),
+        Some(t),
+    ))
 }
 
 /// Calls `f` with `_name` without allocating for ordinary element names.

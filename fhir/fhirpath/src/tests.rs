@@ -164,3 +164,17 @@ fn deep_but_accepted_expressions_evaluate() {
         .unwrap();
     assert_eq!(handle.join().unwrap().unwrap(), Some(1));
 }
+
+#[test]
+fn unresolvable_typed_references_resolve_to_stubs() {
+    let obs = json!({"resourceType": "Observation", "subject": {"reference": "Patient/123"},
+        "performer": [{"reference": "http://other/fhir/Practitioner/9/_history/2"}, {"reference": "urn:uuid:x"}]});
+    assert_eq!(
+        eval_json("subject.where(resolve() is Patient).reference", &obs),
+        vec![json!("Patient/123")]
+    );
+    assert_eq!(eval_json("performer.resolve().id", &obs), vec![json!("9")]);
+    let expr = Expression::parse("subject.resolve()").unwrap();
+    let ctx = Context::new(&obs).with_reference_stubs(false);
+    assert!(evaluate(&expr, &obs, &ctx).unwrap().is_empty());
+}

@@ -12,6 +12,7 @@
 //!
 //! Hook: the terminology crate's full UCUM can replace this table with [`set_ucum_canonicalizer`];
 //! the hook returns `(factor, canonical unit string)` and is tried before the built-in table.
+//! Calendar keywords are always handled here (they are not UCUM).
 
 use once_cell::sync::OnceCell;
 use rust_decimal::Decimal;
@@ -78,11 +79,13 @@ impl Canonical {
     }
 }
 
-type Canonicalizer = fn(&str) -> Option<(Decimal, String)>;
+type Canonicalizer = fn(&str) -> Option<(f64, String)>;
 static EXTERNAL: OnceCell<Canonicalizer> = OnceCell::new();
 
-/// Installs a full UCUM implementation (e.g. from the terminology crate). It receives a UCUM code
-/// and returns `(factor to canonical, canonical unit string)`. Can be set once per process.
+/// Installs a full UCUM implementation (e.g. the terminology crate's
+/// `ucum::canonicalize(1.0, unit)`). It receives a UCUM code and returns
+/// `(factor to canonical units, canonical unit string)`. Can be set once per process; units it
+/// does not know fall back to the built-in table.
 pub fn set_ucum_canonicalizer(f: Canonicalizer) -> bool {
     EXTERNAL.set(f).is_ok()
 }
@@ -513,7 +516,7 @@ pub fn canonicalize(unit: &str) -> Option<Canonical> {
     if let Some(f) = EXTERNAL.get() {
         if let Some((factor, key)) = f(unit) {
             return Some(Canonical {
-                factor,
+                factor: Decimal::try_from(factor).ok()?.normalize(),
                 dims: [0; DIMS],
                 external_key: Some(key),
             });

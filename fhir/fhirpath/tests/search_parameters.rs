@@ -151,7 +151,7 @@ fn timings() {
         "union",
         "Observation.subject.where(resolve() is Patient) | Observation.code.coding",
         &obs,
-        1,
+        2,
     );
     time_it("compare", "Observation.value > 100 '[lb_av]'", &obs, 1);
 }
