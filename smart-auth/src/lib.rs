@@ -24,6 +24,29 @@
 //! | `/auth/smart-style.json` | GET | the `smart_style_url` document |
 //!
 //! The resource server calls [`authorize_bearer`] on every request and enforces the [`Grant`].
+//!
+//! # Wiring (server side)
+//!
+//! ```ignore
+//! let store = SqlAuthStore::new(AnyAuthPool::Sqlite(pool.clone()));
+//! store.migrate().await?;
+//! let auth = AuthState::new(SmartConfig::new("https://ehr.example/fhir"), Arc::new(store)).await?
+//!     .with_patient_directory(Arc::new(MyPatientSearch));   // optional, for the picker
+//! let app = fhir_routes.merge(kiln_smart_auth::router(auth.clone()));   // under the FHIR base
+//! // serve with `into_make_service_with_connect_info::<SocketAddr>()` so rate limits are per address
+//! // per request:
+//! let grant = authorize_bearer(&auth, headers.get("authorization").and_then(|v| v.to_str().ok())).await?;
+//! match grant.check(Interaction::Search, "Observation")? {          // 403 when not allowed
+//!     ScopeFilter::Unrestricted => {}
+//!     ScopeFilter::AnyOf(sets) => { /* OR of AND-ed search params, e.g. category=laboratory */ }
+//!     ScopeFilter::Denied => unreachable!(),
+//! }
+//! if grant.requires_patient_compartment(Interaction::Search, "Observation") {
+//!     /* restrict to the compartment of grant.patient() */
+//! }
+//! // CLI: add_user(auth.store(), NewUser { .. }), add_client(auth.store(), NewClient { .. })
+//! // periodically: auth.purge_expired().await
+//! ```
 
 pub mod clients;
 pub mod error;
