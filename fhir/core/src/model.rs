@@ -93,6 +93,16 @@ impl ElementInfo {
         self.max != Some(1) && self.max != Some(0)
     }
 
+    /// The JSON property name for one of the element's types: `valueQuantity` for `value[x]`
+    /// with `Quantity`, the plain name for non-choice elements.
+    pub fn json_name_for(&self, type_code: &str) -> String {
+        if self.is_choice {
+            format!("{}{}", self.name, capitalize(type_code))
+        } else {
+            self.name.clone()
+        }
+    }
+
     /// The type whose elements are this element's children, for non-choice elements.
     pub fn child_type_name(&self) -> Option<&str> {
         if let Some(b) = &self.backbone_type {
@@ -481,6 +491,11 @@ impl Model {
         self.types.get(type_name)?.resolve_json_name(name)
     }
 
+    /// A child element by its FHIRPath name (`value` for `value[x]`, `name`, `contact`).
+    pub fn element_by_name(&self, type_name: &str, name: &str) -> Option<&ElementInfo> {
+        self.types.get(type_name)?.element_by_name(name)
+    }
+
     /// Whether `type_name` is `ancestor` or derives from it (`Age` → `Quantity`,
     /// `code` → `string`, `Patient` → `DomainResource` → `Resource`).
     pub fn is_subtype(&self, type_name: &str, ancestor: &str) -> bool {
@@ -555,6 +570,16 @@ mod tests {
         let mt = m.resolve_json_name("Observation", "valueString").unwrap();
         assert_eq!(mt.type_code, "string");
         assert!(m.element("Observation", "value").is_none());
+        let v = m.element_by_name("Observation", "value").unwrap();
+        assert!(v.is_choice);
+        assert_eq!(v.json_name_for("Quantity"), "valueQuantity");
+        assert_eq!(v.json_name_for("dateTime"), "valueDateTime");
+        assert_eq!(
+            m.element_by_name("Patient", "name")
+                .unwrap()
+                .json_name_for("HumanName"),
+            "name"
+        );
         assert!(m.element("Observation", "valueFoo").is_none());
         let d = m.resolve_json_name("Patient", "deceasedDateTime").unwrap();
         assert_eq!(d.type_code, "dateTime");

@@ -102,7 +102,18 @@ fn escape_into(out: &mut String, s: &str) {
 
 fn primitive_text(v: &Value, path: &str) -> Result<String, XmlError> {
     match v {
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => {
+            // XML 1.0 cannot carry these characters, not even as character references.
+            if s.chars().any(|c| {
+                (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || c == '\u{FFFE}' || c == '\u{FFFF}'
+            }) {
+                return Err(XmlError::json(
+                    path,
+                    "the value contains a control character that XML cannot represent",
+                ));
+            }
+            Ok(s.clone())
+        }
         Value::Number(n) => Ok(n.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
         _ => Err(XmlError::json(path, "expected a primitive value")),
@@ -985,6 +996,9 @@ mod tests {
         )
         .is_err());
         assert!(json_to_xml(&json!([1]), false).is_err());
+        let e =
+            json_to_xml(&json!({"resourceType": "Patient", "id": "a\u{1}b"}), false).unwrap_err();
+        assert!(e.message.contains("control character"));
         let e = json_to_xml(
             &json!({"resourceType": "Patient", "name": [{"given": [{}]}]}),
             false,

@@ -42,3 +42,54 @@ fn examples_round_trip_through_xml() {
         "fewer than 99 % of the examples round-trip"
     );
 }
+
+#[test]
+fn synthea_xml_timing() {
+    let Some(shared) = common::shared_dir() else {
+        return;
+    };
+    let dir = shared.join("synthea-r4");
+    let Some(first) = std::fs::read_dir(&dir).ok().and_then(|d| {
+        let mut v: Vec<_> = d
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        v.sort();
+        v.into_iter().next()
+    }) else {
+        println!("NOTICE: {} absent; skipping", dir.display());
+        return;
+    };
+    let Ok(text) = std::fs::read_to_string(&first) else {
+        return;
+    };
+    let Ok(bundle) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return;
+    };
+    // the whole transaction Bundle round-trips
+    let xml = json_to_xml(&bundle, false).expect("bundle to xml");
+    assert_eq!(xml_to_json(&xml).expect("bundle from xml"), bundle);
+    for rt in ["Patient", "Observation"] {
+        let Some(r) = bundle["entry"].as_array().and_then(|a| {
+            a.iter()
+                .map(|e| &e["resource"])
+                .find(|r| r["resourceType"] == rt)
+        }) else {
+            continue;
+        };
+        let n = 500;
+        let start = std::time::Instant::now();
+        let mut xml = String::new();
+        for _ in 0..n {
+            xml = json_to_xml(std::hint::black_box(r), false).expect("to xml");
+        }
+        let to_us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(xml_to_json(std::hint::black_box(&xml)).expect("from xml"));
+        }
+        let from_us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        println!("Synthea {rt}: json_to_xml {to_us:.1} µs, xml_to_json {from_us:.1} µs");
+    }
+}
