@@ -1,11 +1,15 @@
 //! Kiln terminology service library: UCUM, code system providers (FHIR CodeSystem resources,
 //! ICD-10-CM, LOINC, SNOMED CT), and the FHIR terminology operations on `serde_json::Value`.
 
+pub mod gem;
 pub mod icd10cm;
+pub mod loinc;
 pub mod provider;
 pub mod resource;
 pub mod service;
+pub mod snomed;
 pub mod store;
+pub mod tabular;
 pub mod ucum;
 
 pub use provider::{

@@ -1898,16 +1898,21 @@ impl<'a> Ctx<'a> {
                 "$translate needs a code, coding or codeableConcept",
             ));
         };
+        // reverse: R4 gives the code's own system in `system`/`coding` and the wanted system in
+        // `targetsystem`; R5 gives `targetCode` + `targetSystem` and the wanted `sourceSystem`.
+        let r4_system = p.str("system").map(str::to_string).or_else(|| {
+            p.value("coding")
+                .and_then(|c| s(c, "system"))
+                .map(str::to_string)
+        });
         let (src_sys, tgt_sys) = if reverse {
-            (
-                p.str("targetSystem")
-                    .or_else(|| p.str("targetsystem"))
-                    .map(str::to_string)
-                    .or(system.clone()),
-                p.str("sourceSystem")
-                    .or_else(|| p.str("system"))
-                    .map(str::to_string),
-            )
+            match r4_system {
+                Some(sys) => (Some(sys), p.str("targetsystem").map(str::to_string)),
+                None => (
+                    p.str("targetSystem").map(str::to_string),
+                    p.str("sourceSystem").map(str::to_string),
+                ),
+            }
         } else {
             (system.clone(), target_system.clone())
         };

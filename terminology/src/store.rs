@@ -129,6 +129,85 @@ impl TerminologyStore {
         Ok(out)
     }
 
+    /// Saves a FHIR resource (e.g. a large ConceptMap such as the GEM) atomically as `id`.
+    pub fn save_resource(&self, id: &str, resource: &serde_json::Value) -> Result<(), StoreError> {
+        Self::check_id(id)?;
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{id}-{}.res", std::process::id()));
+        let result = (|| {
+            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let mut gz = flate2::write::GzEncoder::new(
+                std::io::BufWriter::new(f),
+                flate2::Compression::fast(),
+            );
+            serde_json::to_writer(&mut gz, resource).map_err(|e| StoreError::Format {
+                path: tmp.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let mut w = gz.finish().map_err(io(&tmp))?;
+            w.flush().map_err(io(&tmp))?;
+            drop(w);
+            let dest = self.dir.join(format!("{id}.resource.json.gz"));
+            std::fs::rename(&tmp, &dest).map_err(io(&dest))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Reads a resource saved with `save_resource`.
+    pub fn load_resource(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        Self::check_id(id)?;
+        let path = self.dir.join(format!("{id}.resource.json.gz"));
+        if !path.exists() {
+            return Ok(None);
+        }
+        let f = std::fs::File::open(&path).map_err(io(&path))?;
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(std::io::BufReader::new(f))
+            .read_to_string(&mut s)
+            .map_err(io(&path))?;
+        serde_json::from_str(&s)
+            .map(Some)
+            .map_err(|e| StoreError::Format {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Loads the ICD-10-CM → ICD-9-CM GEM CSV and saves it as the `icd10cm-gem` ConceptMap.
+    pub fn import_gem(&self, path: &Path) -> Result<serde_json::Value, StoreError> {
+        let cm = crate::gem::load_gem_file(path).map_err(|e| StoreError::Load(e.to_string()))?;
+        self.save_resource("icd10cm-gem", &cm)?;
+        Ok(cm)
+    }
+
+    /// Loads a LOINC release directory and saves it as `loinc`.
+    pub fn import_loinc(
+        &self,
+        dir: &Path,
+        version: Option<&str>,
+    ) -> Result<ConceptTable, StoreError> {
+        let t = crate::loinc::load_loinc_dir(dir, version)
+            .map_err(|e| StoreError::Load(e.to_string()))?;
+        self.save("loinc", &t)?;
+        Ok(t)
+    }
+
+    /// Loads a SNOMED CT RF2 release directory and saves it as `snomed`.
+    pub fn import_snomed(
+        &self,
+        dir: &Path,
+        version: Option<&str>,
+    ) -> Result<ConceptTable, StoreError> {
+        let t = crate::snomed::load_rf2_dir(dir, version)
+            .map_err(|e| StoreError::Load(e.to_string()))?;
+        self.save("snomed", &t)?;
+        Ok(t)
+    }
+
     /// Loads an ICD-10-CM tabular XML file and saves it as `icd10cm`
     /// (what `kiln terminology load icd10cm <path>` runs). On a parse error nothing is replaced.
     pub fn import_icd10cm(&self, path: &Path) -> Result<ConceptTable, StoreError> {

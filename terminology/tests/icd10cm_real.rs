@@ -71,3 +71,69 @@ fn icd10cm_2026_tabular() {
     let uniq: HashSet<_> = absent.iter().collect();
     assert_eq!(uniq.len(), absent.len());
 }
+
+#[test]
+fn icd10cm_through_the_service_and_gem_translate() {
+    use kiln_terminology::{Terminology, TerminologyStore};
+    use serde_json::json;
+    use std::sync::Arc;
+    let Some(dir) = shared() else { return };
+    let store_dir = std::env::temp_dir().join(format!("kiln-tx-real-{}", std::process::id()));
+    let store = TerminologyStore::open(&store_dir).unwrap();
+    let t0 = Instant::now();
+    store
+        .import_icd10cm(&dir.join("icd10cm-tabular-2026.xml"))
+        .unwrap();
+    let gem = store
+        .import_gem(&dir.join("icd10cm-to-icd9-gem.csv"))
+        .unwrap();
+    println!("import ICD-10-CM + GEM into store: {:?}", t0.elapsed());
+    let t1 = Instant::now();
+    let table = store.load("icd10cm").unwrap().expect("snapshot");
+    println!("reload ICD-10-CM snapshot: {:?}", t1.elapsed());
+    let mut tx = Terminology::new();
+    tx.add_code_system(Arc::new(table));
+    tx.add_resource(store.load_resource("icd10cm-gem").unwrap().expect("gem"))
+        .unwrap();
+    assert!(gem["group"][0]["element"].as_array().unwrap().len() > 60_000);
+
+    let sys = "http://hl7.org/fhir/sid/icd-10-cm";
+    let r = tx
+        .validate_code_cs(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "url", "valueUri": sys}, {"name": "code", "valueCode": "E11.9"}]}))
+        .unwrap();
+    assert!(r["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "result" && p["valueBoolean"] == true));
+
+    let r = tx
+        .translate(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "system", "valueUri": sys}, {"name": "code", "valueCode": "A00.0"},
+            {"name": "targetsystem", "valueUri": "http://hl7.org/fhir/sid/icd-9-cm"}]}))
+        .unwrap();
+    let s = r.to_string();
+    assert!(s.contains("\"001.0\""), "{s}");
+    let r = tx
+        .translate(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "system", "valueUri": "http://hl7.org/fhir/sid/icd-9-cm"}, {"name": "code", "valueCode": "001.0"},
+            {"name": "targetsystem", "valueUri": sys}, {"name": "reverse", "valueBoolean": true}]}))
+        .unwrap();
+    assert!(r.to_string().contains("\"A00.0\""), "{r}");
+
+    // implicit value set expansion with a text filter, paged
+    let vs = json!({"resourceType": "ValueSet", "url": "http://example.org/vs/e11", "status": "active",
+        "compose": {"include": [{"system": sys, "filter": [{"property": "concept", "op": "is-a", "value": "E11"}]}]}});
+    let t2 = Instant::now();
+    let e = tx
+        .expand(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "valueSet", "resource": vs}, {"name": "filter", "valueString": "retinopathy macular"},
+            {"name": "count", "valueInteger": 5}]}))
+        .unwrap();
+    println!("expand is-a E11 + filter: {:?}", t2.elapsed());
+    let total = e["expansion"]["total"].as_i64().unwrap();
+    assert!(total > 10, "{total}");
+    assert_eq!(e["expansion"]["contains"].as_array().unwrap().len(), 5);
+    let _ = std::fs::remove_dir_all(&store_dir);
+}

@@ -1,0 +1,312 @@
+//! Reading delimited release files (LOINC CSV, SNOMED RF2 TSV, CMS GEM CSV) by header name,
+//! with errors that name the file, line and column.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A load error: file, 1-based line and column, message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct FileError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// One data row: its 1-based line number and fields.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub line: usize,
+    pub fields: Vec<String>,
+}
+
+/// A parsed file: header → column index, rows.
+#[derive(Debug)]
+pub struct Table {
+    pub file: String,
+    pub columns: HashMap<String, usize>,
+    pub rows: Vec<Row>,
+}
+
+impl Table {
+    /// Index of a required column (error at line 1 when absent).
+    pub fn col(&self, name: &str) -> Result<usize, FileError> {
+        self.columns.get(name).copied().ok_or_else(|| FileError {
+            file: self.file.clone(),
+            line: 1,
+            column: 1,
+            message: format!("required column '{name}' is missing from the header"),
+        })
+    }
+    pub fn opt_col(&self, name: &str) -> Option<usize> {
+        self.columns.get(name).copied()
+    }
+    pub fn error(&self, row: &Row, col: usize, message: impl Into<String>) -> FileError {
+        FileError {
+            file: self.file.clone(),
+            line: row.line,
+            column: col + 1,
+            message: message.into(),
+        }
+    }
+}
+
+pub fn read_file(path: &Path) -> Result<String, FileError> {
+    let bytes = std::fs::read(path).map_err(|e| FileError {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        message: e.to_string(),
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let upto = e.utf8_error().valid_up_to();
+        FileError {
+            file: path.display().to_string(),
+            line: 1 + e.as_bytes()[..upto].iter().filter(|b| **b == b'\n').count(),
+            column: 0,
+            message: "file is not valid UTF-8".into(),
+        }
+    })
+}
+
+/// Tab-separated (RF2): no quoting, CRLF or LF line ends, header row.
+pub fn parse_tsv(text: &str, file: &str) -> Result<Table, FileError> {
+    let text = text.trim_start_matches('\u{feff}');
+    let mut lines = text.split('\n').enumerate();
+    let header = match lines.next() {
+        Some((_, h)) if !h.trim().is_empty() => h.trim_end_matches('\r'),
+        _ => {
+            return Err(FileError {
+                file: file.into(),
+                line: 1,
+                column: 1,
+                message: "empty file: no header row".into(),
+            })
+        }
+    };
+    let names: Vec<&str> = header.split('\t').collect();
+    let columns = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.trim().to_string(), i))
+        .collect();
+    let mut rows = Vec::new();
+    for (i, l) in lines {
+        let l = l.trim_end_matches('\r');
+        if l.is_empty() {
+            continue;
+        }
+        let fields: Vec<String> = l.split('\t').map(str::to_string).collect();
+        if fields.len() != names.len() {
+            return Err(FileError {
+                file: file.into(),
+                line: i + 1,
+                column: fields.len().min(names.len()) + 1,
+                message: format!(
+                    "expected {} tab-separated fields, found {}",
+                    names.len(),
+                    fields.len()
+                ),
+            });
+        }
+        rows.push(Row {
+            line: i + 1,
+            fields,
+        });
+    }
+    Ok(Table {
+        file: file.into(),
+        columns,
+        rows,
+    })
+}
+
+/// Comma-separated with RFC 4180 quoting (`"…"`, `""` escapes, quoted newlines), header row.
+pub fn parse_csv(text: &str, file: &str) -> Result<Table, FileError> {
+    let text = text.trim_start_matches('\u{feff}');
+    let mut records: Vec<Row> = Vec::new();
+    let mut fields: Vec<String> = Vec::new();
+    let mut field = String::new();
+    let mut line = 1usize;
+    let mut col = 1usize;
+    let mut rec_line = 1usize;
+    let mut in_quotes = false;
+    let mut quoted_field = false;
+    let mut chars = text.chars().peekable();
+    let err = |line: usize, column: usize, m: &str| FileError {
+        file: file.into(),
+        line,
+        column,
+        message: m.into(),
+    };
+    let mut quote_start = (0, 0);
+    while let Some(c) = chars.next() {
+        if in_quotes {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    field.push('"');
+                    col += 2;
+                }
+                '"' => {
+                    in_quotes = false;
+                    col += 1;
+                    match chars.peek() {
+                        None | Some(',') | Some('\n') | Some('\r') => {}
+                        Some(_) => {
+                            return Err(err(line, col, "unexpected character after closing quote"))
+                        }
+                    }
+                }
+                '\n' => {
+                    field.push('\n');
+                    line += 1;
+                    col = 1;
+                }
+                _ => {
+                    field.push(c);
+                    col += 1;
+                }
+            }
+            continue;
+        }
+        match c {
+            '"' if field.is_empty() && !quoted_field => {
+                in_quotes = true;
+                quoted_field = true;
+                quote_start = (line, col);
+                col += 1;
+            }
+            '"' => return Err(err(line, col, "quote inside an unquoted field")),
+            ',' => {
+                fields.push(std::mem::take(&mut field));
+                quoted_field = false;
+                col += 1;
+            }
+            '\r' => {}
+            '\n' => {
+                fields.push(std::mem::take(&mut field));
+                quoted_field = false;
+                if !(fields.len() == 1 && fields[0].is_empty()) {
+                    records.push(Row {
+                        line: rec_line,
+                        fields: std::mem::take(&mut fields),
+                    });
+                } else {
+                    fields.clear();
+                }
+                line += 1;
+                col = 1;
+                rec_line = line;
+            }
+            _ => {
+                field.push(c);
+                col += 1;
+            }
+        }
+    }
+    if in_quotes {
+        return Err(err(
+            quote_start.0,
+            quote_start.1,
+            "unterminated quoted field",
+        ));
+    }
+    if !field.is_empty() || !fields.is_empty() || quoted_field {
+        fields.push(field);
+        records.push(Row {
+            line: rec_line,
+            fields,
+        });
+    }
+    let mut it = records.into_iter();
+    let header = it
+        .next()
+        .ok_or_else(|| err(1, 1, "empty file: no header row"))?;
+    let n = header.fields.len();
+    let columns = header
+        .fields
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.trim().to_string(), i))
+        .collect();
+    let mut rows = Vec::new();
+    for r in it {
+        if r.fields.len() != n {
+            return Err(err(
+                r.line,
+                r.fields.len().min(n) + 1,
+                &format!(
+                    "expected {n} comma-separated fields, found {}",
+                    r.fields.len()
+                ),
+            ));
+        }
+        rows.push(r);
+    }
+    Ok(Table {
+        file: file.into(),
+        columns,
+        rows,
+    })
+}
+
+/// Finds the first file under `dir` (recursively) whose name starts with `prefix`.
+pub fn find_file(dir: &Path, prefix: &str) -> Option<std::path::PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut found: Vec<std::path::PathBuf> = Vec::new();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p
+                .file_name()
+                .map(|n| n.to_string_lossy().starts_with(prefix))
+                .unwrap_or(false)
+            {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    found.into_iter().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quoting_and_errors() {
+        let t = parse_csv(
+            "\"A\",\"B\"\r\n\"1\",\"x, \"\"y\"\"\"\n\"2\",\"multi\nline\"\n",
+            "f.csv",
+        )
+        .unwrap();
+        assert_eq!(t.rows.len(), 2);
+        assert_eq!(t.rows[0].fields[1], "x, \"y\"");
+        assert_eq!(t.rows[1].fields[1], "multi\nline");
+        assert_eq!(t.rows[1].line, 3);
+        let e = parse_csv("A,B\n1,2\n3\n", "f.csv").unwrap_err();
+        assert_eq!((e.line, e.file.as_str()), (3, "f.csv"));
+        let e = parse_csv("A,B\n1,\"2\n", "f.csv").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 3));
+        assert!(e.message.contains("unterminated"));
+        let e = parse_csv("A,B\n1,2\"x\n", "f.csv").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 4));
+    }
+
+    #[test]
+    fn tsv_field_count() {
+        let t = parse_tsv("id\tactive\r\n1\t1\r\n", "x.txt").unwrap();
+        assert_eq!(t.rows[0].fields, vec!["1", "1"]);
+        let e = parse_tsv("id\tactive\r\n1\t1\r\n2\r\n", "x.txt").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 2));
+        assert!(t.col("nope").is_err());
+    }
+}
