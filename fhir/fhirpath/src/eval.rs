@@ -1626,7 +1626,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                     return Ok(Some(Item::String(s.to_string())));
                 }
                 let re = crate::regex_cached(&pat)?;
-                // FHIRPath uses `$1` group references, like the regex crate (`${1}` form too).
+                let rep = group_refs_braced(&rep);
                 Ok(Some(Item::String(
                     re.replace_all(s, rep.as_str()).into_owned(),
                 )))
@@ -2134,6 +2134,31 @@ fn reference_stub(reference: &str) -> Option<Item<'static>> {
         JsonRef::Shared(Arc::new(Value::Object(m))),
         Some(t),
     ))
+}
+
+/// `$1x` means group 1 then `x` (Java/JS style); the regex crate would read group `1x`.
+fn group_refs_braced(rep: &str) -> String {
+    let mut out = String::with_capacity(rep.len() + 4);
+    let b = rep.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'$' && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            let start = i + 1;
+            let mut j = start;
+            while b.get(j).is_some_and(u8::is_ascii_digit) {
+                j += 1;
+            }
+            out.push_str("${");
+            out.push_str(&rep[start..j]);
+            out.push('}');
+            i = j;
+        } else {
+            let c = rep[i..].chars().next().unwrap_or('\u{fffd}');
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
 }
 
 /// Calls `f` with `_name` without allocating for ordinary element names.

@@ -178,3 +178,75 @@ fn unresolvable_typed_references_resolve_to_stubs() {
     let ctx = Context::new(&obs).with_reference_stubs(false);
     assert!(evaluate(&expr, &obs, &ctx).unwrap().is_empty());
 }
+
+#[test]
+fn more_functions() {
+    let e = json!({});
+    assert_eq!(
+        eval_json("'abc123'.replaceMatches('([a-z]+)([0-9]+)', '$2x$1')", &e),
+        vec![json!("123xabc")]
+    );
+    assert_eq!(
+        eval_json("'a,b'.split(',').join('|')", &e),
+        vec![json!("a|b")]
+    );
+    assert_eq!(
+        eval_json("(3 | 1 | 2).sort()", &e),
+        vec![json!(1), json!(2), json!(3)]
+    );
+    assert_eq!(eval_json("(1 | 2 | 3).sum()", &e), vec![json!(6)]);
+    assert_eq!(eval_json("(1 | 5 | 3).max()", &e), vec![json!(5)]);
+    assert_eq!(
+        eval_json("@2020-01-01T10:00:00Z.toString()", &e),
+        vec![json!("2020-01-01T10:00:00Z")]
+    );
+    assert_eq!(
+        eval_json("'2020-02'.toDate() + 1 month", &e),
+        vec![json!("2020-03")]
+    );
+    assert_eq!(eval_json("@T23:30 + 1 hour", &e), vec![json!("00:30")]);
+    assert_eq!(eval_json("1 'kg' > 900 'g'", &e), vec![json!(true)]);
+    assert_eq!(eval_json("100 'mg/dL' = 1 'g/L'", &e), vec![json!(true)]);
+    assert_eq!(
+        eval_json("1 'mL' + 1 'L'", &e),
+        vec![json!({"value": 1001, "unit": "mL"})]
+    );
+    assert_eq!(eval_json("(0.1 + 0.2) = 0.3", &e), vec![json!(true)]);
+    assert_eq!(eval_json("1.50.toString()", &e), vec![json!("1.50")]);
+    assert_eq!(
+        eval_json("%ucum", &e),
+        vec![json!("http://unitsofmeasure.org")]
+    );
+    assert_eq!(
+        eval_json("%`vs-administrative-gender`", &e),
+        vec![json!("http://hl7.org/fhir/ValueSet/administrative-gender")]
+    );
+    assert!(eval_to_json_array("%undefined", &e).is_err());
+    assert_eq!(
+        eval_json("'x'.memberOf('http://hl7.org/fhir/ValueSet/x')", &e),
+        Vec::<Value>::new()
+    );
+}
+
+#[test]
+fn strict_mode_and_primitive_extensions() {
+    let p = json!({"resourceType": "Patient", "_active": {"extension": [{"url": "u", "valueBoolean": true}]},
+        "name": [{"given": ["A", null], "_given": [null, {"extension": [{"url": "v", "valueString": "x"}]}]}]});
+    assert_eq!(eval_json("active.hasValue()", &p), vec![json!(false)]);
+    assert_eq!(
+        eval_json("active.extension('u').value", &p),
+        vec![json!(true)]
+    );
+    assert_eq!(eval_json("name.given.count()", &p), vec![json!(2)]);
+    assert_eq!(
+        eval_json("name.given.extension('v').value", &p),
+        vec![json!("x")]
+    );
+    let expr = Expression::parse("Patient.nmae").unwrap();
+    assert!(evaluate(&expr, &p, &Context::new(&p)).unwrap().is_empty());
+    let err = evaluate(&expr, &p, &Context::new(&p).with_strict(true)).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Semantic);
+    let items = evaluate_str("Patient.name", &p).unwrap();
+    assert_eq!(items[0].type_name(), Some("HumanName"));
+    assert!(items[0].as_json_node().is_some());
+}
