@@ -22,7 +22,7 @@ use crate::html;
 use crate::scopes::{Scope, ScopeContext, ScopeSet};
 use crate::store::{
     now, AuthStoreExt, AuthorizationCode, Client, ClientAuthMethod, EhrLaunch, LaunchContext,
-    PendingAuthorization, RefreshTokenRecord, Session, User,
+    PendingAuthorization, RecordKind, RefreshTokenRecord, Session, User,
 };
 use crate::tokens::{
     bearer_token, sign, verify_access_token, verify_active_access_token, AccessToken,
@@ -1255,10 +1255,22 @@ async fn grant_refresh_token(
         .non_empty("refresh_token")
         .ok_or_else(|| OAuthError::invalid_request("refresh_token missing"))?;
     let hash = sha256_hex(token);
-    let record = store
-        .get_refresh_token(&hash)
-        .await?
-        .ok_or_else(|| OAuthError::invalid_grant("invalid or expired refresh token"))?;
+    let tombstone = format!("rotated:{hash}");
+    let Some(record) = store.get_refresh_token(&hash).await? else {
+        // A rotated-out token presented again signals theft: revoke the whole grant.
+        if state.config().refresh_reuse_detection {
+            if let Some(v) = store.get(RecordKind::RevokedToken, &tombstone).await? {
+                if let Some(gid) = v.get("gid").and_then(Value::as_str) {
+                    store
+                        .revoke_token_id(gid, now() + state.config().refresh_token_lifetime)
+                        .await?;
+                }
+            }
+        }
+        return Err(OAuthError::invalid_grant(
+            "invalid or expired refresh token",
+        ));
+    };
     if record.client_id != client.client_id {
         return Err(OAuthError::invalid_grant(
             "refresh token was issued to another client",
@@ -1302,6 +1314,16 @@ async fn grant_refresh_token(
         .take_refresh_token(&hash)
         .await?
         .ok_or_else(|| OAuthError::invalid_grant("refresh token already used"))?;
+    if state.config().refresh_reuse_detection {
+        store
+            .put(
+                RecordKind::RevokedToken,
+                &tombstone,
+                &json!({"gid": record.grant_id}),
+                Some(record.expires_at),
+            )
+            .await?;
+    }
     let mut body = issue_tokens(
         state,
         &Issue {

@@ -111,6 +111,8 @@ pub struct SmartConfig {
     pub secure_cookies: bool,
     /// Introspection requires a bearer token or client authentication.
     pub introspection_requires_auth: bool,
+    /// Presenting a rotated-out refresh token again revokes the whole grant (OAuth 2.1 §4.3.1).
+    pub refresh_reuse_detection: bool,
 }
 
 impl SmartConfig {
@@ -134,6 +136,7 @@ impl SmartConfig {
             login_rate_per_minute: 30,
             token_rate_per_minute: 600,
             introspection_requires_auth: true,
+            refresh_reuse_detection: true,
         }
     }
 

@@ -292,20 +292,6 @@ async fn standalone_patient_launch_full_cycle() {
     assert!(t2["expires_in"].is_number() && t2["access_token"].is_string());
     let refresh2 = t2["refresh_token"].as_str().unwrap().to_string();
     assert_ne!(refresh2, refresh, "rotation");
-    // Old refresh token is dead.
-    let r = s
-        .post_form(
-            "/auth/token",
-            &[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", &refresh),
-                ("client_id", &s.public_client),
-            ],
-            &[],
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert_eq!(r.json()["error"], "invalid_grant");
     // Without scope: the original grant again.
     let r = s
         .post_form(
@@ -1383,4 +1369,71 @@ async fn ehr_launch_redirect_and_capability_security() {
         smart_configuration_document(&s.state)["token_endpoint"],
         format!("{BASE}/auth/token")
     );
+}
+
+#[tokio::test]
+async fn refresh_token_reuse_revokes_the_grant() {
+    for detection in [true, false] {
+        let mut c = config();
+        c.refresh_reuse_detection = detection;
+        let s = server_with(c, std::sync::Arc::new(MemoryAuthStore::new())).await;
+        let (verifier, challenge) = pkce_pair();
+        let cb = run_authorization(
+            &s,
+            &s.public_client,
+            "launch/patient offline_access patient/*.rs",
+            &challenge,
+            ("pat", "patient-password"),
+            None,
+            &[],
+            &|_| true,
+        )
+        .await;
+        let t = exchange(
+            &s,
+            &query_param(&cb, "code").unwrap(),
+            &verifier,
+            &s.public_client,
+        )
+        .await
+        .json();
+        let old = t["refresh_token"].as_str().unwrap().to_string();
+        let refresh = |tok: String| {
+            let s = &s;
+            async move {
+                s.post_form(
+                    "/auth/token",
+                    &[
+                        ("grant_type", "refresh_token"),
+                        ("refresh_token", &tok),
+                        ("client_id", &s.public_client),
+                    ],
+                    &[],
+                )
+                .await
+            }
+        };
+        let r = refresh(old.clone()).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let new = r.json()["refresh_token"].as_str().unwrap().to_string();
+        let new_access = r.json()["access_token"].as_str().unwrap().to_string();
+        let r = refresh(old.clone()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::BAD_REQUEST,
+            "rotated-out token refused"
+        );
+        assert_eq!(r.json()["error"], "invalid_grant");
+        let r = refresh(new).await;
+        let still_valid = authorize_bearer(&s.state, Some(&format!("Bearer {new_access}")))
+            .await
+            .is_ok();
+        if detection {
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "reuse revoked the grant");
+            assert!(!still_valid);
+        } else {
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(still_valid);
+        }
+    }
 }
