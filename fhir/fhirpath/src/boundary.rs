@@ -5,9 +5,9 @@ use crate::datetime::{DateTimeValue, Precision, TimeValue};
 use crate::value::{Item, Prim, Quantity};
 use rust_decimal::{Decimal, RoundingStrategy};
 
-fn half_unit(scale: u32) -> Decimal {
-    // 0.5 * 10^-scale
-    Decimal::new(5, scale + 1)
+fn half_unit(scale: u32) -> Option<Decimal> {
+    // 0.5 * 10^-scale (not representable beyond 28 fractional digits)
+    Decimal::try_new(5, scale + 1).ok()
 }
 
 fn dec_boundary(v: Decimal, high: bool, precision: Option<i64>) -> Option<Decimal> {
@@ -20,7 +20,7 @@ fn dec_boundary(v: Decimal, high: bool, precision: Option<i64>) -> Option<Decima
     let a = v.abs();
     // For negative values the low boundary mirrors the high boundary of |v| and vice versa.
     let want_high = high != neg;
-    let hu = half_unit(a.scale());
+    let hu = half_unit(a.scale())?;
     let mut r = if want_high {
         a.checked_add(hu)?
             .round_dp_with_strategy(p, RoundingStrategy::MidpointAwayFromZero)

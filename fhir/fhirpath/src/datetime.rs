@@ -304,7 +304,7 @@ impl DateTimeValue {
         let mut v = *self;
         match unit {
             "year" => {
-                let y = v.year as i64 + whole;
+                let y = (v.year as i64).checked_add(whole)?;
                 v.year = i32::try_from(y).ok()?;
                 if !(1..=9999).contains(&v.year) {
                     return None;
@@ -313,7 +313,7 @@ impl DateTimeValue {
                 Some(v)
             }
             "month" => {
-                let total = v.year as i64 * 12 + (v.month as i64 - 1) + whole;
+                let total = (v.year as i64 * 12 + (v.month as i64 - 1)).checked_add(whole)?;
                 v.year = i32::try_from(total.div_euclid(12)).ok()?;
                 v.month = (total.rem_euclid(12) + 1) as u8;
                 if !(1..=9999).contains(&v.year) {

@@ -1255,29 +1255,39 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 Ok(out)
             }
             "repeat" => {
+                // Nodes are deduplicated by identity (hash of the JSON address), System values
+                // by equality.
                 let mut out: Coll<'a> = Vec::new();
+                let mut seen_nodes: std::collections::HashSet<usize> = Default::default();
+                let mut values: Coll<'a> = Vec::new();
                 let mut queue = input;
-                let mut guard = 0usize;
+                let mut levels = 0usize;
                 while !queue.is_empty() {
                     let mut next = Vec::new();
                     for (i, item) in queue.iter().enumerate() {
                         for r in self.lambda(&args[0], item, i)? {
-                            let seen = out.iter().any(|o| match (o, &r) {
-                                (Item::Node(x), Item::Node(y)) => match (&x.value, &y.value) {
-                                    (Some(a), Some(b)) => a.same(b),
-                                    _ => false,
-                                },
-                                _ => same_value(o, &r),
-                            });
-                            if !seen {
+                            let fresh = match &r {
+                                Item::Node(Node { value: Some(v), .. }) => {
+                                    seen_nodes.insert(&**v as *const Value as usize)
+                                }
+                                _ => {
+                                    if values.iter().any(|o| same_value(o, &r)) {
+                                        false
+                                    } else {
+                                        values.push(r.clone());
+                                        true
+                                    }
+                                }
+                            };
+                            if fresh {
                                 out.push(r.clone());
                                 next.push(r);
                             }
                         }
                     }
                     queue = next;
-                    guard += 1;
-                    if guard > 10_000 {
+                    levels += 1;
+                    if levels > 1_000 || out.len() > 100_000 {
                         return Err(exec("repeat() did not terminate"));
                     }
                 }

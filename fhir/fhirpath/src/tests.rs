@@ -250,3 +250,23 @@ fn strict_mode_and_primitive_extensions() {
     assert_eq!(items[0].type_name(), Some("HumanName"));
     assert!(items[0].as_json_node().is_some());
 }
+
+#[test]
+fn hostile_inputs_error_instead_of_panicking() {
+    let e = json!({});
+    for src in [
+        "@2014-01-01 + 9223372036854775807 years",
+        "@2014-01-01 - 9223372036854775807 months",
+        "1.0000000000000000000000000001.lowBoundary()",
+        "1 '%999999999' = 1 '1'",
+        "1 '10*99999' = 1 '1'",
+        "9223372036854775807 + 1",
+        "(-9223372036854775807 - 1).abs()",
+        "1.repeat($this + 1)",
+        "'x'.matches('(')",
+        "99999999999999999999999999999.0 * 10",
+        "@T10:00 + 99999999999999999999 hours",
+    ] {
+        let _ = eval_to_json_array(src, &e);
+    }
+}

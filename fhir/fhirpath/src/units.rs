@@ -68,6 +68,9 @@ impl Canonical {
         })
     }
     fn pow(&self, e: i32) -> Option<Canonical> {
+        if e.unsigned_abs() > 64 {
+            return None;
+        }
         let mut out = Canonical::one();
         for _ in 0..e.unsigned_abs() {
             out = out.mul(self, 1)?;
@@ -288,6 +291,9 @@ fn prefix(p: &str) -> Option<i32> {
 }
 
 fn pow10(e: i32) -> Option<Decimal> {
+    if e > 28 {
+        return None;
+    }
     if e >= 0 {
         let mut d = Decimal::ONE;
         for _ in 0..e {
