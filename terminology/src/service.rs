@@ -923,7 +923,6 @@ impl<'a> Ctx<'a> {
             .take(count.unwrap_or(usize::MAX))
             .collect();
         let include_designations = p.bool("includeDesignations") == Some(true);
-        let include_definition = p.bool("includeDefinition") == Some(true);
         let props: Vec<String> = p
             .all("property")
             .filter_map(value_x)
@@ -938,13 +937,17 @@ impl<'a> Ctx<'a> {
                 .or_default()
                 .insert(i.version.as_deref());
         }
-        let contains: Vec<Value> = page
+        let rendered: Vec<Map<String, Value>> = page
             .iter()
             .map(|i| {
                 let mut c = Map::new();
                 c.insert("system".into(), json!(i.system));
                 if let Some(v) = &i.version {
-                    if versions_by_system.get(i.system.as_str()).map(|s| s.len() > 1).unwrap_or(false) {
+                    if versions_by_system
+                        .get(i.system.as_str())
+                        .map(|s| s.len() > 1)
+                        .unwrap_or(false)
+                    {
                         c.insert("version".into(), json!(v));
                     }
                 }
@@ -961,16 +964,14 @@ impl<'a> Ctx<'a> {
                 if include_designations && !i.concept.designations.is_empty() {
                     c.insert(
                         "designation".into(),
-                        Value::Array(i.concept.designations.iter().map(designation_json).collect()),
+                        Value::Array(
+                            i.concept
+                                .designations
+                                .iter()
+                                .map(designation_json)
+                                .collect(),
+                        ),
                     );
-                }
-                if include_definition {
-                    if let Some(d) = &i.concept.definition {
-                        c.insert(
-                            "extension".into(),
-                            json!([{"url": "http://hl7.org/fhir/StructureDefinition/valueset-concept-definition", "valueString": d}]),
-                        );
-                    }
                 }
                 if !props.is_empty() {
                     let pv: Vec<Value> = i
@@ -987,9 +988,19 @@ impl<'a> Ctx<'a> {
                         c.insert("property".into(), Value::Array(pv));
                     }
                 }
-                Value::Object(c)
+                c
             })
             .collect();
+        // hierarchical (nested) contains unless excludeNested, paging or a text filter
+        let nest = p.bool("excludeNested") != Some(true)
+            && p.param("count").is_none()
+            && p.param("offset").is_none()
+            && p.param("filter").is_none();
+        let contains: Vec<Value> = if nest {
+            self.nest(&page, rendered)
+        } else {
+            rendered.into_iter().map(Value::Object).collect()
+        };
         let mut parameters: Vec<Value> = Vec::new();
         for name in [
             "excludeNested",
@@ -1029,29 +1040,125 @@ impl<'a> Ctx<'a> {
         );
         expansion.insert("timestamp".into(), json!(now_instant()));
         expansion.insert("total".into(), json!(total));
-        if p.param("offset").is_some() || p.param("count").is_some() {
+        if p.param("offset").is_some() {
             expansion.insert("offset".into(), json!(offset));
         }
         if !parameters.is_empty() {
             expansion.insert("parameter".into(), Value::Array(parameters));
         }
         if !props.is_empty() {
-            expansion.insert(
-                "property".into(),
-                Value::Array(props.iter().map(|p| json!({"code": p})).collect()),
-            );
+            let defs: Vec<crate::provider::PropertyDef> = used
+                .code_systems
+                .iter()
+                .filter_map(|c| self.find_cs(c, None))
+                .flat_map(|e| e.provider().property_defs())
+                .collect();
+            let list = props
+                .iter()
+                .map(|p| {
+                    match defs
+                        .iter()
+                        .find(|d| &d.code == p)
+                        .and_then(|d| d.uri.clone())
+                    {
+                        Some(uri) => json!({"code": p, "uri": uri}),
+                        None => json!({"code": p}),
+                    }
+                })
+                .collect();
+            expansion.insert("property".into(), Value::Array(list));
         }
         if !contains.is_empty() {
             expansion.insert("contains".into(), Value::Array(contains));
         }
-        let mut out = (*vs).clone();
-        if let Some(o) = out.as_object_mut() {
-            o.remove("text");
-            o.remove("expansion");
-            o.remove("compose");
-            o.insert("expansion".into(), Value::Object(expansion));
+        let mut out = Map::new();
+        for k in [
+            "resourceType",
+            "id",
+            "language",
+            "extension",
+            "url",
+            "version",
+            "name",
+            "title",
+            "status",
+            "experimental",
+            "date",
+        ] {
+            if let Some(v) = vs.get(k) {
+                out.insert(k.into(), v.clone());
+            }
         }
-        Ok(out)
+        out.insert("expansion".into(), Value::Object(expansion));
+        Ok(Value::Object(out))
+    }
+
+    /// Nests rendered `contains` entries under their nearest parent present in the expansion.
+    fn nest(&self, page: &[&Item], rendered: Vec<Map<String, Value>>) -> Vec<Value> {
+        let pos: HashMap<(&str, &str), usize> = page
+            .iter()
+            .enumerate()
+            .map(|(n, i)| ((i.system.as_str(), i.concept.code.as_str()), n))
+            .collect();
+        let mut parent_of: Vec<Option<usize>> = vec![None; page.len()];
+        let mut providers: HashMap<(String, Option<String>), Option<Arc<dyn CodeSystemProvider>>> =
+            HashMap::new();
+        for (n, i) in page.iter().enumerate() {
+            let prov = providers
+                .entry((i.system.clone(), i.version.clone()))
+                .or_insert_with(|| {
+                    self.find_cs(&i.system, i.version.as_deref())
+                        .map(|e| e.provider())
+                })
+                .clone();
+            if let Some(prov) = prov {
+                parent_of[n] = prov
+                    .parents(&i.concept.code)
+                    .iter()
+                    .filter_map(|p| pos.get(&(i.system.as_str(), p.as_str())).copied())
+                    .find(|&p| p != n);
+            }
+        }
+        // break cycles: a node whose parent chain returns to itself becomes a root
+        for n in 0..page.len() {
+            let mut seen = HashSet::new();
+            let mut cur = parent_of[n];
+            while let Some(c) = cur {
+                if c == n || !seen.insert(c) {
+                    parent_of[n] = None;
+                    break;
+                }
+                cur = parent_of[c];
+            }
+        }
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); page.len()];
+        let mut roots = Vec::new();
+        for (n, p) in parent_of.iter().enumerate() {
+            match p {
+                Some(p) => children[*p].push(n),
+                None => roots.push(n),
+            }
+        }
+        let mut slots: Vec<Option<Map<String, Value>>> = rendered.into_iter().map(Some).collect();
+        fn build(
+            n: usize,
+            children: &[Vec<usize>],
+            slots: &mut Vec<Option<Map<String, Value>>>,
+        ) -> Value {
+            let mut m = slots[n].take().unwrap_or_default();
+            if !children[n].is_empty() {
+                let kids: Vec<Value> = children[n]
+                    .iter()
+                    .map(|&c| build(c, children, slots))
+                    .collect();
+                m.insert("contains".into(), Value::Array(kids));
+            }
+            Value::Object(m)
+        }
+        roots
+            .into_iter()
+            .map(|r| build(r, &children, &mut slots))
+            .collect()
     }
 
     // ------------------------------------------------------------ membership

@@ -292,11 +292,9 @@ fn tx_ecosystem_suites() {
                 continue; // tests for a specific server mode
             }
             let op = test["operation"].as_str().unwrap_or("");
-            let resp_file = test
-                .get("response:flat")
-                .or_else(|| test.get("response"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            // the library nests expansions (excludeNested=false), so the hierarchical
+            // `response` applies rather than `response:flat`
+            let resp_file = test.get("response").and_then(Value::as_str).unwrap_or("");
             let (Some(mut req), Some(expected)) = (
                 test["request"].as_str().and_then(|f| load(&root.join(f))),
                 load(&root.join(resp_file)),
