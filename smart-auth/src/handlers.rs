@@ -524,11 +524,20 @@ async fn authorize(state: &AuthState, headers: &HeaderMap, f: FormData) -> Respo
     let mut scopes = requested.restrict_to(&allowed);
     let mut context = LaunchContext::default();
     let mut launch_id = None;
+    let mut launch_username = None;
     if let Some(l) = f.non_empty("launch") {
         match store.get_launch(l).await {
             Ok(Some(launch)) => {
+                if launch
+                    .client_id
+                    .as_deref()
+                    .is_some_and(|c| c != client.client_id)
+                {
+                    return fail("invalid_request", "this launch is for another client");
+                }
                 context = launch.context;
                 launch_id = Some(l.to_string());
+                launch_username = launch.username;
             }
             Ok(None) => return fail("invalid_request", "unknown or expired launch"),
             Err(e) => return fail("server_error", &e.to_string()),
@@ -552,6 +561,7 @@ async fn authorize(state: &AuthState, headers: &HeaderMap, f: FormData) -> Respo
         nonce: f.non_empty("nonce").map(str::to_string),
         context,
         launch_id,
+        launch_username,
         csrf: random_token(24),
         expires_at: now() + 1800,
     };
@@ -931,6 +941,18 @@ async fn consent_submit(
         }
     };
     let st = pending.state.as_deref();
+    if pending
+        .launch_username
+        .as_deref()
+        .is_some_and(|u| u != user.username)
+    {
+        return redirect_error(
+            &pending.redirect_uri,
+            st,
+            "access_denied",
+            "the EHR launch was made for another user",
+        );
+    }
     if f.get("decision") != Some("approve") {
         return redirect_error(
             &pending.redirect_uri,
@@ -1727,7 +1749,7 @@ async fn is_admin(state: &AuthState, headers: &HeaderMap) -> bool {
 }
 
 /// `POST /auth/launch` with JSON `{patient?, encounter?, fhirContext?, need_patient_banner?,
-/// smart_style_url?, intent?, tenant?, username?}` → `201 {"launch": id, "iss": base, "expires_in"}`.
+/// smart_style_url?, intent?, tenant?, username?, client_id?}` (username/client_id bind the launch) → `201 {"launch": id, "iss": base, "expires_in"}`.
 async fn create_launch(
     State(state): State<AuthState>,
     headers: HeaderMap,
@@ -1784,6 +1806,10 @@ async fn create_launch(
         context,
         username: v
             .get("username")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        client_id: v
+            .get("client_id")
             .and_then(Value::as_str)
             .map(str::to_string),
         created_at: now(),
@@ -1961,6 +1987,7 @@ async fn ehr_launch_redirect(
             ..Default::default()
         },
         username: Some(user.username.clone()),
+        client_id: Some(client.client_id.clone()),
         created_at: now(),
         expires_at: now() + state.config().launch_lifetime,
     };

@@ -27,7 +27,7 @@
 //!
 //! # Wiring (server side)
 //!
-//! ```ignore
+//! ```text
 //! let store = SqlAuthStore::new(AnyAuthPool::Sqlite(pool.clone()));
 //! store.migrate().await?;
 //! let auth = AuthState::new(SmartConfig::new("https://ehr.example/fhir"), Arc::new(store)).await?

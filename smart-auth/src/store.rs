@@ -301,9 +301,12 @@ pub struct LaunchContext {
 pub struct EhrLaunch {
     pub launch_id: String,
     pub context: LaunchContext,
-    /// User the EHR launched for (if known).
+    /// User the EHR launched for: only this user may complete the authorization.
     #[serde(default)]
     pub username: Option<String>,
+    /// Client the launch is for: only this client may use it.
+    #[serde(default)]
+    pub client_id: Option<String>,
     pub created_at: i64,
     pub expires_at: i64,
 }
@@ -324,6 +327,9 @@ pub struct PendingAuthorization {
     /// From an EHR launch.
     #[serde(default)]
     pub launch_id: Option<String>,
+    /// The EHR launch was made for this user.
+    #[serde(default)]
+    pub launch_username: Option<String>,
     pub csrf: String,
     pub expires_at: i64,
 }

@@ -1437,3 +1437,82 @@ async fn refresh_token_reuse_revokes_the_grant() {
         }
     }
 }
+
+#[tokio::test]
+async fn ehr_launch_is_bound_to_user_and_client() {
+    let s = server().await;
+    let admin = [("authorization", format!("Bearer {ADMIN_KEY}"))];
+    let admin: Vec<(&str, &str)> = admin.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = s
+        .post_json(
+            "/auth/launch",
+            &json!({"patient": "p1", "username": "doc", "client_id": s.public_client}),
+            &admin,
+        )
+        .await;
+    let launch = r.json()["launch"].as_str().unwrap().to_string();
+    let (_v, challenge) = pkce_pair();
+    // Another client can't use it.
+    let r = s
+        .get(
+            &authorize_url(
+                &s.secret_client,
+                "launch patient/*.rs",
+                &challenge,
+                "s",
+                &[("launch", &launch)],
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        query_param(&r.location(), "error").as_deref(),
+        Some("invalid_request")
+    );
+    // Another user can't complete it.
+    let r = s
+        .get(
+            &authorize_url(
+                &s.public_client,
+                "launch patient/*.rs",
+                &challenge,
+                "s",
+                &[("launch", &launch)],
+            ),
+            &[],
+        )
+        .await;
+    let req = query_param(&r.location(), "req").unwrap();
+    let r = s
+        .post_form(
+            "/auth/login",
+            &[
+                ("username", "pat"),
+                ("password", "patient-password"),
+                ("req", &req),
+            ],
+            &[],
+        )
+        .await;
+    let cookie = cookie_of(&r);
+    let r = s.get(&r.location(), &[("cookie", &cookie)]).await;
+    let page = s.get(&r.location(), &[("cookie", &cookie)]).await;
+    let csrf = hidden(&page.body, "csrf");
+    let r = s
+        .post_form(
+            "/auth/consent",
+            &[
+                ("req", &req),
+                ("csrf", &csrf),
+                ("decision", "approve"),
+                ("scope", "patient/*.rs"),
+            ],
+            &[("cookie", &cookie)],
+        )
+        .await;
+    assert_eq!(
+        query_param(&r.location(), "error").as_deref(),
+        Some("access_denied")
+    );
+    assert!(query_param(&r.location(), "code").is_none());
+}
