@@ -436,3 +436,100 @@ async fn fetch_jwks(state: &AuthState, uri: &str) -> Result<Value, OAuthError> {
         .await
         .map_err(|e| OAuthError::invalid_client(format!("cannot fetch jwks_uri: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryAuthStore;
+    use serde_json::json;
+
+    fn app(redirect: &str) -> NewClient {
+        NewClient {
+            client_name: "t".into(),
+            redirect_uris: vec![redirect.into()],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn add_client_validation() {
+        let s = MemoryAuthStore::new();
+        let c = add_client(&s, app("https://a.example/cb")).await.unwrap();
+        assert_eq!(c.client.auth_method, ClientAuthMethod::None);
+        assert!(c.client_secret.is_none());
+        assert_eq!(
+            c.client.grant_types,
+            vec!["authorization_code", "refresh_token"]
+        );
+        for bad in ["no scheme", "https://a.example/cb#frag", "", "https://a b/"] {
+            assert!(add_client(&s, app(bad)).await.is_err(), "{bad}");
+        }
+        // Native-app custom schemes are fine.
+        assert!(add_client(&s, app("com.example.app:/callback"))
+            .await
+            .is_ok());
+        let sym = add_client(
+            &s,
+            NewClient {
+                auth_method: Some(ClientAuthMethod::ClientSecretBasic),
+                ..app("https://a.example/cb")
+            },
+        )
+        .await
+        .unwrap();
+        let secret = sym.client_secret.unwrap();
+        assert!(secret.len() >= 40);
+        assert_eq!(sym.client.secret_hash.unwrap(), sha256_hex(&secret));
+        // Backend client defaults.
+        let backend = add_client(
+            &s,
+            NewClient {
+                client_name: "b".into(),
+                jwks: Some(json!({"keys": []})),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(backend.client.auth_method, ClientAuthMethod::PrivateKeyJwt);
+        assert_eq!(backend.client.grant_types, vec!["client_credentials"]);
+        assert_eq!(backend.client.scope, "system/*.rs");
+        // Invalid combinations.
+        let bad = [
+            NewClient {
+                grant_types: vec!["client_credentials".into()],
+                ..app("https://a.example/cb")
+            },
+            NewClient {
+                grant_types: vec!["password".into()],
+                ..app("https://a.example/cb")
+            },
+            NewClient {
+                jwks: Some(json!({"nokeys": 1})),
+                ..app("https://a.example/cb")
+            },
+            NewClient {
+                jwks_uri: Some("ftp://x".into()),
+                ..app("https://a.example/cb")
+            },
+            NewClient {
+                scope: Some("patient/Observation.dus".into()),
+                ..app("https://a.example/cb")
+            },
+            NewClient {
+                client_id: Some(c.client.client_id.clone()),
+                ..app("https://a.example/cb")
+            },
+        ];
+        for (i, n) in bad.into_iter().enumerate() {
+            assert!(add_client(&s, n).await.is_err(), "case {i}");
+        }
+        assert_eq!(s.list_clients().await.unwrap().len(), 4);
+    }
+
+    #[test]
+    fn percent_decoding_of_basic_credentials() {
+        assert_eq!(pct_decode("a%3Ab%2B"), "a:b+");
+        assert_eq!(pct_decode("plain"), "plain");
+    }
+}

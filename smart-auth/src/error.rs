@@ -175,3 +175,36 @@ impl IntoResponse for OAuthError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn www_authenticate_values() {
+        let missing = AuthError::Unauthorized {
+            error: None,
+            description: "x".into(),
+        };
+        assert_eq!(missing.www_authenticate().unwrap(), "Bearer realm=\"kiln\"");
+        let bad = AuthError::invalid_token("bad \"quote\"\r\n");
+        let v = bad.www_authenticate().unwrap();
+        assert!(
+            v.contains("error=\"invalid_token\"") && !v.contains('\n') && !v.contains("\"quote\"")
+        );
+        assert_eq!(
+            AuthError::Forbidden("no".into()).status(),
+            StatusCode::FORBIDDEN
+        );
+        assert!(AuthError::Forbidden("no".into())
+            .www_authenticate()
+            .unwrap()
+            .contains("insufficient_scope"));
+        let resp = bad.into_response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(resp.headers().get(header::WWW_AUTHENTICATE).is_some());
+        let o = OAuthError::invalid_client("x").into_response();
+        assert_eq!(o.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(o.headers().get(header::CACHE_CONTROL).unwrap(), "no-store");
+    }
+}
