@@ -65,14 +65,17 @@ pub fn code_system_table(res: &Value) -> ConceptTable {
         .collect();
     // property codes whose uri gives them a standard meaning
     let by_uri = |suffix: &str| -> Vec<String> {
-        t.property_defs
-            .iter()
-            .filter(|p| {
-                p.code == suffix
-                    || p.uri.as_deref()
-                        == Some(&format!("http://hl7.org/fhir/concept-properties#{suffix}"))
-            })
-            .map(|p| p.code.clone())
+        std::iter::once(suffix.to_string())
+            .chain(
+                t.property_defs
+                    .iter()
+                    .filter(|p| {
+                        p.code == suffix
+                            || p.uri.as_deref()
+                                == Some(&format!("http://hl7.org/fhir/concept-properties#{suffix}"))
+                    })
+                    .map(|p| p.code.clone()),
+            )
             .collect()
     };
     let status_props = by_uri("status");
@@ -101,6 +104,19 @@ pub fn code_system_table(res: &Value) -> ConceptTable {
                 use_display: u.and_then(|u| s(u, "display")).map(str::to_string),
                 value: value.to_string(),
             });
+        }
+        for e in arr(c, "extension") {
+            if s(e, "url")
+                == Some(
+                    "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status",
+                )
+            {
+                if let Some(v) = s(e, "valueCode") {
+                    concept
+                        .properties
+                        .push(("status".into(), PropertyValue::Code(v.to_string())));
+                }
+            }
         }
         let mut parents_by_prop = Vec::new();
         for p in arr(c, "property") {

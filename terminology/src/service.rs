@@ -475,6 +475,8 @@ struct CodingIn {
     loc_display: String,
     loc_system: String,
     loc_version: String,
+    /// The coding itself (`code`, `Coding`, `CodeableConcept.coding[i]`).
+    loc_base: String,
 }
 
 struct CodingResult {
@@ -489,6 +491,7 @@ struct CodingResult {
     unknown_system: Option<String>,
     not_in_vs: bool,
     pin_missing: bool,
+    status: Option<String>,
 }
 
 impl<'a> Ctx<'a> {
@@ -1289,6 +1292,7 @@ impl<'a> Ctx<'a> {
                     loc_display: format!("CodeableConcept.coding[{i}].display"),
                     loc_system: format!("CodeableConcept.coding[{i}].system"),
                     loc_version: format!("CodeableConcept.coding[{i}].version"),
+                    loc_base: format!("CodeableConcept.coding[{i}]"),
                 })
                 .collect();
             return Ok((list, Some(cc.clone()), "cc"));
@@ -1304,6 +1308,7 @@ impl<'a> Ctx<'a> {
                     loc_display: "Coding.display".into(),
                     loc_system: "Coding.system".into(),
                     loc_version: "Coding.version".into(),
+                    loc_base: "Coding".into(),
                 }],
                 None,
                 "coding",
@@ -1335,6 +1340,7 @@ impl<'a> Ctx<'a> {
                 loc_display: "display".into(),
                 loc_system: "system".into(),
                 loc_version: "version".into(),
+                loc_base: "code".into(),
             }],
             None,
             "code",
@@ -1359,6 +1365,7 @@ impl<'a> Ctx<'a> {
             unknown_system: None,
             not_in_vs: false,
             pin_missing: false,
+            status: None,
         };
         let lang = self.display_language();
         let Some(system) = c.system.clone() else {
@@ -1499,6 +1506,74 @@ impl<'a> Ctx<'a> {
         r.display = self.display_for(&concept, lang.as_deref());
         if concept.inactive {
             r.inactive = true;
+        }
+        let status = concept.property("status").next().map(|v| v.as_text());
+        if let (true, Some((vsv, _))) = (r.not_in_vs, vs) {
+            let inactive_excluded = vsv
+                .get("compose")
+                .and_then(|c| c.get("inactive"))
+                .and_then(Value::as_bool)
+                == Some(false)
+                || self.params.bool("activeOnly") == Some(true);
+            if concept.inactive && inactive_excluded {
+                let m = format!("The concept '{}' is valid but is not active", concept.code);
+                r.issues.push(issue_json(
+                    "error",
+                    "business-rule",
+                    "code-rule",
+                    &m,
+                    Some(&c.loc_code),
+                ));
+                r.messages.push(m);
+            }
+        }
+        if concept.not_selectable && self.params.bool("abstract") == Some(false) {
+            r.valid = false;
+            let m = format!(
+                "Code '{system}#{}' is abstract, and not allowed in this context",
+                concept.code
+            );
+            r.issues.push(issue_json(
+                "error",
+                "business-rule",
+                "code-rule",
+                &m,
+                Some(&c.loc_code),
+            ));
+            r.messages.push(m);
+        }
+        if concept.inactive {
+            let st = match status.as_deref() {
+                Some(s) if s != "inactive" => format!("{s} and inactive"),
+                _ => "inactive".to_string(),
+            };
+            let m = format!(
+                "The concept '{}' has a status of {st} and its use should be reviewed",
+                concept.code
+            );
+            r.issues.push(issue_json(
+                "warning",
+                "business-rule",
+                "code-comment",
+                &m,
+                Some(&c.loc_base),
+            ));
+            r.messages.push(m);
+            r.status = status.clone();
+        } else if status.as_deref() == Some("deprecated") {
+            let m = format!(
+                "The concept '{}' is deprecated and its use should be reviewed",
+                concept.code
+            );
+            r.issues.push(issue_json(
+                "warning",
+                "business-rule",
+                "code-comment",
+                &m,
+                Some(&c.loc_base),
+            ));
+            r.messages.push(m);
+            r.status = status.clone();
         }
         if let Some(d) = &c.display {
             let mut valid: Vec<&str> = concept.display.iter().map(String::as_str).collect();
@@ -1780,6 +1855,9 @@ impl<'a> Ctx<'a> {
             }
             if r.inactive {
                 out.push(p_bool("inactive", true));
+            }
+            if let Some(st) = &r.status {
+                out.push(p_str("status", "Code", st));
             }
         }
         for r in &results {

@@ -59,13 +59,11 @@ fn string_matches(expected: &str, actual: &str) -> bool {
         .and_then(|x| x.strip_suffix('$'))
     {
         // "$external:N:hint$" or "$external:N$"
-                // as the Java runner does without an externals file: every `|`-separated fragment
+        // as the Java runner does without an externals file: every `|`-separated fragment
         // of the hint must occur in the text, ignoring case
         let lower = actual.to_lowercase();
         return match inner.split_once(':') {
-            Some((_, hint)) => hint
-                .split('|')
-                .all(|f| lower.contains(&f.to_lowercase())),
+            Some((_, hint)) => hint.split('|').all(|f| lower.contains(&f.to_lowercase())),
             None => true,
         };
     }
@@ -73,7 +71,7 @@ fn string_matches(expected: &str, actual: &str) -> bool {
         .strip_prefix("$fragments:")
         .and_then(|x| x.strip_suffix('$'))
     {
-                let lower = actual.to_lowercase();
+        let lower = actual.to_lowercase();
         return inner
             .split('|')
             .all(|f| f.is_empty() || lower.contains(&f.to_lowercase()));
@@ -124,7 +122,7 @@ fn compare(expected: &Value, actual: &Value, path: &str) -> Result<(), String> {
                 .and_then(Value::as_array)
                 .map(|v| v.iter().filter_map(Value::as_str).collect())
                 .unwrap_or_default();
-                        let any_optional = optional.contains(&"*");
+            let any_optional = optional.contains(&"*");
             for (k, ev) in e {
                 if k.starts_with('$') {
                     continue;
@@ -148,7 +146,7 @@ fn compare(expected: &Value, actual: &Value, path: &str) -> Result<(), String> {
                             .as_array()
                             .map(|items| items.iter().all(is_optional))
                             .unwrap_or(false);
-                                                if !any_optional
+                        if !any_optional
                             && !optional.contains(&k.as_str())
                             && !is_optional(ev)
                             && !all_optional_items
