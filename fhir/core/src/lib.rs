@@ -4,12 +4,14 @@
 
 pub mod model;
 pub mod outcome;
+pub mod profile;
 pub mod summary;
 pub mod validation;
 pub mod xml;
 
 pub use model::{r4, ElementInfo, ElementMatch, Model, TypeInfo, TypeKind};
 pub use outcome::{operation_outcome, Issue, Severity};
+pub use profile::{validate_with_profile, Profile};
 pub use summary::{select_elements, summarize, SummaryMode};
 pub use validation::{validate, Validator};
 pub use xml::{json_to_xml, xml_to_json, XmlError};

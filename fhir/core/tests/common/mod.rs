@@ -66,6 +66,63 @@ pub fn examples() -> Option<Vec<(String, serde_json::Value)>> {
     Some(out)
 }
 
+/// Extracts an npm package `.tgz` from `../shared` once into the cargo target tmp dir and
+/// returns the path of its `package/` folder.
+#[allow(dead_code)]
+pub fn npm_package(relative: &str, name: &str) -> Option<PathBuf> {
+    let tgz = shared_dir()?.join(relative);
+    if !tgz.is_file() {
+        println!("NOTICE: {} is absent; skipping", tgz.display());
+        return None;
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let marker = out.join(".done");
+    if !marker.exists() {
+        std::fs::create_dir_all(&out).ok()?;
+        let ok = Command::new("tar")
+            .arg("-xzf")
+            .arg(&tgz)
+            .arg("-C")
+            .arg(&out)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!("NOTICE: could not extract {}; skipping", tgz.display());
+            return None;
+        }
+        std::fs::write(&marker, b"ok").ok()?;
+    }
+    Some(out.join("package"))
+}
+
+/// All JSON files (recursively) under a directory, parsed, sorted by path.
+#[allow(dead_code)]
+pub fn json_files(dir: &Path) -> Vec<(PathBuf, serde_json::Value)> {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "json") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .filter_map(|p| {
+            let v = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
+            Some((p, v))
+        })
+        .collect()
+}
+
 /// First difference between two JSON values, as a path.
 #[allow(dead_code)]
 pub fn first_diff(a: &serde_json::Value, b: &serde_json::Value, path: &str) -> Option<String> {
