@@ -409,9 +409,7 @@ impl ConceptTable {
             "display" => c.display.clone().into_iter().collect(),
             "definition" => c.definition.clone().into_iter().collect(),
             "inactive" => vec![c.inactive.to_string()],
-            "notSelectable" if c.property("notSelectable").next().is_none() => {
-                vec![c.not_selectable.to_string()]
-            }
+            
             "parent" if c.property("parent").next().is_none() => c
                 .parents
                 .iter()
