@@ -64,8 +64,8 @@ fn date_match(lo: i64, hi: i64, prefix: Prefix, r: &DateRange, now: i64) -> bool
         Prefix::Ne => lo < sl || hi > sh,
         Prefix::Gt => hi > sh,
         Prefix::Lt => lo < sl,
-        Prefix::Ge => hi > sh || (lo >= sl && hi <= sh),
-        Prefix::Le => lo < sl || (lo >= sl && hi <= sh),
+        Prefix::Ge => hi > sh || lo >= sl,
+        Prefix::Le => lo < sl || hi <= sh,
         Prefix::Sa => lo > sh,
         Prefix::Eb => hi < sl,
         Prefix::Ap => {

@@ -154,8 +154,9 @@ impl Builder {
             Prefix::Ne => format!("({lo} < {sl} OR {hi} > {sh})"),
             Prefix::Gt => format!("{hi} > {sh}"),
             Prefix::Lt => format!("{lo} < {sl}"),
-            Prefix::Ge => format!("({hi} > {sh} OR ({lo} >= {sl} AND {hi} <= {sh}))"),
-            Prefix::Le => format!("({lo} < {sl} OR ({lo} >= {sl} AND {hi} <= {sh}))"),
+            // "above the search range, or inside it" (spec), simplified
+            Prefix::Ge => format!("({hi} > {sh} OR {lo} >= {sl})"),
+            Prefix::Le => format!("({lo} < {sl} OR {hi} <= {sh})"),
             Prefix::Sa => format!("{lo} > {sh}"),
             Prefix::Eb => format!("{hi} < {sl}"),
             Prefix::Ap => {
@@ -852,11 +853,11 @@ fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String
     };
     if rev {
         format!(
-            "SELECT s.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}) AND s.deleted = 0{extra}"
+            "SELECT DISTINCT s.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}) AND s.deleted = 0{extra}"
         )
     } else {
         format!(
-            "SELECT t.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE x.rid IN ({rids}) AND t.deleted = 0{extra}"
+            "SELECT DISTINCT t.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE x.rid IN ({rids}) AND t.deleted = 0{extra}"
         )
     }
 }

@@ -1,0 +1,757 @@
+//! End-to-end: index Synthea resources into a real database with the generated schema and
+//! INSERTs, run planned searches (all pages via keyset cursors) and compare the results with
+//! the in-memory matcher. SQLite in memory always; PostgreSQL when `KILN_TEST_DATABASE_URL` is set
+//! (schema `kiln_search_test`). Skips with a notice when `../shared` is absent.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln_search::{
+    include_sql, index_resource, insert_batch, matches, parse, plan, schema, Dialect, KeyKind,
+    PageRequest, Registry, SearchQuery, SqlValue,
+};
+use serde_json::Value;
+use sqlx::{Connection, Row};
+
+fn shared() -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/synthea-r4"
+    ));
+    if p.is_dir() {
+        Some(p)
+    } else {
+        println!(
+            "NOTICE: {} absent; skipping the end-to-end search test",
+            p.display()
+        );
+        None
+    }
+}
+
+/// Loads `n` Synthea bundles, rewriting `urn:uuid:` and conditional (`Type?identifier=`)
+/// references to `Type/id` as the store's transaction processing would.
+fn load_corpus(n: usize) -> Option<Vec<Value>> {
+    let dir = shared()?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    // identifier → Type/id across all loaded bundles (Organization / Practitioner are shared)
+    let mut by_ident: HashMap<String, String> = HashMap::new();
+    let mut raw = Vec::new();
+    for f in files
+        .iter()
+        .filter(|f| {
+            !f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("hospital")
+                && !f
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("practitioner")
+        })
+        .take(n)
+        .chain(files.iter().filter(|f| {
+            let n = f.file_name().unwrap().to_string_lossy().to_string();
+            n.starts_with("hospital") || n.starts_with("practitioner")
+        }))
+    {
+        let text = std::fs::read_to_string(f).ok()?;
+        let b: Value = serde_json::from_str(&text).ok()?;
+        for e in b["entry"].as_array()? {
+            let r = &e["resource"];
+            let t = r["resourceType"].as_str()?;
+            let id = r["id"].as_str()?;
+            for i in r["identifier"].as_array().into_iter().flatten() {
+                if let (Some(s), Some(v)) = (i["system"].as_str(), i["value"].as_str()) {
+                    by_ident.insert(format!("{t}?identifier={s}|{v}"), format!("{t}/{id}"));
+                }
+            }
+        }
+        raw.push(b);
+    }
+    for b in raw {
+        let mut text = b.to_string();
+        for e in b["entry"].as_array()? {
+            let full = e["fullUrl"].as_str()?;
+            let t = e["resource"]["resourceType"].as_str()?;
+            let id = e["resource"]["id"].as_str()?;
+            text = text.replace(&format!("\"{full}\""), &format!("\"{t}/{id}\""));
+        }
+        let b: Value = serde_json::from_str(&text).ok()?;
+        for e in b["entry"].as_array()? {
+            let mut r = e["resource"].clone();
+            let t = r["resourceType"].as_str()?.to_string();
+            let id = r["id"].as_str()?.to_string();
+            if !seen.insert(format!("{t}/{id}")) {
+                continue;
+            }
+            fix_conditional(&mut r, &by_ident);
+            r["meta"] = serde_json::json!({"lastUpdated": format!("2024-01-{:02}T00:00:00Z", 1 + out.len() % 28)});
+            out.push(r);
+        }
+    }
+    Some(out)
+}
+
+fn fix_conditional(v: &mut Value, map: &HashMap<String, String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if k == "reference" {
+                    if let Some(s) = x.as_str() {
+                        if let Some(t) = map.get(s) {
+                            *x = Value::String(t.clone());
+                        }
+                    }
+                } else {
+                    fix_conditional(x, map);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| fix_conditional(x, map)),
+        _ => {}
+    }
+}
+
+enum Db {
+    Sqlite(sqlx::SqliteConnection),
+    Pg(sqlx::PgConnection),
+}
+
+macro_rules! bound {
+    ($sql:expr, $params:expr) => {{
+        let mut q = sqlx::query(sqlx::AssertSqlSafe($sql.to_string()));
+        for p in $params.iter() {
+            q = match p {
+                SqlValue::Null => q.bind(None::<String>),
+                SqlValue::Int(i) => q.bind(*i),
+                SqlValue::Real(f) => q.bind(*f),
+                SqlValue::Text(s) => q.bind(s.clone()),
+            };
+        }
+        q
+    }};
+}
+
+macro_rules! decode_row {
+    ($row:expr, $kinds:expr) => {{
+        let rid: i64 = $row.try_get(0).unwrap();
+        let mut keys = Vec::new();
+        for (i, k) in $kinds.iter().enumerate() {
+            let v = match k {
+                KeyKind::Int => $row
+                    .try_get::<Option<i64>, _>(i + 1)
+                    .unwrap()
+                    .map(SqlValue::Int),
+                KeyKind::Real => $row
+                    .try_get::<Option<f64>, _>(i + 1)
+                    .unwrap()
+                    .map(SqlValue::Real),
+                KeyKind::Text => $row
+                    .try_get::<Option<String>, _>(i + 1)
+                    .unwrap()
+                    .map(SqlValue::Text),
+            };
+            keys.push(v.unwrap_or(SqlValue::Null));
+        }
+        (rid, keys)
+    }};
+}
+
+impl Db {
+    fn dialect(&self) -> Dialect {
+        match self {
+            Db::Sqlite(_) => Dialect::Sqlite,
+            Db::Pg(_) => Dialect::Postgres,
+        }
+    }
+
+    async fn exec(&mut self, sql: &str, params: &[SqlValue]) {
+        let r = match self {
+            Db::Sqlite(c) => bound!(sql, params).execute(&mut *c).await.map(|_| ()),
+            Db::Pg(c) => bound!(sql, params).execute(&mut *c).await.map(|_| ()),
+        };
+        if let Err(e) = r {
+            panic!("{e}\nSQL: {sql}");
+        }
+    }
+
+    async fn rows(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+        kinds: &[KeyKind],
+    ) -> Vec<(i64, Vec<SqlValue>)> {
+        match self {
+            Db::Sqlite(c) => {
+                let rows = bound!(sql, params)
+                    .fetch_all(&mut *c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"));
+                rows.iter().map(|r| decode_row!(r, kinds)).collect()
+            }
+            Db::Pg(c) => {
+                let rows = bound!(sql, params)
+                    .fetch_all(&mut *c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"));
+                rows.iter().map(|r| decode_row!(r, kinds)).collect()
+            }
+        }
+    }
+
+    async fn count(&mut self, sql: &str, params: &[SqlValue]) -> i64 {
+        match self {
+            Db::Sqlite(c) => bound!(sql, params)
+                .fetch_one(&mut *c)
+                .await
+                .unwrap()
+                .try_get(0)
+                .unwrap(),
+            Db::Pg(c) => bound!(sql, params)
+                .fetch_one(&mut *c)
+                .await
+                .unwrap()
+                .try_get(0)
+                .unwrap(),
+        }
+    }
+}
+
+struct Loaded {
+    resources: Vec<Value>,
+    /// rid → index in `resources`
+    by_rid: HashMap<i64, usize>,
+}
+
+async fn load(db: &mut Db, registry: &Registry, resources: Vec<Value>) -> Loaded {
+    let d = db.dialect();
+    let table = match d {
+        Dialect::Sqlite => "CREATE TABLE resources (rid INTEGER PRIMARY KEY, res_type TEXT NOT NULL, res_id TEXT NOT NULL, version INTEGER NOT NULL, last_updated BIGINT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0, content TEXT NOT NULL, UNIQUE(res_type, res_id))",
+        Dialect::Postgres => "CREATE TABLE resources (rid BIGSERIAL PRIMARY KEY, res_type TEXT NOT NULL, res_id TEXT NOT NULL, version INTEGER NOT NULL, last_updated BIGINT NOT NULL, deleted SMALLINT NOT NULL DEFAULT 0, content TEXT NOT NULL, UNIQUE(res_type, res_id))",
+    };
+    db.exec(table, &[]).await;
+    for s in schema(d) {
+        db.exec(&s, &[]).await;
+    }
+    // schema is idempotent
+    for s in schema(d) {
+        db.exec(&s, &[]).await;
+    }
+    db.exec("BEGIN", &[]).await;
+    let started = Instant::now();
+    let mut by_rid = HashMap::new();
+    let mut index_rows = 0;
+    for chunk_start in (0..resources.len()).step_by(200) {
+        let chunk = &resources[chunk_start..(chunk_start + 200).min(resources.len())];
+        let mut sql = String::from("INSERT INTO resources (rid, res_type, res_id, version, last_updated, deleted, content) VALUES ");
+        let mut params = Vec::new();
+        let mut entries = Vec::new();
+        for (i, r) in chunk.iter().enumerate() {
+            let rid = (chunk_start + i + 1) as i64;
+            by_rid.insert(rid, chunk_start + i);
+            if i > 0 {
+                sql.push(',');
+            }
+            let n = params.len();
+            sql.push_str(&format!(
+                "(${},${},${},1,${},0,${})",
+                n + 1,
+                n + 2,
+                n + 3,
+                n + 4,
+                n + 5
+            ));
+            let lu =
+                kiln_search::value::parse_date_range(r["meta"]["lastUpdated"].as_str().unwrap())
+                    .unwrap()
+                    .low;
+            params.extend([
+                SqlValue::Int(rid),
+                SqlValue::Text(r["resourceType"].as_str().unwrap().into()),
+                SqlValue::Text(r["id"].as_str().unwrap().into()),
+                SqlValue::Int(lu),
+                SqlValue::Text(r.to_string()),
+            ]);
+            entries.push((rid, index_resource(registry, r)));
+        }
+        db.exec(&sql, &params).await;
+        index_rows += entries.iter().map(|(_, e)| e.len()).sum::<usize>();
+        let refs: Vec<(i64, &kiln_search::IndexEntries)> =
+            entries.iter().map(|(r, e)| (*r, e)).collect();
+        for (s, p) in insert_batch(d, &refs) {
+            db.exec(&s, &p).await;
+        }
+    }
+    db.exec("COMMIT", &[]).await;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{d:?}: indexed {} resources ({index_rows} index rows) in {secs:.2}s = {:.0} resources/s (debug build)",
+        resources.len(),
+        resources.len() as f64 / secs
+    );
+    Loaded { resources, by_rid }
+}
+
+fn params(list: &[(&str, String)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.clone()))
+        .collect()
+}
+
+/// Runs a query through every page; checks ordering invariants; returns the ids in order.
+async fn run_all_pages(
+    db: &mut Db,
+    q: &SearchQuery,
+    loaded: &Loaded,
+    page_size: usize,
+) -> Vec<String> {
+    let d = db.dialect();
+    let mut out = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let p = plan(
+            q,
+            d,
+            &PageRequest {
+                count: page_size,
+                cursor: cursor.clone(),
+            },
+        )
+        .unwrap();
+        let rows = db.rows(&p.sql, &p.params, &p.sort_keys).await;
+        let more = rows.len() > page_size;
+        for (rid, _) in rows.iter().take(page_size) {
+            let r = &loaded.resources[loaded.by_rid[rid]];
+            out.push(format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            ));
+        }
+        pages += 1;
+        assert!(pages < 10_000);
+        if !more {
+            if cursor.is_none() {
+                let total = db.count(&p.count_sql, &p.count_params).await;
+                assert_eq!(
+                    total as usize,
+                    out.len(),
+                    "_total for {:?}",
+                    q.self_link_params()
+                );
+            }
+            break;
+        }
+        let (rid, keys) = &rows[page_size - 1];
+        cursor = Some(p.next_cursor(keys, *rid));
+    }
+    out
+}
+
+async fn check_against_matcher(
+    db: &mut Db,
+    registry: &Registry,
+    loaded: &Loaded,
+    rt: &str,
+    list: &[(&str, String)],
+    page_size: usize,
+) -> usize {
+    let q = parse(registry, Some(rt), &params(list), true)
+        .unwrap_or_else(|e| panic!("{list:?}: {e:?}"));
+    let got = run_all_pages(db, &q, loaded, page_size).await;
+    let got_set: BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(
+        got_set.len(),
+        got.len(),
+        "duplicates across pages for {list:?}"
+    );
+    let expected: BTreeSet<String> = loaded
+        .resources
+        .iter()
+        .filter(|r| matches(registry, &q, r))
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(got_set, expected, "{:?} {rt}?{list:?}", db.dialect());
+    println!("{:?} {rt}?{list:?}: {} results", db.dialect(), got.len());
+    got.len()
+}
+
+async fn scenario(mut db: Db, corpus: Vec<Value>) {
+    let registry = Registry::r4();
+    let loaded = load(&mut db, &registry, corpus).await;
+    let first_patient = loaded
+        .resources
+        .iter()
+        .find(|r| r["resourceType"] == "Patient")
+        .unwrap()
+        .clone();
+    let pid = first_patient["id"].as_str().unwrap().to_string();
+    let city = first_patient["address"][0]["city"]
+        .as_str()
+        .unwrap_or("Boston")
+        .to_string();
+    let family = first_patient["name"][0]["family"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let s = |x: &str| x.to_string();
+    let cases: Vec<(&str, Vec<(&str, String)>, usize)> = vec![
+        ("Patient", vec![("gender", s("female"))], 1),
+        ("Patient", vec![("name", family[..3].to_lowercase())], 1),
+        ("Patient", vec![("family:exact", family.clone())], 1),
+        ("Patient", vec![("name:contains", s("an"))], 1),
+        (
+            "Patient",
+            vec![("birthdate", s("ge1960")), ("birthdate", s("lt1990"))],
+            0,
+        ),
+        ("Patient", vec![("address-city:exact", city.clone())], 1),
+        ("Patient", vec![("_id", pid.clone())], 1),
+        ("Patient", vec![("deceased", s("true"))], 0),
+        (
+            "Patient",
+            vec![(
+                "_filter",
+                s("gender eq male and (birthdate lt 1960 or name sw \"a\")"),
+            )],
+            0,
+        ),
+        ("Patient", vec![("_sort", s("birthdate"))], 1),
+        ("Patient", vec![("_sort", s("-family,_id"))], 1),
+        (
+            "Patient",
+            vec![(
+                "identifier",
+                s("https://github.com/synthetichealth/synthea|") + &pid,
+            )],
+            1,
+        ),
+        (
+            "Observation",
+            vec![("code", s("http://loinc.org|8302-2"))],
+            1,
+        ),
+        (
+            "Observation",
+            vec![("code", s("8302-2,29463-7")), ("_sort", s("-date"))],
+            1,
+        ),
+        ("Observation", vec![("value-quantity", s("gt100"))], 1),
+        (
+            "Observation",
+            vec![("value-quantity", s("ge1.6|http://unitsofmeasure.org|m"))],
+            0,
+        ),
+        (
+            "Observation",
+            vec![("date", s("ge2015")), ("_sort", s("-date"))],
+            1,
+        ),
+        (
+            "Observation",
+            vec![(
+                "component-code-value-quantity",
+                s("http://loinc.org|8480-6$gt130"),
+            )],
+            0,
+        ),
+        (
+            "Observation",
+            vec![("subject", format!("Patient/{pid}"))],
+            1,
+        ),
+        (
+            "Observation",
+            vec![("patient", pid.clone()), ("category", s("vital-signs"))],
+            1,
+        ),
+        ("Observation", vec![("status:not", s("final"))], 0),
+        ("Observation", vec![("code:missing", s("true"))], 0),
+        (
+            "Observation",
+            vec![
+                ("value-quantity:missing", s("true")),
+                ("patient", pid.clone()),
+            ],
+            0,
+        ),
+        (
+            "Observation",
+            vec![
+                ("_sort", s("value-quantity,-date")),
+                ("patient", pid.clone()),
+            ],
+            1,
+        ),
+        ("Condition", vec![("code:text", s("diabetes"))], 0),
+        (
+            "Condition",
+            vec![
+                ("onset-date", s("lt2000-01-01")),
+                ("clinical-status", s("active")),
+            ],
+            0,
+        ),
+        (
+            "Encounter",
+            vec![("class", s("AMB")), ("_sort", s("date"))],
+            1,
+        ),
+        (
+            "Encounter",
+            vec![("date", s("2015")), ("_lastUpdated", s("ge2024-01-10"))],
+            0,
+        ),
+        (
+            "MedicationRequest",
+            vec![("intent", s("order")), ("status", s("active,stopped"))],
+            0,
+        ),
+        (
+            "Immunization",
+            vec![("vaccine-code", s("http://hl7.org/fhir/sid/cvx|140"))],
+            0,
+        ),
+        ("Claim", vec![("patient", pid.clone())], 1),
+        ("Organization", vec![("name", s("a"))], 0),
+        ("Practitioner", vec![("_content", s("dr."))], 0),
+    ];
+    let mut nonzero = 0;
+    for (rt, list, min) in &cases {
+        for page_size in [7, 1000] {
+            let n = check_against_matcher(&mut db, &registry, &loaded, rt, list, page_size).await;
+            assert!(n >= *min, "{rt}?{list:?} expected results");
+            if n > 0 {
+                nonzero += 1;
+            }
+        }
+    }
+    assert!(
+        nonzero >= cases.len(),
+        "most queries should return something ({nonzero})"
+    );
+
+    // sort order: birthdate ascending, missing last
+    let q = parse(
+        &registry,
+        Some("Patient"),
+        &params(&[("_sort", s("birthdate"))]),
+        true,
+    )
+    .unwrap();
+    let ids = run_all_pages(&mut db, &q, &loaded, 5).await;
+    let dates: Vec<String> = ids
+        .iter()
+        .map(|i| {
+            loaded
+                .resources
+                .iter()
+                .find(|r| format!("Patient/{}", r["id"].as_str().unwrap()) == *i)
+                .unwrap()["birthDate"]
+                .as_str()
+                .unwrap_or("~")
+                .to_string()
+        })
+        .collect();
+    let mut sorted = dates.clone();
+    sorted.sort();
+    assert_eq!(dates, sorted);
+
+    // chain: observations whose subject is a female patient
+    let q = parse(
+        &registry,
+        Some("Observation"),
+        &params(&[
+            ("subject:Patient.gender", s("female")),
+            ("code", s("8302-2")),
+        ]),
+        true,
+    )
+    .unwrap();
+    let got: BTreeSet<String> = run_all_pages(&mut db, &q, &loaded, 50)
+        .await
+        .into_iter()
+        .collect();
+    let females: BTreeSet<String> = loaded
+        .resources
+        .iter()
+        .filter(|r| r["resourceType"] == "Patient" && r["gender"] == "female")
+        .map(|r| format!("Patient/{}", r["id"].as_str().unwrap()))
+        .collect();
+    let expected: BTreeSet<String> = loaded
+        .resources
+        .iter()
+        .filter(|r| {
+            r["resourceType"] == "Observation"
+                && r["code"]["coding"][0]["code"] == "8302-2"
+                && females.contains(r["subject"]["reference"].as_str().unwrap_or(""))
+        })
+        .map(|r| format!("Observation/{}", r["id"].as_str().unwrap()))
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(got, expected, "chain");
+
+    // two-level chain: Encounter?subject:Patient.general-practitioner.name=<x> — just must run
+    let q = parse(
+        &registry,
+        Some("Encounter"),
+        &params(&[("subject:Patient.general-practitioner.name", s("a"))]),
+        true,
+    )
+    .unwrap();
+    run_all_pages(&mut db, &q, &loaded, 50).await;
+
+    // _has: patients with a body-height observation above 180 cm
+    let q = parse(
+        &registry,
+        Some("Patient"),
+        &params(&[(
+            "_has:Observation:patient:value-quantity",
+            s("gt180|http://unitsofmeasure.org|cm"),
+        )]),
+        true,
+    )
+    .unwrap();
+    let got: BTreeSet<String> = run_all_pages(&mut db, &q, &loaded, 50)
+        .await
+        .into_iter()
+        .collect();
+    let oq = parse(
+        &registry,
+        Some("Observation"),
+        &params(&[("value-quantity", s("gt180|http://unitsofmeasure.org|cm"))]),
+        true,
+    )
+    .unwrap();
+    let expected: BTreeSet<String> = loaded
+        .resources
+        .iter()
+        .filter(|r| matches(&registry, &oq, r))
+        .filter_map(|r| r["subject"]["reference"].as_str().map(str::to_string))
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(got, expected, "_has");
+
+    // compartment
+    let q = parse(&registry, Some("Condition"), &[], true)
+        .unwrap()
+        .with_compartment(&registry, "Patient", &pid)
+        .unwrap();
+    let got = run_all_pages(&mut db, &q, &loaded, 50).await;
+    let expected = loaded
+        .resources
+        .iter()
+        .filter(|r| matches(&registry, &q, r))
+        .count();
+    assert_eq!(got.len(), expected);
+    assert!(expected > 0);
+
+    // includes / revincludes
+    let q = parse(
+        &registry,
+        Some("Patient"),
+        &params(&[
+            ("_id", pid.clone()),
+            ("_revinclude", s("Encounter:patient")),
+            ("_include", s("Patient:general-practitioner")),
+        ]),
+        true,
+    )
+    .unwrap();
+    let p = plan(
+        &q,
+        db.dialect(),
+        &PageRequest {
+            count: 10,
+            cursor: None,
+        },
+    )
+    .unwrap();
+    let rows = db.rows(&p.sql, &p.params, &p.sort_keys).await;
+    assert_eq!(rows.len(), 1);
+    let (sql, ps) = include_sql(&q, db.dialect(), &[rows[0].0], false).unwrap();
+    let inc = db.rows(&sql, &ps, &[]).await;
+    let encounters = loaded
+        .resources
+        .iter()
+        .filter(|r| {
+            r["resourceType"] == "Encounter"
+                && r["subject"]["reference"] == format!("Patient/{pid}")
+        })
+        .count();
+    let gps = first_patient["generalPractitioner"]
+        .as_array()
+        .map(|a| a.len())
+        .unwrap_or(0);
+    assert_eq!(inc.len(), encounters + gps, "included rids");
+    assert!(encounters > 0);
+    // iterate level: Encounter → its Patient (iterate include)
+    let q = parse(
+        &registry,
+        Some("Encounter"),
+        &params(&[
+            ("patient", pid.clone()),
+            ("_include:iterate", s("Encounter:subject")),
+        ]),
+        true,
+    )
+    .unwrap();
+    let p = plan(
+        &q,
+        db.dialect(),
+        &PageRequest {
+            count: 3,
+            cursor: None,
+        },
+    )
+    .unwrap();
+    let rows = db.rows(&p.sql, &p.params, &p.sort_keys).await;
+    let rids: Vec<i64> = rows.iter().take(3).map(|r| r.0).collect();
+    let (sql, ps) = include_sql(&q, db.dialect(), &rids, true).unwrap();
+    let inc = db.rows(&sql, &ps, &[]).await;
+    assert_eq!(inc.len(), 1, "UNION de-duplicates the shared patient");
+}
+
+#[tokio::test]
+async fn sqlite_end_to_end() {
+    let Some(corpus) = load_corpus(8) else { return };
+    let conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+        .await
+        .unwrap();
+    scenario(Db::Sqlite(conn), corpus).await;
+}
+
+#[tokio::test]
+async fn postgres_end_to_end() {
+    let Ok(url) = std::env::var("KILN_TEST_DATABASE_URL") else {
+        println!("NOTICE: KILN_TEST_DATABASE_URL unset; skipping the PostgreSQL search test");
+        return;
+    };
+    let Some(corpus) = load_corpus(8) else { return };
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    for s in [
+        "DROP SCHEMA IF EXISTS kiln_search_test CASCADE",
+        "CREATE SCHEMA kiln_search_test",
+        "SET search_path TO kiln_search_test",
+    ] {
+        sqlx::query(s).execute(&mut conn).await.unwrap();
+    }
+    scenario(Db::Pg(conn), corpus).await;
+}
