@@ -120,3 +120,73 @@ fn us_core_examples_conform_to_their_profiles() {
     println!("{mutated} mutated examples all rejected");
     assert!(mutated >= 2);
 }
+
+/// US Core 3.1.1 and 7.0.0: every example against its profiles (figures printed).
+#[test]
+fn other_us_core_versions() {
+    for v in ["3.1.1", "7.0.0"] {
+        let Some(pkg) = common::npm_package(
+            &format!("us-core/hl7.fhir.us.core-{v}.tgz"),
+            &format!("us-core-{v}"),
+        ) else {
+            return;
+        };
+        let mut profiles: HashMap<String, Profile> = HashMap::new();
+        let files = common::json_files(&pkg);
+        for (_, sd) in &files {
+            if sd["resourceType"] == "StructureDefinition"
+                && sd["kind"] == "resource"
+                && sd["derivation"] == "constraint"
+            {
+                if let Ok(p) = Profile::from_structure_definition(sd) {
+                    profiles.insert(p.url.clone(), p);
+                }
+            }
+        }
+        let (mut checked, mut clean, mut failures) = (0, 0, Vec::new());
+        for (path, ex) in &files {
+            let Some(metas) = ex["meta"]["profile"].as_array() else {
+                continue;
+            };
+            if ex["resourceType"] == "StructureDefinition" {
+                continue;
+            }
+            for url in metas.iter().filter_map(|u| u.as_str()) {
+                let Some(p) = profiles.get(url.split('|').next().unwrap_or(url)) else {
+                    continue;
+                };
+                checked += 1;
+                let errors: Vec<String> = validate_with_profile(ex, p)
+                    .into_iter()
+                    .filter(|i| i.is_error())
+                    .map(|i| format!("{} @ {}", i.diagnostics, i.expression.join(",")))
+                    .collect();
+                if errors.is_empty() {
+                    clean += 1;
+                } else {
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    failures.push(format!(
+                        "{}: {}",
+                        name.unwrap_or_default(),
+                        errors.join(" | ")
+                    ));
+                }
+            }
+        }
+        println!(
+            "us-core {v}: {} profiles, {checked} examples checked, {clean} with 0 errors",
+            profiles.len()
+        );
+        for f in &failures {
+            println!("  {f}");
+        }
+        assert!(profiles.len() >= 25);
+        // 3.1.1's DiagnosticReport-cardiology-report has an invalid base64 hash ("EQH/..AgME").
+        let known_invalid = failures
+            .iter()
+            .filter(|f| f.starts_with("DiagnosticReport-cardiology-report.json: not valid base64"))
+            .count();
+        assert_eq!(failures.len(), known_invalid, "{failures:#?}");
+        assert!(checked > 50);
+    }
+}
