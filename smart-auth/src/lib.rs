@@ -111,6 +111,9 @@ pub struct SmartConfig {
     pub secure_cookies: bool,
     /// Introspection requires a bearer token or client authentication.
     pub introspection_requires_auth: bool,
+    /// Rotate the signing key when the active one is older than this (seconds; `None` = never).
+    /// Applied by [`AuthState::run_maintenance`].
+    pub key_rotation_secs: Option<i64>,
     /// Presenting a rotated-out refresh token again revokes the whole grant (OAuth 2.1 §4.3.1).
     pub refresh_reuse_detection: bool,
 }
@@ -137,6 +140,7 @@ impl SmartConfig {
             token_rate_per_minute: 600,
             introspection_requires_auth: true,
             refresh_reuse_detection: true,
+            key_rotation_secs: Some(90 * 24 * 3600),
         }
     }
 
@@ -262,6 +266,36 @@ impl AuthState {
         self.login_limiter.retain_recent();
         self.token_limiter.retain_recent();
         self.store.purge_expired().await
+    }
+
+    /// One maintenance pass: purge expired records, rotate the signing key when it is older than
+    /// `key_rotation_secs`, pick up keys rotated by other instances.
+    pub async fn run_maintenance(&self) -> Result<(), StoreError> {
+        self.purge_expired().await?;
+        let ring = self.key_ring();
+        let due = match (self.config.key_rotation_secs, ring.active()) {
+            (Some(max_age), Some(k)) => store::now() - k.created_at > max_age,
+            _ => false,
+        };
+        if due {
+            self.rotate_signing_key().await
+        } else {
+            self.reload_keys().await
+        }
+    }
+
+    /// Spawns a task running [`AuthState::run_maintenance`] every `every` (errors are logged).
+    pub fn spawn_maintenance(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = state.run_maintenance().await {
+                    tracing::warn!("smart-auth maintenance failed: {e}");
+                }
+            }
+        })
     }
 
     pub(crate) fn jwks_fetcher(&self) -> Option<&Arc<dyn JwksFetcher>> {

@@ -1516,3 +1516,27 @@ async fn ehr_launch_is_bound_to_user_and_client() {
     );
     assert!(query_param(&r.location(), "code").is_none());
 }
+
+#[tokio::test]
+async fn maintenance_rotates_old_keys_and_purges() {
+    let mut c = config();
+    c.key_rotation_secs = Some(-1); // every pass
+    let s = server_with(c, std::sync::Arc::new(MemoryAuthStore::new())).await;
+    let before = s.state.key_ring().active().unwrap().kid.clone();
+    s.state.run_maintenance().await.unwrap();
+    assert_ne!(s.state.key_ring().active().unwrap().kid, before);
+    assert!(
+        s.state.key_ring().find(&before).is_some(),
+        "old key still published"
+    );
+    let mut c = config();
+    c.key_rotation_secs = None;
+    let s = server_with(c, std::sync::Arc::new(MemoryAuthStore::new())).await;
+    let before = s.state.key_ring().active().unwrap().kid.clone();
+    let handle = s
+        .state
+        .spawn_maintenance(std::time::Duration::from_millis(10));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    handle.abort();
+    assert_eq!(s.state.key_ring().active().unwrap().kid, before);
+}
