@@ -409,7 +409,7 @@ impl ConceptTable {
             "display" => c.display.clone().into_iter().collect(),
             "definition" => c.definition.clone().into_iter().collect(),
             "inactive" => vec![c.inactive.to_string()],
-            
+
             "parent" if c.property("parent").next().is_none() => c
                 .parents
                 .iter()

@@ -1036,6 +1036,24 @@ impl<'a> Ctx<'a> {
         for v in &used.value_sets {
             parameters.push(p_str("used-valueset", "Uri", v));
         }
+        for c in &used.code_systems {
+            if let Some(r) = self.find_cs(c, None).and_then(|e| e.resource.clone()) {
+                for f in resource_status_flags(&r) {
+                    parameters.push(p_str(&format!("warning-{f}"), "Uri", c));
+                }
+            }
+        }
+        let mut vs_list: Vec<(String, Arc<Value>)> = vec![(vs_canonical(&vs), vs.clone())];
+        for v in &used.value_sets {
+            if let Some(x) = self.find_vs(v, None) {
+                vs_list.push((v.clone(), x));
+            }
+        }
+        for (canon, r) in vs_list {
+            for f in vs_status_flags(&r) {
+                parameters.push(p_str(&format!("warning-{f}"), "Uri", &canon));
+            }
+        }
         let mut expansion = Map::new();
         expansion.insert(
             "identifier".into(),
@@ -1872,6 +1890,40 @@ impl<'a> Ctx<'a> {
         if !messages.is_empty() {
             out.push(p_str("message", "String", &messages.join("; ")));
         }
+        // status of the code systems and value set referenced
+        let mut seen_cs = HashSet::new();
+        for r in &results {
+            if let (Some(sys), None) = (&r.system, &r.unknown_system) {
+                if let Some(e) = self.find_cs(sys, r.version.as_deref()) {
+                    if let Some(res) = &e.resource {
+                        if seen_cs.insert(e.canonical()) {
+                            for f in resource_status_flags(res) {
+                                let m = format!("Reference to {f} CodeSystem {}", e.canonical());
+                                issues.push(issue_json(
+                                    "information",
+                                    "business-rule",
+                                    "status-check",
+                                    &m,
+                                    None,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((v, canon)) = &vs {
+            for f in vs_status_flags(v) {
+                let m = format!("Reference to {f} ValueSet {canon}");
+                issues.push(issue_json(
+                    "information",
+                    "business-rule",
+                    "status-check",
+                    &m,
+                    None,
+                ));
+            }
+        }
         if !issues.is_empty() {
             out.push(json!({"name": "issues", "resource": {"resourceType": "OperationOutcome", "issue": issues}}));
         }
@@ -2221,6 +2273,44 @@ impl<'a> Ctx<'a> {
         out.extend(matches);
         Ok(json!({"resourceType": "Parameters", "parameter": out}))
     }
+}
+
+/// Status flags worth a warning for a referenced CodeSystem/ValueSet: the standards-status
+/// extension (deprecated, withdrawn, …), `status = draft`/`retired`, `experimental = true`.
+fn resource_status_flags(r: &Value) -> Vec<String> {
+    resource_flags(r, true)
+}
+
+/// Only the standards-status extension flags (used for value sets).
+fn vs_status_flags(r: &Value) -> Vec<String> {
+    resource_flags(r, false)
+}
+
+fn resource_flags(r: &Value, with_status: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in arr(r, "extension") {
+        if s(e, "url")
+            == Some("http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status")
+        {
+            if let Some(v) = s(e, "valueCode") {
+                if matches!(v, "deprecated" | "withdrawn" | "draft") {
+                    out.push(v.to_string());
+                }
+            }
+        }
+    }
+    if !with_status {
+        return out;
+    }
+    if let Some(st @ ("draft" | "retired")) = s(r, "status") {
+        if !out.iter().any(|x| x == st) {
+            out.push(st.to_string());
+        }
+    }
+    if r.get("experimental").and_then(Value::as_bool) == Some(true) {
+        out.push("experimental".into());
+    }
+    out
 }
 
 /// `a`, `a or b`, `a, b or c`.
