@@ -19,6 +19,7 @@ mod error;
 mod eval;
 mod model;
 mod parser;
+pub mod patch;
 mod strings;
 pub mod units;
 mod value;
