@@ -1122,8 +1122,8 @@ impl<'a> Ctx<'a> {
             .map(|(n, i)| ((i.system.as_str(), i.concept.code.as_str()), n))
             .collect();
         let mut parent_of: Vec<Option<usize>> = vec![None; page.len()];
-        let mut providers: HashMap<(String, Option<String>), Option<Arc<dyn CodeSystemProvider>>> =
-            HashMap::new();
+        type ProviderCache = HashMap<(String, Option<String>), Option<Arc<dyn CodeSystemProvider>>>;
+        let mut providers: ProviderCache = HashMap::new();
         for (n, i) in page.iter().enumerate() {
             let prov = providers
                 .entry((i.system.clone(), i.version.clone()))
