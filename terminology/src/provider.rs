@@ -165,6 +165,10 @@ pub trait CodeSystemProvider: Send + Sync {
     fn case_sensitive(&self) -> bool {
         true
     }
+    /// The language of the displays (`CodeSystem.language`).
+    fn language(&self) -> Option<&str> {
+        None
+    }
     /// The concept with this code.
     fn lookup(&self, code: &str) -> Option<Concept>;
     fn parents(&self, code: &str) -> Vec<String>;
@@ -280,6 +284,8 @@ pub struct ConceptTable {
     pub title: Option<String>,
     pub content: String,
     pub case_sensitive: bool,
+    #[serde(default)]
+    pub language: Option<String>,
     pub property_defs: Vec<PropertyDef>,
     pub concepts: Vec<Concept>,
     #[serde(skip)]
@@ -540,6 +546,9 @@ impl CodeSystemProvider for ConceptTable {
     }
     fn case_sensitive(&self) -> bool {
         self.case_sensitive
+    }
+    fn language(&self) -> Option<&str> {
+        self.language.as_deref()
     }
     fn lookup(&self, code: &str) -> Option<Concept> {
         self.get(code).cloned()

@@ -50,6 +50,7 @@ pub fn code_system_table(res: &Value) -> ConceptTable {
     t.name = s(res, "name").map(str::to_string);
     t.title = s(res, "title").map(str::to_string);
     t.content = s(res, "content").unwrap_or("complete").to_string();
+    t.language = s(res, "language").map(str::to_string);
     t.case_sensitive = res
         .get("caseSensitive")
         .and_then(Value::as_bool)

@@ -604,15 +604,24 @@ impl<'a> Ctx<'a> {
     }
 
     fn display_for(&self, c: &Concept, lang: Option<&str>) -> Option<String> {
+        self.display_in(c, lang, None)
+    }
+
+    /// The display of `c` in the requested language(s): the concept display when the code
+    /// system's language matches, else the first designation in a requested language.
+    fn display_in(&self, c: &Concept, lang: Option<&str>, cs_lang: Option<&str>) -> Option<String> {
         if let Some(lang) = lang {
-            for want in lang
-                .split(',')
-                .map(|l| l.split(';').next().unwrap_or("").trim())
-            {
+            for want in requested_languages(lang) {
+                if want == "*" {
+                    break;
+                }
+                if cs_lang.map(|l| lang_matches(l, &want)).unwrap_or(false) && c.display.is_some() {
+                    return c.display.clone();
+                }
                 if let Some(d) = c.designations.iter().find(|d| {
                     d.language
                         .as_deref()
-                        .map(|l| l == want || l.starts_with(&format!("{want}-")))
+                        .map(|l| lang_matches(l, &want))
                         .unwrap_or(false)
                 }) {
                     return Some(d.value.clone());
@@ -817,9 +826,9 @@ impl<'a> Ctx<'a> {
                     continue;
                 }
                 if let Some(mut concept) = provider.lookup(code) {
-                    let display = s(c, "display")
-                        .map(str::to_string)
-                        .or_else(|| self.display_for(&concept, lang.as_deref()));
+                    let display = s(c, "display").map(str::to_string).or_else(|| {
+                        self.display_in(&concept, lang.as_deref(), provider.language())
+                    });
                     for d in arr(c, "designation") {
                         if let Some(v) = s(d, "value") {
                             concept.designations.push(Designation {
@@ -872,7 +881,7 @@ impl<'a> Ctx<'a> {
                 continue;
             }
             if let Some(c) = provider.lookup(&code) {
-                let d = self.display_for(&c, lang.as_deref());
+                let d = self.display_in(&c, lang.as_deref(), provider.language());
                 out.push(mk(c, d));
             }
         }
@@ -1521,7 +1530,7 @@ impl<'a> Ctx<'a> {
             }
         }
         r.code = Some(concept.code.clone());
-        r.display = self.display_for(&concept, lang.as_deref());
+        r.display = self.display_in(&concept, lang.as_deref(), provider.language());
         if concept.inactive {
             r.inactive = true;
         }
@@ -1594,20 +1603,90 @@ impl<'a> Ctx<'a> {
             r.status = status.clone();
         }
         if let Some(d) = &c.display {
-            let mut valid: Vec<&str> = concept.display.iter().map(String::as_str).collect();
-            valid.extend(concept.designations.iter().map(|d| d.value.as_str()));
-            let ok = valid.iter().any(|v| {
+            let cs_lang = provider.language().map(str::to_string);
+            // (display, language) candidates
+            let mut cands: Vec<(String, Option<String>)> = Vec::new();
+            if let Some(disp) = &concept.display {
+                cands.push((disp.clone(), cs_lang.clone()));
+            }
+            for des in &concept.designations {
+                if !cands
+                    .iter()
+                    .any(|(v, l)| v == &des.value && l == &des.language)
+                {
+                    cands.push((des.value.clone(), des.language.clone()));
+                }
+            }
+            let same = |v: &str| {
                 v == d
                     || v.split_whitespace().eq(d.split_whitespace())
                     || (!provider.case_sensitive() && v.eq_ignore_ascii_case(d))
-            });
-            if !ok && !valid.is_empty() {
-                let shown = r.display.clone().unwrap_or_default();
+            };
+            let req: Vec<String> = lang
+                .as_deref()
+                .map(requested_languages)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| l != "*" && l != "--")
+                .collect();
+            let in_lang: Vec<&(String, Option<String>)> = if req.is_empty() {
+                cands.iter().collect()
+            } else {
+                cands
+                    .iter()
+                    .filter(|(_, l)| {
+                        l.as_deref()
+                            .map(|l| req.iter().any(|w| lang_matches(l, w)))
+                            .unwrap_or(false)
+                    })
+                    .collect()
+            };
+            let lang_label = lang.clone().unwrap_or_else(|| "--".into());
+            let ok_in_lang = in_lang.iter().any(|(v, _)| same(v));
+            let ok_any = cands.iter().any(|(v, _)| same(v));
+            if ok_in_lang || cands.is_empty() {
+                // fine
+            } else if !req.is_empty() && in_lang.is_empty() && ok_any {
                 let m = format!(
-                    "Wrong Display Name '{d}' for {system}#{}. Valid display is '{shown}' (en) (for the language(s) '{}')",
-                    c.code,
-                    lang.as_deref().unwrap_or("--")
+                    "There are no valid display names found for the code {system}#{} for language(s) '{lang_label}'. The display is '{d}' which is a valid display for the default language",
+                    c.code
                 );
+                r.issues.push(issue_json(
+                    "information",
+                    "invalid",
+                    "invalid-display",
+                    &m,
+                    Some(&c.loc_display),
+                ));
+                r.messages.push(m);
+            } else {
+                let detail = if !req.is_empty() && in_lang.is_empty() {
+                    format!(
+                        "There are no valid display names found for language(s) '{lang_label}'. Default display is '{}'",
+                        concept.display.clone().unwrap_or_default()
+                    )
+                } else {
+                    let shown: Vec<String> = in_lang
+                        .iter()
+                        .map(|(v, l)| match l {
+                            Some(l) => format!("'{v}' ({l})"),
+                            None => format!("'{v}'"),
+                        })
+                        .collect();
+                    if shown.len() == 1 {
+                        format!(
+                            "Valid display is {} (for the language(s) '{lang_label}')",
+                            shown[0]
+                        )
+                    } else {
+                        format!(
+                            "Valid display is one of {} choices: {} (for the language(s) '{lang_label}')",
+                            shown.len(),
+                            or_list(&shown)
+                        )
+                    }
+                };
+                let m = format!("Wrong Display Name '{d}' for {system}#{}. {detail}", c.code);
                 let lenient = self.params.bool("lenient-display-validation") == Some(true);
                 let sev = if lenient { "warning" } else { "error" };
                 r.issues.push(issue_json(
@@ -1998,7 +2077,7 @@ impl<'a> Ctx<'a> {
         if let Some(v) = provider.version() {
             out.push(p_str("version", "String", v));
         }
-        if let Some(d) = self.display_for(&c, lang.as_deref()) {
+        if let Some(d) = self.display_in(&c, lang.as_deref(), provider.language()) {
             out.push(p_str("display", "String", &d));
         }
         if let Some(d) = &c.definition {
@@ -2311,6 +2390,38 @@ fn resource_flags(r: &Value, with_status: bool) -> Vec<String> {
         out.push("experimental".into());
     }
     out
+}
+
+/// Languages of an Accept-Language style list, best first (`de-CH, de;q=0.8, *;q=0`).
+fn requested_languages(list: &str) -> Vec<String> {
+    let mut v: Vec<(f32, usize, String)> = list
+        .split(',')
+        .enumerate()
+        .filter_map(|(i, part)| {
+            let mut it = part.split(';');
+            let tag = it.next()?.trim().to_string();
+            let q = it
+                .find_map(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .and_then(|q| q.parse::<f32>().ok())
+                })
+                .unwrap_or(1.0);
+            (!tag.is_empty() && q > 0.0).then_some((q, i, tag))
+        })
+        .collect();
+    v.sort_by(|a, b| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+    });
+    v.into_iter().map(|x| x.2).collect()
+}
+
+/// `de` matches `de`, `de-CH`; `de-CH` matches `de`.
+fn lang_matches(have: &str, want: &str) -> bool {
+    let (h, w) = (have.to_ascii_lowercase(), want.to_ascii_lowercase());
+    h == w || h.starts_with(&format!("{w}-")) || w.starts_with(&format!("{h}-"))
 }
 
 /// `a`, `a or b`, `a, b or c`.
