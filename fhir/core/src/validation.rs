@@ -43,6 +43,10 @@ impl Ctx<'_> {
         self.issues
             .push(Issue::error(code, msg).at(self.path.clone()));
     }
+    fn warning(&mut self, code: &'static str, msg: impl Into<String>) {
+        self.issues
+            .push(Issue::warning(code, msg).at(self.path.clone()));
+    }
 }
 
 const MAX_DEPTH: usize = 128;
@@ -547,10 +551,19 @@ impl<'m> Validator<'m> {
             ctx.error("value", "strings are limited to 1 MB");
             return;
         }
+        if s.chars()
+            .any(|c| c < ' ' && !matches!(c, '\t' | '\n' | '\r'))
+        {
+            ctx.error(
+                "value",
+                "control characters (other than tab, CR, LF) are not allowed in FHIR strings",
+            );
+            return;
+        }
         match type_code {
             "string" | "markdown" => {
                 if s.trim().is_empty() {
-                    ctx.error("value", "strings must not be only whitespace");
+                    ctx.warning("value", "the string is only whitespace");
                 }
             }
             "base64Binary" => {
@@ -1267,6 +1280,20 @@ mod tests {
         assert!(rt(json!({"prediction": [{"probabilityDecimal": 0.5}]})).is_empty());
         let p = json!({"resourceType": "Patient", "photo": [{"size": -1}]});
         assert_eq!(expr(p), vec!["Patient.photo[0].size"]);
+    }
+
+    #[test]
+    fn string_content() {
+        let issues = validate(&json!({"resourceType": "Patient", "name": [{"family": "   "}]}));
+        assert_eq!(issues.len(), 1);
+        assert!(!issues[0].is_error());
+        assert_eq!(
+            expr(json!({"resourceType": "Patient", "name": [{"family": "a\u{7}b"}]})),
+            vec!["Patient.name[0].family"]
+        );
+        assert!(
+            expr(json!({"resourceType": "Patient", "name": [{"family": "a\tb\r\nc"}]})).is_empty()
+        );
     }
 
     #[test]
