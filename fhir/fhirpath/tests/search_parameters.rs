@@ -155,3 +155,89 @@ fn timings() {
     );
     time_it("compare", "Observation.value > 100 '[lb_av]'", &obs, 1);
 }
+
+/// Every applicable search parameter over every R4 spec example (the examples package in
+/// `../shared`, unpacked with the system `tar`): no evaluation errors.
+#[test]
+fn search_parameters_evaluate_on_all_spec_examples() {
+    let Some(shared) = shared_dir() else {
+        println!("NOTICE: ../shared not found; skipping spec-example evaluation");
+        return;
+    };
+    let tgz = shared.join("fhir-r4/hl7.fhir.r4.examples-4.0.1.tgz");
+    let dir = std::env::temp_dir().join(format!("kiln-fhirpath-examples-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let ok = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        println!("NOTICE: cannot unpack {}; skipping", tgz.display());
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let exprs: Vec<(Vec<String>, Expression)> = sp_expressions()
+        .into_iter()
+        .map(|(_, base, e)| (base, Expression::parse(&e).expect("compiles")))
+        .collect();
+    let mut files = 0usize;
+    let mut evaluations = 0usize;
+    let mut errors = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&p) else {
+                continue;
+            };
+            let Ok(res) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            let Some(rt) = res["resourceType"].as_str() else {
+                continue;
+            };
+            files += 1;
+            let ctx = Context::new(&res);
+            for (base, expr) in &exprs {
+                if !base
+                    .iter()
+                    .any(|b| b == rt || b == "Resource" || b == "DomainResource")
+                {
+                    continue;
+                }
+                evaluations += 1;
+                if let Err(err) = evaluate(expr, &res, &ctx) {
+                    errors.push(format!(
+                        "{}: `{}`: {err}",
+                        p.file_name().unwrap_or_default().to_string_lossy(),
+                        expr.source()
+                    ));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    for e in errors.iter().take(30) {
+        println!("{e}");
+    }
+    println!(
+        "{files} example resources, {evaluations} search-parameter evaluations, {} errors",
+        errors.len()
+    );
+    assert!(files > 1000, "only {files} examples found");
+    assert!(errors.is_empty());
+}
