@@ -263,6 +263,9 @@ pub struct User {
     pub totp_secret: Option<String>,
     #[serde(default)]
     pub totp_enabled: bool,
+    /// Last accepted TOTP time step (codes are single use).
+    #[serde(default)]
+    pub totp_last_step: Option<u64>,
     /// Hex SHA-256 of unused recovery codes.
     #[serde(default)]
     pub recovery_codes: Vec<String>,

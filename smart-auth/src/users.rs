@@ -113,6 +113,7 @@ pub async fn add_user(store: &dyn AuthStore, new: NewUser) -> Result<User, UserE
         patients,
         totp_secret: None,
         totp_enabled: false,
+        totp_last_step: None,
         recovery_codes: Vec::new(),
         failed_logins: 0,
         locked_until: None,
@@ -140,14 +141,18 @@ fn totp_for(secret_b32: &str, username: &str) -> Option<TOTP> {
     TOTP::new_unchecked(TotpAlg::SHA1, 6, 1, 30, bytes).into()
 }
 
-fn check_totp(secret_b32: &str, username: &str, code: &str) -> bool {
+/// Verifies a 6-digit code against the previous, current and next 30 s step; returns the matched
+/// step if it is later than `last_step` (a code is accepted once: no replay within its window).
+fn check_totp(secret_b32: &str, username: &str, code: &str, last_step: Option<u64>) -> Option<u64> {
     let code = code.trim();
     if code.len() != 6 || !code.chars().all(|c| c.is_ascii_digit()) {
-        return false;
+        return None;
     }
-    totp_for(secret_b32, username)
-        .map(|t| t.check(code, now().max(0) as u64))
-        .unwrap_or(false)
+    let totp = totp_for(secret_b32, username)?;
+    let current = now().max(0) as u64 / 30;
+    (current.saturating_sub(1)..=current + 1)
+        .filter(|step| last_step.is_none_or(|l| *step > l))
+        .find(|step| ct_eq(&totp.generate(step * 30), code))
 }
 
 /// Checks password (+ MFA code when enrolled), counting failures and locking the account after
@@ -176,11 +181,13 @@ pub async fn verify_login(
         match mfa_code.map(str::trim).filter(|c| !c.is_empty()) {
             None => mfa_missing = true,
             Some(code) => {
-                let totp_ok = user
+                let step = user
                     .totp_secret
                     .as_deref()
-                    .is_some_and(|s| check_totp(s, &user.username, code));
-                if !totp_ok {
+                    .and_then(|s| check_totp(s, &user.username, code, user.totp_last_step));
+                if let Some(step) = step {
+                    user.totp_last_step = Some(step);
+                } else {
                     // Recovery code (single use).
                     let h = sha256_hex(&code.replace('-', "").to_ascii_lowercase());
                     if let Some(i) = user.recovery_codes.iter().position(|r| ct_eq(r, &h)) {
@@ -268,9 +275,10 @@ pub async fn confirm_totp(
         .totp_secret
         .clone()
         .ok_or_else(|| UserError::Invalid("no TOTP enrolment in progress".into()))?;
-    if !check_totp(&secret, username, code) {
+    let Some(step) = check_totp(&secret, username, code, None) else {
         return Err(UserError::Invalid("wrong TOTP code".into()));
-    }
+    };
+    user.totp_last_step = Some(step);
     let codes: Vec<String> = (0..10)
         .map(|_| {
             let t = random_token(8)
@@ -287,7 +295,12 @@ pub async fn confirm_totp(
 
 /// Current TOTP code for a secret (for tests and admin tooling).
 pub fn current_totp(secret_b32: &str) -> Option<String> {
-    totp_for(secret_b32, "").map(|t| t.generate(now().max(0) as u64))
+    totp_at(secret_b32, now())
+}
+
+/// TOTP code for a secret at a unix time.
+pub fn totp_at(secret_b32: &str, unix_time: i64) -> Option<String> {
+    totp_for(secret_b32, "").map(|t| t.generate(unix_time.max(0) as u64))
 }
 
 pub async fn set_password(
@@ -490,12 +503,26 @@ mod tests {
                 .unwrap(),
             LoginOutcome::MfaRequired
         );
-        let code = current_totp(&e.secret).unwrap();
+        // The confirmation code can't be replayed; the next step's code works (±1 step skew).
         assert_eq!(
             verify_login(&s, &c, "bob", "password123", Some(&code))
                 .await
                 .unwrap(),
+            LoginOutcome::InvalidCredentials
+        );
+        let next = totp_at(&e.secret, now() + 30).unwrap();
+        assert_eq!(
+            verify_login(&s, &c, "bob", "password123", Some(&next))
+                .await
+                .unwrap(),
             LoginOutcome::Success("bob".into())
+        );
+        assert_eq!(
+            verify_login(&s, &c, "bob", "password123", Some(&next))
+                .await
+                .unwrap(),
+            LoginOutcome::InvalidCredentials,
+            "replay"
         );
         assert_eq!(
             verify_login(&s, &c, "bob", "password123", Some("12345x"))

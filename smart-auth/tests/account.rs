@@ -4,7 +4,7 @@ mod common;
 
 use axum::http::StatusCode;
 use common::*;
-use kiln_smart_auth::users::{create_password_reset, current_totp};
+use kiln_smart_auth::users::{create_password_reset, current_totp, totp_at};
 
 fn first_code(html: &str) -> String {
     let i = html.find("<code>").expect("code element") + "<code>".len();
@@ -65,18 +65,24 @@ async fn totp_enrolment_and_mfa_login() {
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.header("set-cookie").is_none());
     assert!(r.body.contains("name=\"mfa_code\"") && r.body.contains("required>"));
-    let code = current_totp(&secret).unwrap();
-    let r = s
-        .post_form(
-            "/auth/login",
-            &[
-                ("username", "doc"),
-                ("password", "doctor-password"),
-                ("mfa_code", &code),
-            ],
-            &[],
-        )
-        .await;
+    let login = |code: String| {
+        let s = &s;
+        async move {
+            s.post_form(
+                "/auth/login",
+                &[
+                    ("username", "doc"),
+                    ("password", "doctor-password"),
+                    ("mfa_code", &code),
+                ],
+                &[],
+            )
+            .await
+        }
+    };
+    // The code that confirmed enrolment can't be replayed; the next time step's code works.
+    assert_eq!(login(code.clone()).await.status, StatusCode::UNAUTHORIZED);
+    let r = login(totp_at(&secret, chrono::Utc::now().timestamp() + 30).unwrap()).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.header("set-cookie").is_some());
     let r = s
