@@ -492,6 +492,8 @@ struct CodingResult {
     not_in_vs: bool,
     pin_missing: bool,
     status: Option<String>,
+    /// Whether to report `x-caused-by-unknown-system`.
+    unknown_system_param: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -1039,6 +1041,11 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
+        if p.param("displayLanguage").is_none() {
+            if let Some(l) = s(&vs, "language") {
+                parameters.push(p_str("displayLanguage", "Code", l));
+            }
+        }
         for c in &used.code_systems {
             parameters.push(p_str("used-codesystem", "Uri", c));
         }
@@ -1393,13 +1400,70 @@ impl<'a> Ctx<'a> {
             not_in_vs: false,
             pin_missing: false,
             status: None,
+            unknown_system_param: true,
         };
         let lang = self.display_language();
-        let Some(system) = c.system.clone() else {
+        let inferred = match (&c.system, vs) {
+            (None, Some((vsv, canon))) => {
+                // infer the system from the value set's includes that know the code
+                let systems: Vec<String> = vsv
+                    .get("compose")
+                    .map(|cmp| {
+                        let mut v: Vec<String> = arr(cmp, "include")
+                            .iter()
+                            .filter_map(|i| s(i, "system").map(str::to_string))
+                            .collect();
+                        v.dedup();
+                        v
+                    })
+                    .unwrap_or_default();
+                let found: Vec<String> = systems
+                    .into_iter()
+                    .filter(|sys| {
+                        self.find_cs(sys, None)
+                            .map(|e| e.provider().lookup(&c.code).is_some())
+                            .unwrap_or(false)
+                    })
+                    .collect();
+                if found.len() == 1 {
+                    found.into_iter().next()
+                } else {
+                    r.valid = false;
+                    r.system = None;
+                    let m1 = format!(
+                        "The provided code '#{}' was not found in the value set '{canon}'",
+                        c.code
+                    );
+                    let m2 = format!(
+                        "The System URI could not be determined for the code '{}' in the ValueSet '{canon}'",
+                        c.code
+                    );
+                    r.issues.push(issue_json(
+                        "error",
+                        "code-invalid",
+                        "not-in-vs",
+                        &m1,
+                        Some(&c.loc_code),
+                    ));
+                    r.issues.push(issue_json(
+                        "error",
+                        "not-found",
+                        "cannot-infer",
+                        &m2,
+                        Some(&c.loc_code),
+                    ));
+                    r.messages.push(m2);
+                    r.messages.push(m1);
+                    return Ok(r);
+                }
+            }
+            _ => None,
+        };
+        let Some(system) = c.system.clone().or(inferred) else {
             r.valid = false;
             let m = "Coding has no system. A code with no system has no defined meaning, and it cannot be validated. A system should be provided".to_string();
             r.issues.push(issue_json(
-                "warning",
+                "error",
                 "invalid",
                 "invalid-data",
                 &m,
@@ -1408,6 +1472,7 @@ impl<'a> Ctx<'a> {
             r.messages.push(m);
             return Ok(r);
         };
+        r.system = Some(system.clone());
         let forced = self.param_version("force-system-version", &system);
         let check = self.param_version("check-system-version", &system);
         let default = self
@@ -1443,6 +1508,29 @@ impl<'a> Ctx<'a> {
                     "A definition for CodeSystem '{system}' could not be found, so the code cannot be validated"
                 ),
             };
+            let vs_mentions_system = vs
+                .and_then(|(v, _)| v.get("compose"))
+                .map(|cmp| {
+                    arr(cmp, "include")
+                        .iter()
+                        .chain(arr(cmp, "exclude").iter())
+                        .any(|i| s(i, "system") == Some(system.as_str()))
+                })
+                .unwrap_or(true);
+            if let (Some((_, canon)), false) = (vs, vs_mentions_system) {
+                let n = format!(
+                    "The provided code '{system}#{}' was not found in the value set '{canon}'",
+                    c.code
+                );
+                r.issues.push(issue_json(
+                    "error",
+                    "code-invalid",
+                    "not-in-vs",
+                    &n,
+                    Some(&c.loc_code),
+                ));
+                r.messages.push(n);
+            }
             r.issues.push(issue_json(
                 "error",
                 "not-found",
@@ -1455,6 +1543,7 @@ impl<'a> Ctx<'a> {
                 Some(v) => format!("{system}|{v}"),
                 None => system.clone(),
             });
+            r.unknown_system_param = vs_mentions_system;
             return Ok(r);
         };
         let provider = entry.provider();
@@ -1637,7 +1726,7 @@ impl<'a> Ctx<'a> {
                     .filter(|(_, l)| {
                         l.as_deref()
                             .map(|l| req.iter().any(|w| lang_matches(l, w)))
-                            .unwrap_or(false)
+                            .unwrap_or(true)
                     })
                     .collect()
             };
@@ -1958,7 +2047,7 @@ impl<'a> Ctx<'a> {
             }
         }
         for r in &results {
-            if let Some(u) = &r.unknown_system {
+            if let (Some(u), true) = (&r.unknown_system, r.unknown_system_param) {
                 out.push(p_str("x-caused-by-unknown-system", "Canonical", u));
             }
         }
