@@ -1,1 +1,180 @@
-fn main() {}
+//! The `kiln` binary: `serve`, `import`, `fhirpath`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kiln_server::config::{FileConfig, ServeArgs, StoreArgs, DEFAULT_LISTEN};
+use kiln_server::{AppState, Settings};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Kiln: a FHIR R4 server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the FHIR server.
+    Serve(ServeArgs),
+    /// Load FHIR Bundles (transaction, batch, collection), single resources and NDJSON files or
+    /// directories into the store.
+    Import {
+        /// Files or directories (*.json, *.ndjson, *.xml).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Evaluate a FHIRPath expression and print the result collection as a JSON array.
+    Fhirpath {
+        /// The resource to evaluate against (JSON); stdin if absent.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        expression: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Fhirpath { input, expression } => fhirpath(input, &expression),
+        Command::Serve(args) => run_async(serve(args)),
+        Command::Import { paths, store } => run_async(async move {
+            let file = FileConfig::load(store.config.as_ref())?;
+            let st = kiln_server::open_store(&store.store_config(&file)).await?;
+            let state = AppState::new(
+                st.clone(),
+                "http://localhost/fhir".into(),
+                Settings::default(),
+            );
+            let summary = kiln_server::import::import_paths(&state, &paths, true).await;
+            st.close().await;
+            summary.print();
+            if summary.failed() {
+                anyhow::bail!("{} entries failed", summary.errors.len());
+            }
+            Ok(())
+        }),
+    }
+}
+
+fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = FileConfig::load(args.store.config.as_ref())?;
+    let listen: SocketAddr = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default listen address"));
+    let base_url = args
+        .base_url
+        .clone()
+        .or(file.base_url.clone())
+        .unwrap_or_else(|| format!("http://{listen}/fhir"));
+    let mut settings = Settings::default();
+    if args.no_update_create || file.update_create == Some(false) {
+        settings.update_create = false;
+    }
+    if let Some(b) = args.max_body_bytes.or(file.max_body_bytes) {
+        settings.max_body_bytes = b;
+    }
+    let store = kiln_server::open_store(&args.store.store_config(&file)).await?;
+    tracing::info!(store = %store.describe(), "store open");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let state = AppState::new(store.clone(), base_url.clone(), settings);
+    tracing::info!(%listen, base = %base_url, "Kiln FHIR server ready");
+    kiln_server::serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("shutting down: closing the store");
+    store.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("signal received: finishing in-flight requests");
+}
+
+fn fhirpath(input: Option<PathBuf>, expression: &str) -> ExitCode {
+    let text = match input {
+        Some(p) => {
+            std::fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        }
+        None => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map(|_| s)
+                .map_err(|e| format!("cannot read stdin: {e}"))
+        }
+    };
+    let outcome = |msg: String| {
+        let oo = kiln_fhir::operation_outcome(&[kiln_fhir::Issue::error("invalid", msg)]);
+        println!("{}", serde_json::to_string_pretty(&oo).unwrap_or_default());
+        ExitCode::FAILURE
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => return outcome(e),
+    };
+    let resource: serde_json::Value = if text.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(e) => return outcome(format!("input is not JSON: {e}")),
+        }
+    };
+    match kiln_fhirpath::eval_to_json_array(expression, &resource) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => outcome(format!("{e}")),
+    }
+}

@@ -1,0 +1,146 @@
+//! History at instance, type and system level, newest first, paged by a keyset cursor on the
+//! history row id (stable while new versions are written).
+
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::backend::{on_read_pool, Pools};
+use crate::{Result, SqlValue};
+
+#[derive(Debug, Clone)]
+pub enum HistoryScope {
+    System,
+    Type(String),
+    Instance(String, String),
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    pub scope: HistoryScope,
+    /// `_since`: versions last updated at or after this instant (µs).
+    pub since: Option<i64>,
+    /// `_at`: versions that were current at this instant (µs).
+    pub at: Option<i64>,
+    pub count: usize,
+    /// Opaque cursor from a previous page: only rows older than it.
+    pub before: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub hid: i64,
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub method: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub entries: Vec<HistoryEntry>,
+    /// Cursor for the next (older) page, if there is one.
+    pub next: Option<i64>,
+    /// Total number of matching versions.
+    pub total: i64,
+}
+
+pub(crate) async fn history(pools: &Pools, q: &HistoryQuery) -> Result<HistoryPage> {
+    let mut conds: Vec<String> = Vec::new();
+    let mut params: Vec<SqlValue> = Vec::new();
+    let p = |v: SqlValue, params: &mut Vec<SqlValue>| {
+        params.push(v);
+        format!("${}", params.len())
+    };
+    match &q.scope {
+        HistoryScope::System => {}
+        HistoryScope::Type(t) => {
+            let a = p(SqlValue::Text(t.clone()), &mut params);
+            conds.push(format!("h.res_type = {a}"));
+        }
+        HistoryScope::Instance(t, id) => {
+            let a = p(SqlValue::Text(t.clone()), &mut params);
+            let b = p(SqlValue::Text(id.clone()), &mut params);
+            conds.push(format!("h.res_type = {a} AND h.res_id = {b}"));
+        }
+    }
+    if let Some(since) = q.since {
+        let a = p(SqlValue::Int(since), &mut params);
+        conds.push(format!("h.last_updated >= {a}"));
+    }
+    if let Some(at) = q.at {
+        let a = p(SqlValue::Int(at), &mut params);
+        conds.push(format!(
+            "h.last_updated <= {a} AND NOT EXISTS (SELECT 1 FROM resource_history h2 \
+             WHERE h2.res_type = h.res_type AND h2.res_id = h.res_id AND h2.version > h.version \
+             AND h2.last_updated <= {a})"
+        ));
+    }
+    let where_all = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    let count_sql = format!("SELECT COUNT(*) FROM resource_history h {where_all}");
+    let mut page_conds = conds.clone();
+    let mut page_params = params.clone();
+    if let Some(b) = q.before {
+        page_params.push(SqlValue::Int(b));
+        page_conds.push(format!("h.hid < ${}", page_params.len()));
+    }
+    let where_page = if page_conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", page_conds.join(" AND "))
+    };
+    let limit = q.count.clamp(0, 1000) as i64 + 1;
+    let sql = format!(
+        "SELECT h.hid, h.res_type, h.res_id, h.version, h.last_updated, h.deleted, h.method, h.content \
+         FROM resource_history h {where_page} ORDER BY h.hid DESC LIMIT {limit}"
+    );
+    let total: i64 = {
+        let rows = pools.query_rows(&count_sql, &params).await?;
+        rows.first()
+            .and_then(|r| r.first())
+            .and_then(SqlValue::as_i64)
+            .unwrap_or(0)
+    };
+    let mut entries: Vec<HistoryEntry> = on_read_pool!(pools, |pool| {
+        let mut qy = sqlx::query(AssertSqlSafe(sql));
+        for v in &page_params {
+            qy = match v {
+                SqlValue::Int(i) => qy.bind(*i),
+                SqlValue::Text(s) => qy.bind(s.clone()),
+                SqlValue::Real(f) => qy.bind(*f),
+                SqlValue::Null => qy.bind(Option::<i64>::None),
+            };
+        }
+        let rows = qy.fetch_all(pool).await?;
+        let mut v = Vec::with_capacity(rows.len());
+        for r in &rows {
+            v.push(HistoryEntry {
+                hid: r.try_get(0)?,
+                resource_type: r.try_get(1)?,
+                id: r.try_get(2)?,
+                version: r.try_get(3)?,
+                last_updated: r.try_get(4)?,
+                deleted: r.try_get::<i64, _>(5)? != 0,
+                method: r.try_get(6)?,
+                content: r.try_get(7)?,
+            });
+        }
+        Ok::<_, crate::StoreError>(v)
+    })?;
+    let next = if entries.len() as i64 > limit - 1 {
+        entries.truncate((limit - 1) as usize);
+        entries.last().map(|e| e.hid)
+    } else {
+        None
+    };
+    Ok(HistoryPage {
+        entries,
+        next,
+        total,
+    })
+}

@@ -1,0 +1,340 @@
+//! Write transactions. Every write of Kiln (one interaction or a whole transaction Bundle) runs
+//! in one `WriteTx`: resource row, history row and search index rows commit together or not at all.
+
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite, Transaction};
+
+use crate::backend::{bind_values, decode_column, Pools};
+use crate::{meta, Dialect, Result, SqlValue, Store, StoreError, StoredResource};
+
+/// What a write needs to know about the current version of a resource.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub rid: i64,
+    pub version: i64,
+    pub deleted: bool,
+    pub last_updated: i64,
+}
+
+/// Writes search index rows for a resource version (implemented by the search engine).
+pub trait Indexer: Send + Sync {
+    /// Statements removing every index row of `$1` = rid.
+    fn delete_statements(&self, dialect: Dialect) -> Vec<String>;
+    /// Statements inserting the index rows of `resource`, stored under `rid`.
+    fn insert_statements(
+        &self,
+        dialect: Dialect,
+        rid: i64,
+        resource: &Value,
+    ) -> Vec<(String, Vec<SqlValue>)>;
+}
+
+enum Inner {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+macro_rules! on_tx {
+    ($inner:expr, |$c:ident| $body:expr) => {
+        match $inner {
+            Inner::Sqlite($c) => $body,
+            Inner::Postgres($c) => $body,
+        }
+    };
+}
+
+/// An open write transaction. Dropping it without [`WriteTx::commit`] rolls everything back.
+pub struct WriteTx {
+    inner: Inner,
+    store: Store,
+}
+
+impl WriteTx {
+    pub(crate) async fn begin(store: &Store) -> Result<WriteTx> {
+        let inner = match store.pools() {
+            Pools::Sqlite { write, .. } => {
+                Inner::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?)
+            }
+            Pools::Postgres { pool, .. } => Inner::Postgres(pool.begin().await?),
+        };
+        Ok(WriteTx {
+            inner,
+            store: store.clone(),
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.inner {
+            Inner::Sqlite(_) => Dialect::Sqlite,
+            Inner::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// The current version of a resource, locked for the rest of the transaction (PostgreSQL
+    /// `FOR UPDATE`; SQLite already holds the write lock).
+    pub async fn current(&mut self, ty: &str, id: &str) -> Result<Option<Current>> {
+        let sql = match self.inner {
+            Inner::Sqlite(_) => {
+                "SELECT rid, version, deleted, last_updated FROM resources WHERE res_type = $1 AND res_id = $2"
+            }
+            Inner::Postgres(_) => {
+                "SELECT rid, version, deleted, last_updated FROM resources WHERE res_type = $1 AND res_id = $2 FOR UPDATE"
+            }
+        };
+        on_tx!(&mut self.inner, |c| {
+            let row = sqlx::query(sql)
+                .bind(ty)
+                .bind(id)
+                .fetch_optional(&mut **c)
+                .await?;
+            match row {
+                None => Ok(None),
+                Some(r) => Ok(Some(Current {
+                    rid: r.try_get(0)?,
+                    version: r.try_get(1)?,
+                    deleted: r.try_get::<i64, _>(2)? != 0,
+                    last_updated: r.try_get(3)?,
+                })),
+            }
+        })
+    }
+
+    /// The current content of a resource inside this transaction.
+    pub async fn read(&mut self, ty: &str, id: &str) -> Result<Option<StoredResource>> {
+        let sql = "SELECT rid, res_type, res_id, version, last_updated, deleted, content FROM resources WHERE res_type = $1 AND res_id = $2";
+        on_tx!(&mut self.inner, |c| {
+            let row = sqlx::query(sql)
+                .bind(ty)
+                .bind(id)
+                .fetch_optional(&mut **c)
+                .await?;
+            Ok(match row {
+                None => None,
+                Some(r) => Some(StoredResource {
+                    rid: r.try_get(0)?,
+                    resource_type: r.try_get(1)?,
+                    id: r.try_get(2)?,
+                    version: r.try_get(3)?,
+                    last_updated: r.try_get(4)?,
+                    deleted: r.try_get::<i64, _>(5)? != 0,
+                    content: r.try_get(6)?,
+                }),
+            })
+        })
+    }
+
+    /// Writes a new version of `ty/id`: version 1 if `current` is `None`, else `current.version + 1`
+    /// (a deleted resource comes back to life with the next version). Stamps `id`,
+    /// `meta.versionId` and `meta.lastUpdated` into `resource`, and re-indexes it.
+    pub async fn put(
+        &mut self,
+        ty: &str,
+        id: &str,
+        mut resource: Value,
+        current: Option<&Current>,
+        method: &str,
+        indexer: Option<&dyn Indexer>,
+    ) -> Result<StoredResource> {
+        let version = current.map(|c| c.version + 1).unwrap_or(1);
+        let now = self.store.tick();
+        meta::stamp(&mut resource, id, version, now);
+        let content = serde_json::to_string(&resource)
+            .map_err(|e| StoreError::Corrupt(format!("cannot serialise resource: {e}")))?;
+        let rid = match current {
+            Some(c) => {
+                let changed = on_tx!(&mut self.inner, |c2| {
+                    sqlx::query(
+                        "UPDATE resources SET version = $1, last_updated = $2, deleted = 0, content = $3 \
+                         WHERE rid = $4 AND version = $5",
+                    )
+                    .bind(version)
+                    .bind(now)
+                    .bind(content.as_str())
+                    .bind(c.rid)
+                    .bind(c.version)
+                    .execute(&mut **c2)
+                    .await?
+                    .rows_affected()
+                });
+                if changed != 1 {
+                    return Err(StoreError::Conflict(format!(
+                        "{ty}/{id} was changed concurrently (expected version {})",
+                        c.version
+                    )));
+                }
+                c.rid
+            }
+            None => {
+                let rid: Option<i64> = on_tx!(&mut self.inner, |c2| {
+                    sqlx::query_scalar(
+                        "INSERT INTO resources (res_type, res_id, version, last_updated, deleted, content) \
+                         VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
+                    )
+                    .bind(ty)
+                    .bind(id)
+                    .bind(version)
+                    .bind(now)
+                    .bind(content.as_str())
+                    .fetch_optional(&mut **c2)
+                    .await?
+                });
+                rid.ok_or_else(|| {
+                    StoreError::Conflict(format!("{ty}/{id} was created concurrently"))
+                })?
+            }
+        };
+        self.insert_history(rid, ty, id, version, now, false, method, &content)
+            .await?;
+        if let Some(ix) = indexer {
+            if current.is_some() {
+                self.run_deletes(ix, rid).await?;
+            }
+            for (sql, params) in ix.insert_statements(self.dialect(), rid, &resource) {
+                self.execute(&sql, &params).await?;
+            }
+        }
+        Ok(StoredResource {
+            rid,
+            resource_type: ty.to_string(),
+            id: id.to_string(),
+            version,
+            last_updated: now,
+            deleted: false,
+            content,
+        })
+    }
+
+    /// Writes a deletion (a versioned tombstone) and drops the resource from every index.
+    pub async fn delete(
+        &mut self,
+        ty: &str,
+        id: &str,
+        current: &Current,
+        indexer: Option<&dyn Indexer>,
+    ) -> Result<i64> {
+        let version = current.version + 1;
+        let now = self.store.tick();
+        let changed = on_tx!(&mut self.inner, |c| {
+            sqlx::query(
+                "UPDATE resources SET version = $1, last_updated = $2, deleted = 1, content = '' \
+                 WHERE rid = $3 AND version = $4",
+            )
+            .bind(version)
+            .bind(now)
+            .bind(current.rid)
+            .bind(current.version)
+            .execute(&mut **c)
+            .await?
+            .rows_affected()
+        });
+        if changed != 1 {
+            return Err(StoreError::Conflict(format!(
+                "{ty}/{id} was changed concurrently"
+            )));
+        }
+        self.insert_history(current.rid, ty, id, version, now, true, "DELETE", "")
+            .await?;
+        if let Some(ix) = indexer {
+            self.run_deletes(ix, current.rid).await?;
+        }
+        Ok(version)
+    }
+
+    /// Drops every search index row of `rid`.
+    async fn run_deletes(&mut self, ix: &dyn Indexer, rid: i64) -> Result<()> {
+        for sql in ix.delete_statements(self.dialect()) {
+            self.execute(&sql, &[SqlValue::Int(rid)]).await?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_history(
+        &mut self,
+        rid: i64,
+        ty: &str,
+        id: &str,
+        version: i64,
+        now: i64,
+        deleted: bool,
+        method: &str,
+        content: &str,
+    ) -> Result<()> {
+        on_tx!(&mut self.inner, |c| {
+            sqlx::query(
+                "INSERT INTO resource_history (rid, res_type, res_id, version, last_updated, deleted, method, content) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(rid)
+            .bind(ty)
+            .bind(id)
+            .bind(version)
+            .bind(now)
+            .bind(deleted as i64)
+            .bind(method)
+            .bind(content)
+            .execute(&mut **c)
+            .await?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    /// Runs a statement inside the transaction.
+    pub async fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64> {
+        on_tx!(&mut self.inner, |c| {
+            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params);
+            Ok(q.execute(&mut **c).await?.rows_affected())
+        })
+    }
+
+    /// Runs a query inside the transaction (conditional interactions search here, so they see
+    /// the transaction's own earlier writes).
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+    ) -> Result<Vec<Vec<SqlValue>>> {
+        on_tx!(&mut self.inner, |c| {
+            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params);
+            let rows = q.fetch_all(&mut **c).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let mut cols = Vec::with_capacity(r.len());
+                for i in 0..r.len() {
+                    cols.push(decode_column!(r, i));
+                }
+                out.push(cols);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Takes a transaction-scoped lock named by `key` (PostgreSQL advisory lock; SQLite already
+    /// serialises writers). Conditional creates lock on their type so two concurrent
+    /// `If-None-Exist` creates cannot both create.
+    pub async fn lock(&mut self, key: &str) -> Result<()> {
+        if let Inner::Postgres(c) = &mut self.inner {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(key)
+                .execute(&mut **c)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        match self.inner {
+            Inner::Sqlite(t) => t.commit().await?,
+            Inner::Postgres(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<()> {
+        match self.inner {
+            Inner::Sqlite(t) => t.rollback().await?,
+            Inner::Postgres(t) => t.rollback().await?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,104 @@
+//! Command-line options shared by every subcommand that touches the store, with the
+//! `KILN_*` environment variables and an optional TOML file (`--config`).
+//!
+//! Precedence: command line > environment > TOML file > defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Where the data lives (every subcommand that touches the store takes these).
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Directory of the embedded SQLite database (created on first run).
+    #[arg(long, env = "KILN_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL: `postgres://user@host/db` selects PostgreSQL (default: embedded SQLite in
+    /// --data-dir).
+    #[arg(long, env = "KILN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
+    /// SQLite: fsync every commit (survives power loss; the default survives process crashes).
+    #[arg(long, env = "KILN_SQLITE_SYNC_FULL")]
+    pub sqlite_sync_full: bool,
+    /// Optional TOML configuration file (keys: listen, data_dir, database, base_url, …).
+    #[arg(long, env = "KILN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KILN_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// The FHIR base URL advertised to clients (default: http://<listen>/fhir).
+    #[arg(long, env = "KILN_BASE_URL", value_name = "URL")]
+    pub base_url: Option<String>,
+    /// Refuse `PUT` of a resource that does not exist (update-as-create is on by default).
+    #[arg(long, env = "KILN_NO_UPDATE_CREATE")]
+    pub no_update_create: bool,
+    /// Largest accepted request body in bytes (413 above).
+    #[arg(long, env = "KILN_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// The optional TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub base_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub database: Option<String>,
+    pub sqlite_sync_full: Option<bool>,
+    pub update_create: Option<bool>,
+    pub max_body_bytes: Option<usize>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
+        match path {
+            None => Ok(FileConfig::default()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", p.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", p.display()))
+            }
+        }
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+impl StoreArgs {
+    pub fn store_config(&self, file: &FileConfig) -> kiln_store::StoreConfig {
+        kiln_store::StoreConfig {
+            data_dir: self
+                .data_dir
+                .clone()
+                .or_else(|| file.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("./kiln-data")),
+            database: self.database.clone().or_else(|| file.database.clone()),
+            sqlite_synchronous_full: self.sqlite_sync_full
+                || file.sqlite_sync_full.unwrap_or(false),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_file_parses_and_rejects_unknown_keys() {
+        let c: FileConfig =
+            toml::from_str("listen = \"0.0.0.0:9000\"\ndata_dir = \"/tmp/x\"").unwrap();
+        assert_eq!(c.listen.unwrap().port(), 9000);
+        assert!(toml::from_str::<FileConfig>("lisen = 1").is_err());
+    }
+}

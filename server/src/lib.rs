@@ -1,0 +1,60 @@
+//! `kiln-server`: the HTTP layer of Kiln (axum) and the `kiln` command line. Thin handlers over
+//! the interactions; every error is an OperationOutcome.
+
+pub mod config;
+pub mod error;
+pub mod format;
+pub mod import;
+pub mod interactions;
+pub mod operations;
+pub mod routes;
+pub mod search;
+pub mod state;
+pub mod validation;
+
+use std::future::Future;
+
+use kiln_store::{Store, StoreConfig};
+
+pub use state::{AppState, Settings};
+
+/// Opens the store with every schema Kiln layers on it (search indexes).
+pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
+    let hook: kiln_store::SchemaHook = std::sync::Arc::new(search::schema);
+    Store::open(config, Some(hook))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
+}
+
+/// Serves the FHIR API on `listener` until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = routes::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Starts a server on an ephemeral loopback port (tests and benchmarks). Returns the base URL
+/// and a handle that stops it.
+pub async fn spawn_for_tests(
+    config: &StoreConfig,
+) -> anyhow::Result<(String, AppState, tokio::sync::oneshot::Sender<()>)> {
+    let store = open_store(config).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let base = format!("http://{addr}/fhir");
+    let state = AppState::new(store, base.clone(), Settings::default());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    tokio::spawn(async move {
+        let _ = serve(listener, st, async move {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Ok((base, state, tx))
+}

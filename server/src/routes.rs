@@ -1,0 +1,408 @@
+//! The HTTP surface: one dispatcher under the FHIR base that maps method + path to an
+//! interaction or operation (FHIR's URL grammar has `$operations`, compartments and `_history`
+//! segments that read best as one `match`), plus the layers every response goes through.
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use kiln_store::HistoryScope;
+use serde_json::Value;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::CorsLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::error::{FhirError, FhirResult};
+use crate::format::{self, Body, BodyKind, FhirResponse, Negotiated};
+use crate::interactions::bundle::form_urlencoded_pairs;
+use crate::interactions::{
+    bundle, capabilities, create, delete, history, parse_prefer, patch, read, update,
+    RequestContext,
+};
+use crate::operations::{parameters_from_query, Target};
+use crate::state::AppState;
+
+/// The path part of the base URL (`/fhir` for `http://host:8080/fhir`).
+pub fn base_path(base_url: &str) -> String {
+    let after_scheme = base_url.split_once("://").map(|x| x.1).unwrap_or(base_url);
+    match after_scheme.find('/') {
+        Some(i) => after_scheme[i..].trim_end_matches('/').to_string(),
+        None => String::new(),
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let base = base_path(&state.base_url);
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let fhir = Router::new()
+        .route("/", any(dispatch))
+        .route("/{*rest}", any(dispatch))
+        .with_state(state.clone());
+    let app = if base.is_empty() {
+        fhir
+    } else {
+        Router::new().nest(&base, fhir)
+    };
+    app.route("/health", any(health).with_state(state))
+        .layer(CompressionLayer::new())
+        .layer(CorsLayer::permissive().expose_headers([
+            header::ETAG,
+            header::LOCATION,
+            header::CONTENT_LOCATION,
+            header::LAST_MODIFIED,
+        ]))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unavailable: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+fn request_context(headers: &HeaderMap, query: Vec<(String, String)>) -> RequestContext {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut ctx = RequestContext {
+        query,
+        if_match: h("if-match"),
+        if_none_match: h("if-none-match"),
+        if_modified_since: h("if-modified-since"),
+        if_none_exist: h("if-none-exist"),
+        ..Default::default()
+    };
+    for v in headers.get_all("prefer") {
+        if let Ok(s) = v.to_str() {
+            parse_prefer(s, &mut ctx);
+        }
+    }
+    ctx
+}
+
+async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let query = parts
+        .uri
+        .query()
+        .map(form_urlencoded_pairs)
+        .unwrap_or_default();
+    let negotiated = match format::negotiate(&parts.headers, &query) {
+        Ok(n) => n,
+        Err(e) => return format::render_error(e, &Negotiated::default()),
+    };
+    let body = match axum::body::to_bytes(body, state.settings.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return format::render_error(
+                FhirError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    kiln_fhir::Issue::error(
+                        "too-costly",
+                        format!(
+                            "request body exceeds the limit of {} bytes",
+                            state.settings.max_body_bytes
+                        ),
+                    ),
+                ),
+                &negotiated,
+            )
+        }
+    };
+    let path = parts.uri.path().to_string();
+    let segments: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(bundle::percent_decode)
+        .collect();
+    let ctx = request_context(&parts.headers, query);
+    let head = parts.method == Method::HEAD;
+    let result = route(&state, &parts.method, &segments, &parts.headers, body, &ctx).await;
+    let mut resp = match result {
+        Ok(r) => format::render(r, &negotiated),
+        Err(e) => format::render_error(e, &negotiated),
+    };
+    if head {
+        *resp.body_mut() = axum::body::Body::empty();
+    }
+    resp
+}
+
+fn parse_resource(headers: &HeaderMap, body: &Bytes) -> FhirResult<Value> {
+    let kind = format::body_kind(headers)?;
+    format::parse_body(kind, body)
+}
+
+/// Runs a write interaction in its own store transaction: committed on success, rolled back
+/// (by drop) on error.
+macro_rules! in_tx {
+    ($state:expr, |$tx:ident| $body:expr) => {{
+        let mut t = $state.store.begin().await?;
+        let resp = {
+            let $tx = &mut t;
+            $body
+        };
+        t.commit().await?;
+        Ok(resp)
+    }};
+}
+
+fn query_string(ctx: &RequestContext) -> String {
+    ctx.query
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "_format" | "_pretty"))
+        .map(|(k, v)| format!("{}={}", history::encode(k), history::encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+async fn route(
+    state: &AppState,
+    method: &Method,
+    segments: &[String],
+    headers: &HeaderMap,
+    body: Bytes,
+    ctx: &RequestContext,
+) -> FhirResult<FhirResponse> {
+    let s: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let m = method.clone();
+    let get = m == Method::GET || m == Method::HEAD;
+    match s.as_slice() {
+        [] if m == Method::POST => {
+            let bundle = parse_resource(headers, &body)?;
+            bundle::process(state, bundle, ctx).await
+        }
+        [] if get => state.search.search_type(state, None, ctx).await,
+        ["metadata"] if get => Ok(FhirResponse::ok(Body::Resource(
+            capabilities::capability_statement(state),
+        ))),
+        ["_history"] if get => history::history(state, HistoryScope::System, ctx).await,
+        ["_search"] if m == Method::POST => {
+            let ctx = with_form(ctx, headers, &body)?;
+            state.search.search_type(state, None, &ctx).await
+        }
+        [op] if op.starts_with('$') => {
+            operation(state, &m, Target::System, op, headers, &body, ctx).await
+        }
+        [ty] if get => state.search.search_type(state, Some(ty), ctx).await,
+        [ty] if m == Method::POST => {
+            let resource = parse_resource(headers, &body)?;
+            let ty = ty.to_string();
+            in_tx!(state, |tx| create::create(state, tx, &ty, resource, ctx)
+                .await?
+                .response)
+        }
+        [ty] if m == Method::PUT => {
+            let resource = parse_resource(headers, &body)?;
+            let (ty, q) = (ty.to_string(), query_string(ctx));
+            if q.is_empty() {
+                return Err(FhirError::method_not_allowed(
+                    "PUT on a type needs search criteria (conditional update)",
+                ));
+            }
+            in_tx!(state, |tx| update::conditional_update(
+                state, tx, &ty, &q, resource, ctx
+            )
+            .await?)
+        }
+        [ty] if m == Method::DELETE => {
+            let (ty, q) = (ty.to_string(), query_string(ctx));
+            in_tx!(state, |tx| delete::conditional_delete(
+                state, tx, &ty, &q, ctx
+            )
+            .await?)
+        }
+        [ty] if m == Method::PATCH => {
+            let kind = format::body_kind(headers)?;
+            let doc = format::parse_body(kind, &body)?;
+            let (ty, q) = (ty.to_string(), query_string(ctx));
+            in_tx!(state, |tx| patch::conditional_patch(
+                state, tx, &ty, &q, kind, &doc, ctx
+            )
+            .await?)
+        }
+        [ty, "_search"] if m == Method::POST => {
+            let ctx = with_form(ctx, headers, &body)?;
+            state.search.search_type(state, Some(ty), &ctx).await
+        }
+        [ty, "_history"] if get => {
+            history::history(state, HistoryScope::Type(ty.to_string()), ctx).await
+        }
+        [ty, op] if op.starts_with('$') => {
+            operation(
+                state,
+                &m,
+                Target::Type(ty.to_string()),
+                op,
+                headers,
+                &body,
+                ctx,
+            )
+            .await
+        }
+        [ty, id] if get => read::read(state, ty, id, ctx).await,
+        [ty, id] if m == Method::PUT => {
+            let resource = parse_resource(headers, &body)?;
+            let (ty, id) = (ty.to_string(), id.to_string());
+            in_tx!(state, |tx| update::update(
+                state, tx, &ty, &id, resource, ctx
+            )
+            .await?)
+        }
+        [ty, id] if m == Method::DELETE => {
+            let (ty, id) = (ty.to_string(), id.to_string());
+            in_tx!(state, |tx| delete::delete(state, tx, &ty, &id, ctx).await?)
+        }
+        [ty, id] if m == Method::PATCH => {
+            let kind = format::body_kind(headers)?;
+            let doc = format::parse_body(kind, &body)?;
+            let (ty, id) = (ty.to_string(), id.to_string());
+            in_tx!(state, |tx| patch::patch(
+                state, tx, &ty, &id, kind, &doc, ctx
+            )
+            .await?)
+        }
+        [ty, id, "_history"] if get => {
+            history::history(
+                state,
+                HistoryScope::Instance(ty.to_string(), id.to_string()),
+                ctx,
+            )
+            .await
+        }
+        [ty, id, "_history", vid] if get => read::vread(state, ty, id, vid, ctx).await,
+        [ty, id, op] if op.starts_with('$') => {
+            operation(
+                state,
+                &m,
+                Target::Instance(ty.to_string(), id.to_string()),
+                op,
+                headers,
+                &body,
+                ctx,
+            )
+            .await
+        }
+        [cty, cid, ty] if get => {
+            state
+                .search
+                .search_compartment(state, cty, cid, ty, ctx)
+                .await
+        }
+        [cty, cid, ty, "_search"] if m == Method::POST => {
+            let ctx = with_form(ctx, headers, &body)?;
+            state
+                .search
+                .search_compartment(state, cty, cid, ty, &ctx)
+                .await
+        }
+        [ty, ..]
+            if !ty.starts_with('$')
+                && !ty.starts_with('_')
+                && ty.chars().next().is_some_and(|c| c.is_ascii_uppercase()) =>
+        {
+            crate::interactions::check_type(ty)?;
+            Err(FhirError::method_not_allowed(format!(
+                "{m} is not supported on /{}",
+                segments.join("/")
+            )))
+        }
+        _ => Err(FhirError::not_found(format!(
+            "no FHIR endpoint at /{}",
+            segments.join("/")
+        ))),
+    }
+}
+
+/// `POST …/_search`: parameters in an `application/x-www-form-urlencoded` body join the URL's.
+fn with_form(
+    ctx: &RequestContext,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> FhirResult<RequestContext> {
+    let mut ctx = ctx.clone();
+    if body.is_empty() {
+        return Ok(ctx);
+    }
+    if format::body_kind(headers)? != BodyKind::Form {
+        return Err(FhirError::unsupported_media_type(
+            "_search takes application/x-www-form-urlencoded parameters",
+        ));
+    }
+    let text =
+        std::str::from_utf8(body).map_err(|_| FhirError::bad_request("form body is not UTF-8"))?;
+    ctx.query.extend(form_urlencoded_pairs(text));
+    Ok(ctx)
+}
+
+async fn operation(
+    state: &AppState,
+    method: &Method,
+    target: Target,
+    op: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    ctx: &RequestContext,
+) -> FhirResult<FhirResponse> {
+    let name = op.trim_start_matches('$');
+    let Some(operation) = state.operations.get(name) else {
+        return Err(FhirError::not_found(format!("unknown operation ${name}")));
+    };
+    let d = operation.definition();
+    let level_ok = match &target {
+        Target::System => d.system,
+        Target::Type(t) => {
+            crate::interactions::check_type(t)?;
+            d.type_level && (d.resource_types.is_empty() || d.resource_types.contains(&t.as_str()))
+        }
+        Target::Instance(t, _) => {
+            crate::interactions::check_type(t)?;
+            d.instance && (d.resource_types.is_empty() || d.resource_types.contains(&t.as_str()))
+        }
+    };
+    if !level_ok {
+        return Err(FhirError::not_found(format!(
+            "${name} is not defined at this level"
+        )));
+    }
+    let params = if *method == Method::GET || *method == Method::HEAD {
+        if d.affects_state {
+            return Err(FhirError::method_not_allowed(format!(
+                "${name} changes data: use POST"
+            )));
+        }
+        parameters_from_query(&ctx.query)
+    } else if *method == Method::POST {
+        if body.is_empty() {
+            parameters_from_query(&ctx.query)
+        } else {
+            parse_resource(headers, body)?
+        }
+    } else {
+        return Err(FhirError::method_not_allowed(format!(
+            "${name} takes GET or POST"
+        )));
+    };
+    operation.invoke(state, target, params, ctx).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base_paths() {
+        assert_eq!(super::base_path("http://127.0.0.1:8080/fhir"), "/fhir");
+        assert_eq!(super::base_path("https://x.org/a/fhir/"), "/a/fhir");
+        assert_eq!(super::base_path("http://x.org"), "");
+    }
+}

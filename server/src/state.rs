@@ -1,0 +1,68 @@
+//! Shared server state: the store, the advertised base URL, settings and registries.
+
+use std::sync::Arc;
+
+use kiln_store::Store;
+
+use crate::operations::OperationRegistry;
+use crate::search::SearchEngine;
+
+/// Behaviour switches an operator can set.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `PUT` of a resource that does not exist creates it (client-assigned id).
+    pub update_create: bool,
+    /// Largest accepted request body, bytes (413 above).
+    pub max_body_bytes: usize,
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    /// Most resources one conditional delete may remove (412 above).
+    pub max_conditional_delete: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            update_create: true,
+            max_body_bytes: 64 * 1024 * 1024,
+            default_page_size: 50,
+            max_page_size: 1000,
+            max_conditional_delete: 1000,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub inner: Arc<Inner>,
+}
+
+pub struct Inner {
+    pub store: Store,
+    /// The FHIR base as clients see it, without a trailing slash (`http://127.0.0.1:8080/fhir`).
+    pub base_url: String,
+    pub settings: Settings,
+    pub search: SearchEngine,
+    pub operations: OperationRegistry,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl AppState {
+    pub fn new(store: Store, base_url: String, settings: Settings) -> AppState {
+        AppState {
+            inner: Arc::new(Inner {
+                search: SearchEngine::new(),
+                store,
+                base_url: base_url.trim_end_matches('/').to_string(),
+                settings,
+                operations: crate::operations::registry(),
+            }),
+        }
+    }
+}
