@@ -2028,10 +2028,8 @@ impl<'a> Ctx<'a> {
             if let Some(c) = &r.code {
                 out.push(p_str("code", "Code", c));
             }
-            if let Some(sys) = &r.system {
-                if self.find_cs(sys, None).is_some() {
-                    out.push(p_str("system", "Uri", sys));
-                }
+                        if let Some(sys) = &r.system {
+                out.push(p_str("system", "Uri", sys));
             }
             if let Some(v) = &r.version {
                 out.push(p_str("version", "String", v));
