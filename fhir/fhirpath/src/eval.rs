@@ -641,6 +641,16 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         args: &[Ast],
         fr: Frame<'_, 'a>,
     ) -> R<Coll<'a>> {
+        if self.ctx.strict && matches!(name, "skip" | "take" | "first" | "last" | "tail") {
+            if let Some(Ast::Call { name: inner, .. }) = target {
+                if matches!(inner.as_str(), "children" | "descendants") {
+                    return Err(Error::semantic(
+                        format!("{name}() needs an ordered collection; {inner}() is unordered"),
+                        None,
+                    ));
+                }
+            }
+        }
         let input = match target {
             Some(t) => self.eval(t, fr)?,
             None => fr.focus.to_vec(),
