@@ -218,7 +218,7 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 async fn current_session(state: &AuthState, headers: &HeaderMap) -> Option<(Session, User)> {
     let id = cookie_value(headers, SESSION_COOKIE)?;
-    let session = state.store().get_session(id).await.ok()??;
+    let session = state.store().get_session(&sha256_hex(id)).await.ok()??;
     let user = state.store().get_user(&session.username).await.ok()??;
     if user.locked_until.is_some_and(|t| t > now()) {
         return None;
@@ -647,8 +647,10 @@ async fn login_submit(State(state): State<AuthState>, ext: Extensions, body: Byt
     };
     match outcome {
         LoginOutcome::Success(user) => {
+            // The cookie carries the secret; the store only its hash.
+            let cookie_secret = random_token(32);
             let session = Session {
-                id: random_token(32),
+                id: sha256_hex(&cookie_secret),
                 username: user,
                 created_at: now(),
                 expires_at: now() + state.config().session_lifetime,
@@ -671,7 +673,7 @@ async fn login_submit(State(state): State<AuthState>, ext: Extensions, body: Byt
             } else {
                 redirect(&next)
             };
-            let cookie = session_cookie(&state, &session.id, state.config().session_lifetime);
+            let cookie = session_cookie(&state, &cookie_secret, state.config().session_lifetime);
             resp.headers_mut().insert(header::SET_COOKIE, cookie);
             resp
         }
@@ -707,7 +709,7 @@ async fn login_submit(State(state): State<AuthState>, ext: Extensions, body: Byt
 
 async fn logout(State(state): State<AuthState>, headers: HeaderMap) -> Response {
     if let Some(id) = cookie_value(&headers, SESSION_COOKIE) {
-        let _ = state.store().delete_session(id).await;
+        let _ = state.store().delete_session(&sha256_hex(id)).await;
     }
     let mut resp = html_response(
         StatusCode::OK,
