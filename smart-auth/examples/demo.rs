@@ -2,7 +2,7 @@
 //! `cargo run -p kiln-smart-auth --example demo -- 8765` then open
 //! http://127.0.0.1:8765/fhir/.well-known/smart-configuration. Users: `pat` / `patient-password`
 //! (Patient/p1), `doc` / `doctor-password` (admin, Practitioner/dr1). Public client `demo-app`
-//! with redirect URI http://127.0.0.1:8765/callback.
+//! with redirect URI http://127.0.0.1:8765/callback. Dynamic registration is on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +17,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(8765);
     let base = format!("http://127.0.0.1:{port}/fhir");
     let store: Arc<dyn AuthStore> = Arc::new(MemoryAuthStore::new());
-    let state = AuthState::new(SmartConfig::new(&base), store.clone()).await?;
+    let mut config = SmartConfig::new(&base);
+    config.dynamic_registration = true;
+    let state = AuthState::new(config, store.clone()).await?;
     add_user(
         store.as_ref(),
         NewUser {
