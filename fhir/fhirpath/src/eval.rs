@@ -21,7 +21,11 @@ type Coll<'a> = Vec<Item<'a>>;
 type R<T> = Result<T, Error>;
 
 /// Resolver for `resolve()` references not found in the root Bundle / contained resources.
-pub type Resolver<'a> = &'a dyn Fn(&str) -> Option<Value>;
+pub type Resolver<'a> = &'a (dyn Fn(&str) -> Option<Value> + Sync);
+
+/// Terminology hook for `memberOf(valueSetUrl)`: receives the JSON of a `code`/`string`
+/// (a JSON string), `Coding` or `CodeableConcept` and the value set URL; `None` = unknown.
+pub type MemberOf<'a> = &'a (dyn Fn(&Value, &str) -> Option<bool> + Sync);
 
 /// Evaluation context: `%resource`, `%rootResource`, user variables, reference resolver.
 #[derive(Clone)]
@@ -30,6 +34,7 @@ pub struct Context<'a> {
     pub(crate) root: Option<&'a Value>,
     pub(crate) variables: HashMap<String, Vec<Item<'static>>>,
     pub(crate) resolver: Option<Resolver<'a>>,
+    pub(crate) member_of: Option<MemberOf<'a>>,
     pub(crate) strict: bool,
     pub(crate) reference_stubs: bool,
 }
@@ -42,6 +47,7 @@ impl<'a> Context<'a> {
             root: Some(resource),
             variables: HashMap::new(),
             resolver: None,
+            member_of: None,
             strict: false,
             reference_stubs: true,
         }
@@ -54,6 +60,7 @@ impl<'a> Context<'a> {
             root: None,
             variables: HashMap::new(),
             resolver: None,
+            member_of: None,
             strict: false,
             reference_stubs: true,
         }
@@ -78,6 +85,12 @@ impl<'a> Context<'a> {
     /// resources.
     pub fn with_resolver(mut self, resolver: Resolver<'a>) -> Self {
         self.resolver = Some(resolver);
+        self
+    }
+
+    /// Terminology used by `memberOf()` (without it `memberOf()` returns empty).
+    pub fn with_member_of(mut self, member_of: MemberOf<'a>) -> Self {
+        self.member_of = Some(member_of);
         self
     }
 
@@ -1866,7 +1879,20 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 }
                 Ok(out)
             }
-            "memberOf" | "subsumes" | "subsumedBy" => {
+            "memberOf" => {
+                let Some(url) = self.arg_string(args, 0, fr)? else {
+                    return Ok(vec![]);
+                };
+                let Some(item) = single(&input, "memberOf")? else {
+                    return Ok(vec![]);
+                };
+                let Some(hook) = self.ctx.member_of else {
+                    // No terminology service configured: unknown → empty.
+                    return Ok(vec![]);
+                };
+                Ok(opt_bool(hook(&item.to_json(), &url)))
+            }
+            "subsumes" | "subsumedBy" => {
                 // No terminology service in the engine: unknown → empty.
                 Ok(vec![])
             }

@@ -25,7 +25,7 @@ pub mod units;
 mod value;
 
 pub use error::{Error, ErrorKind};
-pub use eval::{Context, Resolver};
+pub use eval::{Context, MemberOf, Resolver};
 pub use value::{Item, JsonRef, Node, Quantity};
 
 use once_cell::sync::Lazy;

@@ -141,12 +141,8 @@ fn normalize_type(t: &'static str) -> &'static str {
 
 /// The model's static name for a resource type (`None` if not an R4 resource type).
 pub(crate) fn resource_type(name: &str) -> Option<&'static str> {
-    let model = kiln_fhir::model::r4();
-    if model.is_resource_type(name) {
-        model.type_info(name).map(|t| t.name.as_str())
-    } else {
-        None
-    }
+    let t = kiln_fhir::model::r4().type_info(name)?;
+    (t.kind == kiln_fhir::model::TypeKind::Resource && !t.is_abstract).then_some(t.name.as_str())
 }
 
 /// `type_name` is `ancestor` or derives from it.

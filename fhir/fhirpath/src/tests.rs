@@ -270,3 +270,21 @@ fn hostile_inputs_error_instead_of_panicking() {
         let _ = eval_to_json_array(src, &e);
     }
 }
+
+#[test]
+fn member_of_uses_the_terminology_hook() {
+    let p = json!({"resourceType": "Patient", "gender": "male",
+        "maritalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": "M"}]}});
+    let hook = |v: &Value, vs: &str| -> Option<bool> {
+        (vs == "http://hl7.org/fhir/ValueSet/administrative-gender").then(|| v == &json!("male"))
+    };
+    let ctx = Context::new(&p).with_member_of(&hook);
+    let e =
+        Expression::parse("gender.memberOf('http://hl7.org/fhir/ValueSet/administrative-gender')")
+            .unwrap();
+    assert_eq!(evaluate(&e, &p, &ctx).unwrap()[0].to_json(), json!(true));
+    let e = Expression::parse("maritalStatus.memberOf('http://x')").unwrap();
+    assert!(evaluate(&e, &p, &ctx).unwrap().is_empty());
+    fn assert_send_sync<T: Send + Sync>(_: &T) {}
+    assert_send_sync(&ctx);
+}
