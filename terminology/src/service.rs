@@ -47,6 +47,49 @@ impl From<TxError> for Vec<Issue> {
     }
 }
 
+/// The message identifier tx.fhir.org (and the HL7 validator) give an issue, derived from its
+/// tx-issue-type and text; reported as the `operationoutcome-message-id` extension.
+fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str> {
+    Some(match tx_code {
+        "not-in-vs" if text.starts_with("No valid coding") => "TX_GENERAL_CC_ERROR_MESSAGE",
+        "not-in-vs" | "this-code-not-in-vs" => {
+            "None_of_the_provided_codes_are_in_the_value_set_one"
+        }
+        "not-found" if text.starts_with("A definition for the value Set") => {
+            "Unable_to_resolve_value_Set_"
+        }
+        "not-found" if text.contains("' version '") && text.contains("cannot be expanded") => {
+            "UNKNOWN_CODESYSTEM_VERSION_EXP"
+        }
+        "not-found" if text.contains("' version '") => "UNKNOWN_CODESYSTEM_VERSION",
+        "not-found" if text.starts_with("A definition for CodeSystem") => "UNKNOWN_CODESYSTEM",
+        "vs-invalid" if text.contains("versionless include") => "VALUESET_VALUE_MISMATCH_DEFAULT",
+        "vs-invalid" if text.contains("in the ValueSet include is different") => {
+            "VALUESET_VALUE_MISMATCH"
+        }
+        "invalid-code" => "Unknown_Code_in_Version",
+        "invalid-display" if severity == "information" => "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_OK",
+        "invalid-display" if text.contains("There are no valid display names found") => {
+            "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_ERR"
+        }
+        "invalid-display" => "Display_Name_for__should_be_one_of__instead_of",
+        "version-error" => "VALUESET_VERSION_CHECK",
+        "code-comment" if text.contains("has a status of") => "INACTIVE_CONCEPT_FOUND",
+        "code-comment" if text.contains("is deprecated") => "DEPRECATED_CONCEPT_FOUND",
+        "status-check" if text.starts_with("Reference to draft") => "MSG_DRAFT",
+        "status-check" if text.starts_with("Reference to deprecated") => "MSG_DEPRECATED",
+        "status-check" if text.starts_with("Reference to withdrawn") => "MSG_WITHDRAWN",
+        "status-check" if text.starts_with("Reference to experimental") => "MSG_EXPERIMENTAL",
+        "code-rule" if text.contains("is valid but is not active") => "STATUS_CODE_WARNING_CODE",
+        "code-rule" if text.contains("is abstract") => "ABSTRACT_CODE_NOT_ALLOWED",
+        "cannot-infer" => "UNABLE_TO_INFER_CODESYSTEM",
+        "invalid-data" if text.starts_with("Coding has no system") => {
+            "Coding_has_no_system__cannot_validate"
+        }
+        _ => return None,
+    })
+}
+
 fn issue_json(severity: &str, code: &str, tx_code: &str, text: &str, loc: Option<&str>) -> Value {
     let mut i = json!({
         "severity": severity,
@@ -56,6 +99,12 @@ fn issue_json(severity: &str, code: &str, tx_code: &str, text: &str, loc: Option
     if let Some(l) = loc {
         i["location"] = json!([l]);
         i["expression"] = json!([l]);
+    }
+    if let Some(id) = message_id(tx_code, severity, text) {
+        i["extension"] = json!([{
+            "url": "http://hl7.org/fhir/StructureDefinition/operationoutcome-message-id",
+            "valueString": id
+        }]);
     }
     i
 }
@@ -455,6 +504,8 @@ struct Item {
 struct Used {
     code_systems: Vec<String>,
     value_sets: Vec<String>,
+    /// Expansion parameters to report (e.g. versionsMatch from the value set).
+    echo: Vec<Value>,
 }
 
 impl Used {
@@ -703,39 +754,76 @@ impl<'a> Ctx<'a> {
             .unwrap_or(true);
         let mut items: Vec<Item> = Vec::new();
         type Key = (String, Option<String>, String);
+        // valueset-expansion-parameter versionsMatch: true merges the versions of a system
+        let versions_match = arr(compose, "extension")
+            .iter()
+            .chain(arr(vs, "extension").iter())
+            .filter(|e| {
+                s(e, "url")
+                    == Some("http://hl7.org/fhir/StructureDefinition/valueset-expansion-parameter")
+            })
+            .find_map(|e| {
+                let parts = arr(e, "extension");
+                let name = parts.iter().find(|p| s(p, "url") == Some("name"))?;
+                if s(name, "valueCode") != Some("versionsMatch") {
+                    return None;
+                }
+                let v = parts.iter().find(|p| s(p, "url") == Some("value"))?;
+                value_x(v).map(|x| x == "true" || x == &Value::Bool(true))
+            });
         let mut seen: HashSet<Key> = HashSet::new();
         for inc in arr(compose, "include") {
             for it in self.include_items(inc, depth, used)? {
                 if !inactive_ok && it.concept.inactive {
                     continue;
                 }
-                if seen.insert((
-                    it.system.clone(),
-                    it.version.clone(),
-                    it.concept.code.clone(),
-                )) {
+                let v = if versions_match == Some(true) {
+                    None
+                } else {
+                    it.version.clone()
+                };
+                if seen.insert((it.system.clone(), v, it.concept.code.clone())) {
                     items.push(it);
                 }
             }
         }
-        // an exclude without a version removes the code from every version
+        // An excluded (system, version, code) removes that version's entry when the expansion
+        // has it, otherwise the code in every version (an exclude without a version always
+        // removes every version).
         let mut excluded: HashSet<Key> = HashSet::new();
         for exc in arr(compose, "exclude") {
             let any_version = s(exc, "version").is_none();
-            for it in self.include_items(exc, depth, &mut Used::default())? {
+            for it in self.include_items(exc, depth, used)? {
                 let v = if any_version { None } else { it.version };
                 excluded.insert((it.system, v, it.concept.code));
             }
         }
         if !excluded.is_empty() {
+            let present: HashSet<Key> = items
+                .iter()
+                .map(|i| (i.system.clone(), i.version.clone(), i.concept.code.clone()))
+                .collect();
+            let mut remove_all: HashSet<(String, String)> = HashSet::new();
+            let mut remove_one: HashSet<Key> = HashSet::new();
+            for k in excluded {
+                if k.1.is_some() && present.contains(&k) {
+                    remove_one.insert(k);
+                } else {
+                    remove_all.insert((k.0, k.2));
+                }
+            }
             items.retain(|i| {
-                !excluded.contains(&(i.system.clone(), None, i.concept.code.clone()))
-                    && !excluded.contains(&(
+                !remove_all.contains(&(i.system.clone(), i.concept.code.clone()))
+                    && !remove_one.contains(&(
                         i.system.clone(),
                         i.version.clone(),
                         i.concept.code.clone(),
                     ))
             });
+        }
+        if let Some(vm) = versions_match {
+            used.echo
+                .push(json!({"name": "versionsMatch", "valueBoolean": vm}));
         }
         Ok(items)
     }
@@ -1048,6 +1136,11 @@ impl<'a> Ctx<'a> {
         }
         for c in &used.code_systems {
             parameters.push(p_str("used-codesystem", "Uri", c));
+        }
+        for e in &used.echo {
+            if !parameters.contains(e) {
+                parameters.push(e.clone());
+            }
         }
         for v in &used.value_sets {
             parameters.push(p_str("used-valueset", "Uri", v));
@@ -2028,7 +2121,7 @@ impl<'a> Ctx<'a> {
             if let Some(c) = &r.code {
                 out.push(p_str("code", "Code", c));
             }
-                        if let Some(sys) = &r.system {
+            if let Some(sys) = &r.system {
                 out.push(p_str("system", "Uri", sys));
             }
             if let Some(v) = &r.version {
