@@ -244,13 +244,18 @@ impl IndexEntries {
 }
 
 /// Multi-row INSERT statements for many resources at once (bulk ingest).
+/// On PostgreSQL a NULL in the numeric `canon_value` column is written as a literal: a NULL
+/// parameter is bound as text, and a prepared statement reused with a float there would break.
 pub fn insert_batch(
-    _dialect: Dialect,
+    dialect: Dialect,
     items: &[(i64, &IndexEntries)],
 ) -> Vec<(String, Vec<SqlValue>)> {
     let mut out = Vec::new();
-    type RowFn<'a> = Vec<Vec<SqlValue>>;
-    let mut emit = |table: &str, cols: &str, rows: RowFn| {
+    let mut emit = |table: &str, cols: &str, rows: Vec<Vec<SqlValue>>| {
+        let real_cols: Vec<bool> = cols
+            .split(", ")
+            .map(|c| dialect == Dialect::Postgres && c == "canon_value")
+            .collect();
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             let mut sql = format!("INSERT INTO {table} ({cols}) VALUES ");
             let mut params = Vec::new();
@@ -263,9 +268,13 @@ pub fn insert_batch(
                     if j > 0 {
                         sql.push(',');
                     }
-                    params.push(v.clone());
-                    sql.push('$');
-                    sql.push_str(&params.len().to_string());
+                    if real_cols.get(j).copied().unwrap_or(false) && *v == SqlValue::Null {
+                        sql.push_str("NULL");
+                    } else {
+                        params.push(v.clone());
+                        sql.push('$');
+                        sql.push_str(&params.len().to_string());
+                    }
                 }
                 sql.push(')');
             }

@@ -181,7 +181,7 @@ impl Db {
             Db::Pg(c) => bound!(sql, params).execute(&mut *c).await.map(|_| ()),
         };
         if let Err(e) = r {
-            panic!("{e}\nSQL: {sql}");
+            panic!("{e}\nSQL: {}", &sql[..sql.len().min(400)]);
         }
     }
 
@@ -196,14 +196,14 @@ impl Db {
                 let rows = bound!(sql, params)
                     .fetch_all(&mut *c)
                     .await
-                    .unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"));
+                    .unwrap_or_else(|e| panic!("{e}\nSQL: {}", &sql[..sql.len().min(400)]));
                 rows.iter().map(|r| decode_row!(r, kinds)).collect()
             }
             Db::Pg(c) => {
                 let rows = bound!(sql, params)
                     .fetch_all(&mut *c)
                     .await
-                    .unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"));
+                    .unwrap_or_else(|e| panic!("{e}\nSQL: {}", &sql[..sql.len().min(400)]));
                 rows.iter().map(|r| decode_row!(r, kinds)).collect()
             }
         }
@@ -412,7 +412,8 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
         .unwrap()
         .to_string();
     let s = |x: &str| x.to_string();
-    let cases: Vec<(&str, Vec<(&str, String)>, usize)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, usize);
+    let cases: Vec<Case> = vec![
         ("Patient", vec![("gender", s("female"))], 1),
         ("Patient", vec![("name", family[..3].to_lowercase())], 1),
         ("Patient", vec![("family:exact", family.clone())], 1),
