@@ -67,7 +67,13 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "vs-invalid" if text.contains("in the ValueSet include is different") => {
             "VALUESET_VALUE_MISMATCH"
         }
+        "invalid-code" if text.contains("labeled as a fragment") => "UNKNOWN_CODE_IN_FRAGMENT",
         "invalid-code" => "Unknown_Code_in_Version",
+        "vs-invalid" if text.contains("has no value") => {
+            "UNABLE_TO_HANDLE_SYSTEM_FILTER_WITH_NO_VALUE"
+        }
+        "vs-invalid" if text.starts_with("Cyclic reference") => "VALUESET_CIRCULAR_REFERENCE",
+        "code-rule" if text.contains("differs from the correct code") => "CODE_CASE_DIFFERENCE",
         "invalid-display" if severity == "information" => "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_OK",
         "invalid-display" if text.contains("There are no valid display names found") => {
             "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_ERR"
@@ -545,6 +551,8 @@ struct CodingResult {
     status: Option<String>,
     /// Whether to report `x-caused-by-unknown-system`.
     unknown_system_param: bool,
+    /// The code in its correct case, when given in another case.
+    normalized_code: Option<String>,
 }
 
 impl<'a> Ctx<'a> {
@@ -980,6 +988,7 @@ impl<'a> Ctx<'a> {
 
     fn expand(&self) -> Result<Value, TxError> {
         let (vs, _canon) = self.resolve_vs_param()?;
+        self.check_value_set(&vs)?;
         let mut used = Used::default();
         let mut items = self.expand_vs(&vs, 0, &mut used)?;
         let p = &self.params;
@@ -1094,7 +1103,16 @@ impl<'a> Ctx<'a> {
             })
             .collect();
         // hierarchical (nested) contains unless excludeNested, paging or a text filter
+        let enumerated = vs
+            .get("compose")
+            .map(|c| {
+                arr(c, "include")
+                    .iter()
+                    .any(|i| !arr(i, "concept").is_empty())
+            })
+            .unwrap_or(false);
         let nest = p.bool("excludeNested") != Some(true)
+            && !enumerated
             && p.param("count").is_none()
             && p.param("offset").is_none()
             && p.param("filter").is_none();
@@ -1289,6 +1307,81 @@ impl<'a> Ctx<'a> {
             .into_iter()
             .map(|r| build(r, &children, &mut slots))
             .collect()
+    }
+
+    /// Structural checks before using a value set: filters must have a value, and value set
+    /// references (include/exclude `valueSet`) must not be circular.
+    fn check_value_set(&self, vs: &Value) -> Result<(), TxError> {
+        if let Some(compose) = vs.get("compose") {
+            for (kind, list) in [
+                ("include", arr(compose, "include")),
+                ("exclude", arr(compose, "exclude")),
+            ] {
+                for (i, inc) in list.iter().enumerate() {
+                    for (j, f) in arr(inc, "filter").iter().enumerate() {
+                        if s(f, "value").is_none() {
+                            let text = format!(
+                                "The system {} filter with property = {}, op = {} has no value",
+                                s(inc, "system").unwrap_or(""),
+                                s(f, "property").unwrap_or(""),
+                                s(f, "op").unwrap_or("")
+                            );
+                            let loc = format!("ValueSet.compose.{kind}[{i}].filter[{j}]");
+                            return Err(TxError {
+                                status: 400,
+                                issues: vec![Issue::error("invalid", text.clone()).at(loc.clone())],
+                                outcome: json!({"resourceType": "OperationOutcome", "issue": [
+                                    issue_json("error", "invalid", "vs-invalid", &text, Some(&loc))]}),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        // cycle detection over valueSet references
+        let root = vs_canonical(vs);
+        let mut stack: Vec<(String, Vec<String>)> = vec![(root.clone(), vec![])];
+        let mut expanded = HashSet::new();
+        while let Some((canon, path)) = stack.pop() {
+            let v = if canon == root {
+                Some(Arc::new(vs.clone()))
+            } else {
+                self.find_vs(&canon, None)
+            };
+            let Some(v) = v else { continue };
+            let Some(compose) = v.get("compose") else {
+                continue;
+            };
+            for inc in arr(compose, "include")
+                .iter()
+                .chain(arr(compose, "exclude").iter())
+            {
+                for r in arr(inc, "valueSet").iter().filter_map(Value::as_str) {
+                    let next = self
+                        .find_vs(r, None)
+                        .map(|x| vs_canonical(&x))
+                        .unwrap_or_else(|| r.to_string());
+                    let mut p = path.clone();
+                    p.push(next.clone());
+                    if next == root || split_canonical(&next).0 == split_canonical(&root).0 {
+                        let text = format!(
+                            "Cyclic reference detected when expanding {root} via [{}]",
+                            p.join(", ")
+                        );
+                        return Err(TxError {
+                            status: 422,
+                            issues: vec![Issue::error("processing", text.clone())],
+                            outcome: json!({"resourceType": "OperationOutcome", "issue": [
+                                issue_json("error", "processing", "vs-invalid", &text, None)]}),
+                        });
+                    }
+                    if expanded.insert(next.clone()) {
+                        stack.push((next, p));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ membership
@@ -1494,6 +1587,7 @@ impl<'a> Ctx<'a> {
             pin_missing: false,
             status: None,
             unknown_system_param: true,
+            normalized_code: None,
         };
         let lang = self.display_language();
         let inferred = match (&c.system, vs) {
@@ -1660,6 +1754,39 @@ impl<'a> Ctx<'a> {
         }
         let concept = provider.lookup(&c.code);
         let mut not_in_vs_msg = None;
+        if concept.is_none() && provider.content() == "fragment" {
+            let m = format!(
+                "Unknown Code '{}' in the CodeSystem '{system}' version '{}' - note that the code system is labeled as a fragment, so the code may be valid in some other fragment",
+                c.code,
+                entry.version.as_deref().unwrap_or("")
+            );
+            r.issues.push(issue_json(
+                "warning",
+                "code-invalid",
+                "invalid-code",
+                &m,
+                Some(&c.loc_code),
+            ));
+            return Ok(r);
+        }
+        if let Some(found) = &concept {
+            if found.code != c.code {
+                let m = format!(
+                    "The code '{}' differs from the correct code '{}' by case. Although the code system '{}' is case insensitive, implementers are strongly encouraged to use the correct case anyway",
+                    c.code,
+                    found.code,
+                    entry.canonical()
+                );
+                r.issues.push(issue_json(
+                    "information",
+                    "business-rule",
+                    "code-rule",
+                    &m,
+                    Some(&c.loc_code),
+                ));
+                r.normalized_code = Some(found.code.clone());
+            }
+        }
         let version_problem = r.unknown_system.is_some();
         if let (Some((vs, canon)), false) = (vs, version_problem) {
             if concept.is_none() || !self.vs_contains(vs, &system, &c.code, 0)? {
@@ -1711,7 +1838,11 @@ impl<'a> Ctx<'a> {
                 r.messages.push(n);
             }
         }
-        r.code = Some(concept.code.clone());
+        r.code = Some(if r.normalized_code.is_some() {
+            c.code.clone()
+        } else {
+            concept.code.clone()
+        });
         r.display = self.display_in(&concept, lang.as_deref(), provider.language());
         if concept.inactive {
             r.inactive = true;
@@ -2068,7 +2199,9 @@ impl<'a> Ctx<'a> {
 
     fn validate(&self, vs_mode: bool) -> Result<Value, TxError> {
         let vs = if vs_mode {
-            Some(self.resolve_vs_param()?)
+            let v = self.resolve_vs_param()?;
+            self.check_value_set(&v.0)?;
+            Some(v)
         } else {
             None
         };
@@ -2135,6 +2268,9 @@ impl<'a> Ctx<'a> {
             }
             if let Some(st) = &r.status {
                 out.push(p_str("status", "Code", st));
+            }
+            if let Some(n) = &r.normalized_code {
+                out.push(p_str("normalized-code", "Code", n));
             }
         }
         for r in &results {
