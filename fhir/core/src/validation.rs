@@ -600,6 +600,23 @@ impl<'m> Validator<'m> {
             return;
         }
         let Some(vs) = self.model.required_value_set(&b.value_set) else {
+            // Value sets defined outside the spec: check the code's syntax at least.
+            let ok = match b.value_set.as_str() {
+                // FHIR allows the shorthands xml/json/ttl (CapabilityStatement.format, TestScript)
+                "http://hl7.org/fhir/ValueSet/mimetypes" => {
+                    matches!(code, "xml" | "json" | "ttl") || is_mime_type(code)
+                }
+                "http://hl7.org/fhir/ValueSet/currencies" => {
+                    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
+                }
+                _ => true,
+            };
+            if !ok {
+                ctx.error(
+                    "code-invalid",
+                    format!("'{}' is not a valid code of {}", clip(code), b.value_set),
+                );
+            }
             return;
         };
         if !vs.iter().any(|(_, c)| c == code) {
@@ -1055,6 +1072,20 @@ pub fn check_xhtml(div: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// BCP 13 media type syntax: `type/subtype` with optional `; parameters`.
+fn is_mime_type(code: &str) -> bool {
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+    };
+    let main = code.split(';').next().unwrap_or("").trim();
+    match main.split_once('/') {
+        Some((t, s)) => token(t) && token(s),
+        None => false,
+    }
+}
+
 fn push_index(path: &mut String, i: usize) {
     use std::fmt::Write;
     let _ = write!(path, "[{i}]");
@@ -1280,6 +1311,26 @@ mod tests {
         assert!(rt(json!({"prediction": [{"probabilityDecimal": 0.5}]})).is_empty());
         let p = json!({"resourceType": "Patient", "photo": [{"size": -1}]});
         assert_eq!(expr(p), vec!["Patient.photo[0].size"]);
+    }
+
+    #[test]
+    fn mime_types_and_currencies() {
+        assert!(
+            expr(json!({"resourceType": "Patient", "photo": [{"contentType": "image/png"}]}))
+                .is_empty()
+        );
+        assert!(expr(json!({"resourceType": "Patient", "photo": [{"contentType": "text/plain; charset=UTF-8"}]})).is_empty());
+        assert_eq!(
+            expr(json!({"resourceType": "Patient", "photo": [{"contentType": "png"}]})),
+            vec!["Patient.photo[0].contentType"]
+        );
+        let money = |c: &str| {
+            expr(
+                json!({"resourceType": "Invoice", "status": "draft", "totalNet": {"value": 1, "currency": c}}),
+            )
+        };
+        assert!(money("USD").is_empty());
+        assert_eq!(money("usd"), vec!["Invoice.totalNet.currency"]);
     }
 
     #[test]
