@@ -1540,3 +1540,220 @@ async fn maintenance_rotates_old_keys_and_purges() {
     handle.abort();
     assert_eq!(s.state.key_ring().active().unwrap().kid, before);
 }
+
+struct Directory;
+
+#[async_trait::async_trait]
+impl PatientDirectory for Directory {
+    async fn search(&self, text: &str, _limit: usize) -> Vec<(String, String)> {
+        [("p7", "Seven, Sam"), ("p8", "Eight, Eve")]
+            .iter()
+            .filter(|(id, name)| {
+                text.is_empty()
+                    || id.contains(text)
+                    || name.to_lowercase().contains(&text.to_lowercase())
+            })
+            .map(|(id, name)| (id.to_string(), name.to_string()))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn picker_uses_patient_directory_for_practitioners() {
+    let base = server().await;
+    add_user(
+        base.state.store(),
+        NewUser {
+            username: "nurse".into(),
+            password: "nurse-password".into(),
+            fhir_user: Some("Practitioner/n1".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let state = base
+        .state
+        .clone()
+        .with_patient_directory(std::sync::Arc::new(Directory));
+    let s = Server {
+        router: router(state.clone()),
+        state,
+        ..base
+    };
+    let (verifier, challenge) = pkce_pair();
+    let r = s
+        .get(
+            &authorize_url(
+                &s.public_client,
+                "launch/patient patient/*.rs",
+                &challenge,
+                "d",
+                &[],
+            ),
+            &[],
+        )
+        .await;
+    let req = query_param(&r.location(), "req").unwrap();
+    let r = s
+        .post_form(
+            "/auth/login",
+            &[
+                ("username", "nurse"),
+                ("password", "nurse-password"),
+                ("req", &req),
+            ],
+            &[],
+        )
+        .await;
+    let cookie = cookie_of(&r);
+    let ck = [("cookie", cookie.as_str())];
+    let page = s
+        .get(&format!("/auth/select-patient?req={req}&q=eight"), &ck)
+        .await;
+    assert!(
+        page.body.contains("Eight, Eve") && !page.body.contains("Seven, Sam"),
+        "{}",
+        page.body
+    );
+    assert!(
+        !page.body.contains("name=\"patient_id\""),
+        "no free entry for non-admins"
+    );
+    let csrf = hidden(&page.body, "csrf");
+    let r = s
+        .post_form(
+            "/auth/select-patient",
+            &[("req", &req), ("csrf", &csrf), ("patient", "p1")],
+            &ck,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "p1 is not in the directory"
+    );
+    let r = s
+        .post_form(
+            "/auth/select-patient",
+            &[("req", &req), ("csrf", &csrf), ("patient", "p8")],
+            &ck,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let page = s.get(&r.location(), &ck).await;
+    let csrf = hidden(&page.body, "csrf");
+    let r = s
+        .post_form(
+            "/auth/consent",
+            &[
+                ("req", &req),
+                ("csrf", &csrf),
+                ("decision", "approve"),
+                ("scope", "launch/patient"),
+                ("scope", "patient/*.rs"),
+            ],
+            &ck,
+        )
+        .await;
+    let t = exchange(
+        &s,
+        &query_param(&r.location(), "code").unwrap(),
+        &verifier,
+        &s.public_client,
+    )
+    .await
+    .json();
+    assert_eq!(t["patient"], "p8");
+}
+
+#[tokio::test]
+async fn online_access_ends_with_the_session() {
+    let s = server().await;
+    let (verifier, challenge) = pkce_pair();
+    let r = s
+        .get(
+            &authorize_url(
+                &s.public_client,
+                "launch/patient online_access patient/*.rs",
+                &challenge,
+                "o",
+                &[],
+            ),
+            &[],
+        )
+        .await;
+    let req = query_param(&r.location(), "req").unwrap();
+    let r = s
+        .post_form(
+            "/auth/login",
+            &[
+                ("username", "pat"),
+                ("password", "patient-password"),
+                ("req", &req),
+            ],
+            &[],
+        )
+        .await;
+    let cookie = cookie_of(&r);
+    let ck = [("cookie", cookie.as_str())];
+    let r = s.get(&r.location(), &ck).await;
+    let page = s.get(&r.location(), &ck).await;
+    let csrf = hidden(&page.body, "csrf");
+    assert!(
+        !page.body.contains("offline access:"),
+        "no offline notice for online_access"
+    );
+    let r = s
+        .post_form(
+            "/auth/consent",
+            &[
+                ("req", &req),
+                ("csrf", &csrf),
+                ("decision", "approve"),
+                ("scope", "launch/patient"),
+                ("scope", "online_access"),
+                ("scope", "patient/*.rs"),
+            ],
+            &ck,
+        )
+        .await;
+    let t = exchange(
+        &s,
+        &query_param(&r.location(), "code").unwrap(),
+        &verifier,
+        &s.public_client,
+    )
+    .await
+    .json();
+    let rt = t["refresh_token"]
+        .as_str()
+        .expect("online_access gives a refresh token")
+        .to_string();
+    let r = s
+        .post_form(
+            "/auth/token",
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", &rt),
+                ("client_id", &s.public_client),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let rt = r.json()["refresh_token"].as_str().unwrap().to_string();
+    s.post_form("/auth/logout", &[], &ck).await;
+    let r = s
+        .post_form(
+            "/auth/token",
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", &rt),
+                ("client_id", &s.public_client),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "session ended");
+}
