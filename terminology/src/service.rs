@@ -103,7 +103,12 @@ fn issue_json(severity: &str, code: &str, tx_code: &str, text: &str, loc: Option
         "details": {"coding": [{"system": TX_ISSUE_TYPE, "code": tx_code}], "text": text},
     });
     if let Some(l) = loc {
-        i["location"] = json!([l]);
+        if !matches!(
+            tx_code,
+            "not-in-vs" | "this-code-not-in-vs" | "invalid-code"
+        ) {
+            i["location"] = json!([l]);
+        }
         i["expression"] = json!([l]);
     }
     if let Some(id) = message_id(tx_code, severity, text) {
