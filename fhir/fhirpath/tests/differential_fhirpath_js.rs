@@ -12,7 +12,7 @@ fn normalize(v: &Value) -> Value {
             .to_string()
             .parse::<f64>()
             .ok()
-            .and_then(|f| serde_json::Number::from_f64(f))
+            .and_then(serde_json::Number::from_f64)
             .map(Value::Number)
             .unwrap_or(Value::Null),
         Value::Array(a) => Value::Array(a.iter().map(normalize).collect()),
@@ -70,7 +70,7 @@ fn differential_against_fhirpath_js() {
         }
     }
     let mut v: Vec<_> = by_expr.into_iter().collect();
-    v.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
     for (expr, (n, example)) in v.iter().take(40) {
         println!(
             "{n:5} × `{expr}`\n      {}",
