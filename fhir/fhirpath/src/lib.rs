@@ -123,6 +123,28 @@ pub fn evaluate_str<'a>(src: &str, input: &'a Value) -> Result<Vec<Item<'a>>, Er
     evaluate(&expr, input, &Context::new(input))
 }
 
+/// Evaluates `expr` as a condition (invariants, criteria) with FHIRPath singleton evaluation:
+/// empty → `None`; a single Boolean → its value; a single non-Boolean item → `true`; more than
+/// one item → error.
+pub fn evaluate_boolean<'a>(
+    expr: &Expression,
+    input: &'a Value,
+    ctx: &Context<'a>,
+) -> Result<Option<bool>, Error> {
+    let items = evaluate(expr, input, ctx)?;
+    match items.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(match one {
+            Item::Node(n) if n.value.is_none() => return Ok(None),
+            other => other.as_bool().unwrap_or(true),
+        })),
+        _ => Err(Error::execution(format!(
+            "expected a single Boolean, got {} items",
+            items.len()
+        ))),
+    }
+}
+
 /// Evaluates `src` and renders the result collection as a JSON array (FHIR nodes as their JSON,
 /// System primitives as JSON values, quantities as `{value, unit}`, dates as strings).
 pub fn eval_to_json_array(src: &str, input: &Value) -> Result<Value, Error> {

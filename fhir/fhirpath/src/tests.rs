@@ -288,3 +288,24 @@ fn member_of_uses_the_terminology_hook() {
     fn assert_send_sync<T: Send + Sync>(_: &T) {}
     assert_send_sync(&ctx);
 }
+
+#[test]
+fn system_values_and_boolean_evaluation() {
+    let obs = json!({"resourceType": "Observation", "status": "final", "effectiveDateTime": "2020-01-02T03:04:05Z",
+        "valueQuantity": {"value": 5.5, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}});
+    let eff = evaluate_str("Observation.effective", &obs).unwrap();
+    assert!(matches!(eff[0].system_value(), Some(Item::DateTime(_))));
+    assert_eq!(eff[0].as_str(), Some("2020-01-02T03:04:05Z"));
+    let v = evaluate_str("Observation.value", &obs).unwrap();
+    match v[0].system_value() {
+        Some(Item::Quantity(q)) => assert_eq!(q.unit, "mg"),
+        other => panic!("{other:?}"),
+    }
+    let ctx = Context::new(&obs);
+    let t = Expression::parse("status = 'final'").unwrap();
+    assert_eq!(evaluate_boolean(&t, &obs, &ctx).unwrap(), Some(true));
+    let e = Expression::parse("issued.exists() and issued > @2000").unwrap();
+    assert_eq!(evaluate_boolean(&e, &obs, &ctx).unwrap(), Some(false));
+    let m = Expression::parse("(1 | 2)").unwrap();
+    assert!(evaluate_boolean(&m, &obs, &ctx).is_err());
+}

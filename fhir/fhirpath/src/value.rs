@@ -233,6 +233,42 @@ impl<'a> Item<'a> {
         }
     }
 
+    /// The System-typed value of this item: FHIR primitives become `Boolean`/`String`/`Integer`/
+    /// `Decimal`/`Date`/`DateTime`/`Time` (per their FHIR type), FHIR Quantities (`Quantity`,
+    /// `Age`, `Duration`, …) become `Quantity` (UCUM `code` preferred); System values are
+    /// returned as is. `None` for other complex elements and value-less primitives.
+    pub fn system_value(&self) -> Option<Item<'static>> {
+        Some(match self.prim() {
+            Prim::Bool(b) => Item::Boolean(b),
+            Prim::Str(s) => Item::String(s.to_string()),
+            Prim::Int(i) => Item::Integer(i),
+            Prim::Dec(d) => Item::Decimal(d),
+            Prim::Date(d) => Item::Date(d),
+            Prim::DateTime(d) => Item::DateTime(d),
+            Prim::Time(t) => Item::Time(t),
+            Prim::Qty(q) => Item::Quantity(q.into_owned()),
+            Prim::Obj(_) | Prim::Null => return None,
+        })
+    }
+
+    /// The Boolean value (System or FHIR `boolean`), if this item is one.
+    pub fn as_bool(&self) -> Option<bool> {
+        match self.prim() {
+            Prim::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The string value of a System String or any FHIR string-like primitive (`code`, `uri`,
+    /// `id`, …; also the raw text of date/time primitives).
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Item::String(s) => Some(s),
+            Item::Node(n) => n.value.as_deref().and_then(Value::as_str),
+            _ => None,
+        }
+    }
+
     /// Text used by `toString()` / string conversion; `None` when not convertible.
     pub(crate) fn to_fhirpath_string(&self) -> Option<String> {
         Some(match self.prim() {
