@@ -227,6 +227,9 @@ impl<'m> Validator<'m> {
         ctx: &mut Ctx<'a>,
         contained: bool,
     ) {
+        if ti.name == "Bundle" {
+            bundle_invariants(obj, ctx);
+        }
         if contained && obj.contains_key("contained") {
             ctx.error(
                 "invariant",
@@ -1072,6 +1075,62 @@ pub fn check_xhtml(div: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Bundle invariants: bdl-1 (total only in searchset/history), bdl-2 (entry.search only in a
+/// searchset), bdl-3 (entry.request in batch/transaction/history), bdl-4 (entry.response in
+/// batch-response/transaction-response/history), bdl-7 (fullUrl unique, per versionId).
+fn bundle_invariants(obj: &Map<String, Value>, ctx: &mut Ctx<'_>) {
+    let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+    if obj.contains_key("total") && !matches!(kind, "searchset" | "history") {
+        ctx.error("invariant", "bdl-1: total only when a search or history");
+    }
+    let Some(entries) = obj.get("entry").and_then(Value::as_array) else {
+        return;
+    };
+    let mut seen: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
+    let saved = ctx.path.len();
+    for (i, e) in entries.iter().enumerate() {
+        let Some(e) = e.as_object() else { continue };
+        ctx.path.truncate(saved);
+        ctx.path.push_str(".entry");
+        push_index(&mut ctx.path, i);
+        if e.contains_key("search") && kind != "searchset" {
+            ctx.error("invariant", "bdl-2: entry.search only when a search");
+        }
+        if !e.contains_key("request") && matches!(kind, "batch" | "transaction" | "history") {
+            ctx.error(
+                "invariant",
+                "bdl-3: each entry of a batch, transaction or history must have a request",
+            );
+        }
+        if !e.contains_key("response")
+            && matches!(kind, "batch-response" | "transaction-response" | "history")
+        {
+            ctx.error(
+                "invariant",
+                "bdl-4: each entry of a batch/transaction response or history must have a response",
+            );
+        }
+        if let Some(full_url) = e.get("fullUrl").and_then(Value::as_str) {
+            let version = e
+                .get("resource")
+                .and_then(|r| r.get("meta"))
+                .and_then(|m| m.get("versionId"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if !seen.insert((full_url, version)) && kind != "history" {
+                ctx.error(
+                    "invariant",
+                    format!(
+                        "bdl-7: fullUrl '{}' is not unique in the Bundle",
+                        clip(full_url)
+                    ),
+                );
+            }
+        }
+    }
+    ctx.path.truncate(saved);
+}
+
 /// BCP 13 media type syntax: `type/subtype` with optional `; parameters`.
 fn is_mime_type(code: &str) -> bool {
     let token = |t: &str| {
@@ -1331,6 +1390,30 @@ mod tests {
         };
         assert!(money("USD").is_empty());
         assert_eq!(money("usd"), vec!["Invoice.totalNet.currency"]);
+    }
+
+    #[test]
+    fn bundle_invariants() {
+        let e = expr(
+            json!({"resourceType": "Bundle", "type": "transaction", "total": 1, "entry": [
+                {"fullUrl": "urn:uuid:0c3151bd-1cbf-4d64-b04d-cd9187a4c6e0", "resource": {"resourceType": "Patient"},
+                 "request": {"method": "POST", "url": "Patient"}},
+                {"fullUrl": "urn:uuid:0c3151bd-1cbf-4d64-b04d-cd9187a4c6e0", "resource": {"resourceType": "Patient"},
+                 "search": {"mode": "match"}}
+            ]}),
+        );
+        assert_eq!(
+            e,
+            vec![
+                "Bundle",
+                "Bundle.entry[1]",
+                "Bundle.entry[1]",
+                "Bundle.entry[1]"
+            ]
+        );
+        let ok = json!({"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [
+            {"fullUrl": "http://x/Patient/1", "resource": {"resourceType": "Patient"}, "search": {"mode": "match"}}]});
+        assert_eq!(expr(ok), Vec::<String>::new());
     }
 
     #[test]
