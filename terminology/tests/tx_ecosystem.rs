@@ -248,6 +248,7 @@ fn run(tx: &Terminology, op: &str, params: &Value) -> Option<Value> {
         "cs-validate-code" => tx.validate_code_cs(params),
         "lookup" => tx.lookup(params),
         "translate" => tx.translate(params),
+        "batch-validate" => tx.batch_validate(params),
         _ => return None,
     };
     Some(match r {
