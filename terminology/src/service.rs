@@ -89,6 +89,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "code-rule" if text.contains("is valid but is not active") => "STATUS_CODE_WARNING_CODE",
         "code-rule" if text.contains("is abstract") => "ABSTRACT_CODE_NOT_ALLOWED",
         "cannot-infer" => "UNABLE_TO_INFER_CODESYSTEM",
+        "invalid-data" if text.contains("references a value set") => {
+            "Terminology_TX_System_ValueSet2"
+        }
         "invalid-data" if text.starts_with("Coding has no system") => {
             "Coding_has_no_system__cannot_validate"
         }
@@ -1628,6 +1631,31 @@ impl<'a> Ctx<'a> {
         };
         let lang = self.display_language();
         let inferred = match (&c.system, vs) {
+            (None, Some((_, canon))) if c.loc_base != "code" => {
+                r.valid = false;
+                let m1 = format!(
+                    "The provided code '#{}' was not found in the value set '{canon}'",
+                    c.code
+                );
+                let m2 = "Coding has no system. A code with no system has no defined meaning, and it cannot be validated. A system should be provided".to_string();
+                r.issues.push(issue_json(
+                    "error",
+                    "code-invalid",
+                    "not-in-vs",
+                    &m1,
+                    Some(&c.loc_code),
+                ));
+                r.issues.push(issue_json(
+                    "warning",
+                    "invalid",
+                    "invalid-data",
+                    &m2,
+                    Some(&c.loc_base),
+                ));
+                r.messages.push(m2);
+                r.messages.push(m1);
+                return Ok(r);
+            }
             (None, Some((vsv, canon))) => {
                 // infer the system from the value set's includes that know the code
                 let systems: Vec<String> = vsv
@@ -1732,6 +1760,33 @@ impl<'a> Ctx<'a> {
                     "A definition for CodeSystem '{system}' could not be found, so the code cannot be validated"
                 ),
             };
+            if self.find_vs(&system, None).is_some() {
+                let m =
+                    format!("The Coding references a value set, not a code system ('{system}')");
+                if let Some((_, canon)) = vs {
+                    let n = format!(
+                        "The provided code '{system}#{}' was not found in the value set '{canon}'",
+                        c.code
+                    );
+                    r.issues.push(issue_json(
+                        "error",
+                        "code-invalid",
+                        "not-in-vs",
+                        &n,
+                        Some(&c.loc_code),
+                    ));
+                }
+                r.issues.push(issue_json(
+                    "error",
+                    "invalid",
+                    "invalid-data",
+                    &m,
+                    Some(&c.loc_system),
+                ));
+                r.messages.push(m);
+                r.unknown_system_param = false;
+                return Ok(r);
+            }
             let vs_mentions_system = vs
                 .and_then(|(v, _)| v.get("compose"))
                 .map(|cmp| {
@@ -1885,6 +1940,7 @@ impl<'a> Ctx<'a> {
             r.inactive = true;
         }
         let status = concept.property("status").next().map(|v| v.as_text());
+        let mut excluded_inactive = false;
         if let (true, Some((vsv, _))) = (r.not_in_vs, vs) {
             let inactive_excluded = vsv
                 .get("compose")
@@ -1893,6 +1949,7 @@ impl<'a> Ctx<'a> {
                 == Some(false)
                 || self.params.bool("activeOnly") == Some(true);
             if concept.inactive && inactive_excluded {
+                excluded_inactive = true;
                 let m = format!("The concept '{}' is valid but is not active", concept.code);
                 r.issues.push(issue_json(
                     "error",
@@ -1919,7 +1976,7 @@ impl<'a> Ctx<'a> {
             ));
             r.messages.push(m);
         }
-        if concept.inactive {
+        if concept.inactive && !excluded_inactive {
             let st = match status.as_deref() {
                 Some(s) if s != "inactive" => format!("{s} and inactive"),
                 _ => "inactive".to_string(),
@@ -2247,7 +2304,21 @@ impl<'a> Ctx<'a> {
         let vs_ref = vs.as_ref().map(|(v, c)| (v.as_ref(), c.as_str()));
         let mut results = Vec::new();
         for c in &codings {
-            results.push(self.validate_one(c, vs_ref, in_cc)?);
+            match self.validate_one(c, vs_ref, in_cc) {
+                Ok(r) => results.push(r),
+                Err(e) if e.status == 404 => {
+                    // e.g. an imported value set that cannot be resolved
+                    let issues: Vec<Value> = arr(&e.outcome, "issue").to_vec();
+                    let msg: Vec<String> = e.issues.iter().map(|i| i.diagnostics.clone()).collect();
+                    let mut out = vec![p_bool("result", false)];
+                    if !msg.is_empty() {
+                        out.push(p_str("message", "String", &msg.join("; ")));
+                    }
+                    out.push(json!({"name": "issues", "resource": {"resourceType": "OperationOutcome", "issue": issues}}));
+                    return Ok(json!({"resourceType": "Parameters", "parameter": out}));
+                }
+                Err(e) => return Err(e),
+            }
         }
         let mut out: Vec<Value> = Vec::new();
         let best = results.iter().position(|r| r.valid);
