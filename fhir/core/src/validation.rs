@@ -141,15 +141,13 @@ fn base64_ok(s: &str) -> bool {
 }
 
 /// The root primitive type deciding the JSON representation.
-fn json_primitive_class(model: &Model, type_code: &str) -> &'static str {
-    if model.is_subtype(type_code, "integer") {
-        "integer"
-    } else if type_code == "decimal" {
-        "decimal"
-    } else if type_code == "boolean" {
-        "boolean"
-    } else {
-        "string"
+fn json_primitive_class(type_code: &str) -> &'static str {
+    // R4 has no other numeric or boolean primitives (integer64 is R5).
+    match type_code {
+        "integer" | "positiveInt" | "unsignedInt" => "integer",
+        "decimal" => "decimal",
+        "boolean" => "boolean",
+        _ => "string",
     }
 }
 
@@ -346,7 +344,7 @@ impl<'m> Validator<'m> {
                 ctx.path.truncate(saved);
             }
         }
-        if ti.name == "Extension" || self.model.is_subtype(&ti.name, "Extension") {
+        if ti.name == "Extension" {
             let has_value = obj
                 .keys()
                 .any(|k| k.starts_with("value") || k.starts_with("_value"));
@@ -500,7 +498,7 @@ impl<'m> Validator<'m> {
     }
 
     fn primitive(&self, value: &Value, type_code: &str, info: &ElementInfo, ctx: &mut Ctx<'_>) {
-        let class = json_primitive_class(self.model, type_code);
+        let class = json_primitive_class(type_code);
         match (class, value) {
             ("boolean", Value::Bool(_)) => {}
             ("integer", Value::Number(n)) => {
