@@ -64,6 +64,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "not-found" if text.contains("' version '") => "UNKNOWN_CODESYSTEM_VERSION",
         "not-found" if text.starts_with("A definition for CodeSystem") => "UNKNOWN_CODESYSTEM",
         "vs-invalid" if text.contains("versionless include") => "VALUESET_VALUE_MISMATCH_DEFAULT",
+        "vs-invalid" if text.contains("resulting from the version") => {
+            "VALUESET_VALUE_MISMATCH_CHANGED"
+        }
         "vs-invalid" if text.contains("in the ValueSet include is different") => {
             "VALUESET_VALUE_MISMATCH"
         }
@@ -2167,6 +2170,43 @@ impl<'a> Ctx<'a> {
                 .and_then(|d| self.find_cs(system, Some(d)))
                 .or_else(|| self.find_cs(system, None))
         };
+        // the coding names a version that does not exist: report it, and the version the value
+        // set (or a parameter) resolves to instead
+        if let (Some(cv), Some(_)) = (&c.version, forced) {
+            if self.find_cs(system, Some(cv)).is_none() {
+                r.valid = false;
+                let m = not_found(cv);
+                r.issues.push(issue_json(
+                    "error",
+                    "not-found",
+                    "not-found",
+                    &m,
+                    Some(&c.loc_system),
+                ));
+                r.messages.push(m);
+                r.unknown_system = Some(format!("{system}|{cv}"));
+                let m = format!(
+                    "The code system '{system}' version '{}' resulting from the version '{}' in the ValueSet include is different to the one in the value ('{cv}')",
+                    forced.unwrap_or(""),
+                    pin.as_deref().unwrap_or("")
+                );
+                r.issues.push(issue_json(
+                    "error",
+                    "invalid",
+                    "vs-invalid",
+                    &m,
+                    Some(&c.loc_version),
+                ));
+                r.messages.push(m);
+                if let Some(e) = &vs_entry {
+                    r.version = e.version.clone();
+                    if let Some(concept) = e.provider().lookup(&c.code) {
+                        r.display = self.display_for(&concept, self.display_language().as_deref());
+                    }
+                }
+                return Ok(None);
+            }
+        }
         if let (Some(cv), None) = (&c.version, forced) {
             match self.find_cs(system, Some(cv)) {
                 None => {
@@ -2187,7 +2227,12 @@ impl<'a> Ctx<'a> {
                         fallback()
                     };
                     if let Some(e) = &rep {
-                        let m = mismatch(e.version.as_deref().unwrap_or(""), cv, pin.is_none());
+                        let m = match (pin.is_none(), default) {
+                            (true, Some(d)) => format!(
+                                "The code system '{system}' version '{d}' resulting from the version '' in the ValueSet include is different to the one in the value ('{cv}')"
+                            ),
+                            _ => mismatch(e.version.as_deref().unwrap_or(""), cv, pin.is_none()),
+                        };
                         let sev = if pin.is_none() && default.is_none() {
                             "warning"
                         } else {
