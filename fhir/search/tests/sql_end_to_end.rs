@@ -365,11 +365,12 @@ async fn check_against_matcher(
     loaded: &Loaded,
     rt: &str,
     list: &[(&str, String)],
-    page_size: usize,
 ) -> usize {
     let q = parse(registry, Some(rt), &params(list), true)
         .unwrap_or_else(|e| panic!("{list:?}: {e:?}"));
-    let got = run_all_pages(db, &q, loaded, page_size).await;
+    let t0 = Instant::now();
+    let got = run_all_pages(db, &q, loaded, 100_000).await;
+    let one_page = t0.elapsed();
     let got_set: BTreeSet<String> = got.iter().cloned().collect();
     assert_eq!(
         got_set.len(),
@@ -389,7 +390,21 @@ async fn check_against_matcher(
         })
         .collect();
     assert_eq!(got_set, expected, "{:?} {rt}?{list:?}", db.dialect());
-    println!("{:?} {rt}?{list:?}: {} results", db.dialect(), got.len());
+    // again in small pages (about 8 pages) through keyset cursors: same results, same order
+    let small = (expected.len() / 8).max(3);
+    let t1 = Instant::now();
+    let paged = run_all_pages(db, &q, loaded, small).await;
+    assert_eq!(
+        paged, got,
+        "paging changed the results or their order for {list:?}"
+    );
+    println!(
+        "{:?} {rt}?{list:?}: {} results ({:?} in one page, {:?} in pages of {small})",
+        db.dialect(),
+        got.len(),
+        one_page,
+        t1.elapsed()
+    );
     got.len()
 }
 
@@ -536,16 +551,14 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
     ];
     let mut nonzero = 0;
     for (rt, list, min) in &cases {
-        for page_size in [7, 1000] {
-            let n = check_against_matcher(&mut db, &registry, &loaded, rt, list, page_size).await;
-            assert!(n >= *min, "{rt}?{list:?} expected results");
-            if n > 0 {
-                nonzero += 1;
-            }
+        let n = check_against_matcher(&mut db, &registry, &loaded, rt, list).await;
+        assert!(n >= *min, "{rt}?{list:?} expected results");
+        if n > 0 {
+            nonzero += 1;
         }
     }
     assert!(
-        nonzero >= cases.len(),
+        nonzero * 10 >= cases.len() * 8,
         "most queries should return something ({nonzero})"
     );
 
