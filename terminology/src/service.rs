@@ -547,6 +547,8 @@ struct Item {
     version: Option<String>,
     concept: Concept,
     display: Option<String>,
+    /// Language of the code system's displays.
+    cs_language: Option<String>,
 }
 
 #[derive(Default)]
@@ -789,6 +791,7 @@ impl<'a> Ctx<'a> {
                             version: s(c, "version").map(str::to_string),
                             display: concept.display.clone(),
                             concept,
+                            cs_language: None,
                         });
                     }
                     walk(arr(c, "contains"), out);
@@ -952,11 +955,13 @@ impl<'a> Ctx<'a> {
         let provider = entry.provider();
         let lang = self.display_language();
         let mut out = Vec::new();
+        let cs_language = provider.language().map(str::to_string);
         let mk = |c: Concept, display: Option<String>| Item {
             system: system.to_string(),
             version: entry.version.clone(),
             display,
             concept: c,
+            cs_language: cs_language.clone(),
         };
         let concepts = arr(inc, "concept");
         let filters = arr(inc, "filter");
@@ -1076,7 +1081,14 @@ impl<'a> Ctx<'a> {
             .skip(offset)
             .take(count.unwrap_or(usize::MAX))
             .collect();
-        let include_designations = p.bool("includeDesignations") == Some(true);
+        let designation_filters: Vec<String> = p
+            .all("designation")
+            .filter_map(value_x)
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        let include_designations =
+            p.bool("includeDesignations") == Some(true) || !designation_filters.is_empty();
         let props: Vec<String> = p
             .all("property")
             .filter_map(value_x)
@@ -1115,17 +1127,36 @@ impl<'a> Ctx<'a> {
                 if let Some(d) = &i.display {
                     c.insert("display".into(), json!(d));
                 }
-                if include_designations && !i.concept.designations.is_empty() {
-                    c.insert(
-                        "designation".into(),
-                        Value::Array(
-                            i.concept
-                                .designations
-                                .iter()
-                                .map(designation_json)
-                                .collect(),
-                        ),
-                    );
+                if include_designations {
+                    // designations other than the one shown as display; when the display was
+                    // replaced by another language, the code system's own display becomes one
+                    let mut list: Vec<Designation> = Vec::new();
+                    if i.display != i.concept.display {
+                        if let Some(orig) = &i.concept.display {
+                            list.push(Designation {
+                                language: i.cs_language.clone(),
+                                use_system: Some(
+                                    "http://terminology.hl7.org/CodeSystem/hl7TermMaintInfra"
+                                        .into(),
+                                ),
+                                use_code: Some("preferredForLanguage".into()),
+                                use_display: Some("Preferred For Language".into()),
+                                value: orig.clone(),
+                            });
+                        }
+                    }
+                    for d in &i.concept.designations {
+                        if Some(&d.value) != i.display.as_ref() {
+                            list.push(d.clone());
+                        }
+                    }
+                    list.retain(|d| designation_wanted(d, &designation_filters));
+                    if !list.is_empty() {
+                        c.insert(
+                            "designation".into(),
+                            Value::Array(list.iter().map(designation_json).collect()),
+                        );
+                    }
                 }
                 if !props.is_empty() {
                     let pv: Vec<Value> = i
@@ -2927,6 +2958,32 @@ fn vs_canonical(vs: &Value) -> String {
         Some(v) => format!("{url}|{v}"),
         None => url.to_string(),
     }
+}
+
+/// `designation` expansion parameter: `urn:ietf:bcp:47|lang` selects by language,
+/// `system|code` by use; no filters selects all.
+fn designation_wanted(d: &Designation, filters: &[String]) -> bool {
+    if filters.is_empty() {
+        return true;
+    }
+    filters.iter().any(|f| {
+        let (sys, code) = split_canonical(f);
+        match (sys, code) {
+            ("urn:ietf:bcp:47", Some(lang)) => d
+                .language
+                .as_deref()
+                .map(|l| lang_matches(l, lang))
+                .unwrap_or(false),
+            (sys, Some(code)) => {
+                d.use_system.as_deref() == Some(sys) && d.use_code.as_deref() == Some(code)
+            }
+            (lang, None) => d
+                .language
+                .as_deref()
+                .map(|l| lang_matches(l, lang))
+                .unwrap_or(false),
+        }
+    })
 }
 
 fn designation_json(d: &Designation) -> Value {
