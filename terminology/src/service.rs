@@ -376,6 +376,9 @@ struct Ctx<'a> {
     base: &'a Registry,
     local: Registry,
     params: Params<'a>,
+    /// Default parameters a value set declares (`valueset-expansion-parameter`), as
+    /// `Parameters.parameter` entries; the request's own parameters win.
+    vs_params: std::cell::RefCell<Vec<Value>>,
 }
 
 impl Terminology {
@@ -459,6 +462,7 @@ impl Terminology {
             base: &self.base,
             local,
             params: p,
+            vs_params: std::cell::RefCell::new(Vec::new()),
         })
     }
 
@@ -706,7 +710,51 @@ impl<'a> Ctx<'a> {
     }
 
     fn display_language(&self) -> Option<String> {
-        self.params.str("displayLanguage").map(str::to_string)
+        self.params
+            .str("displayLanguage")
+            .map(str::to_string)
+            .or_else(|| self.vs_param_str("displayLanguage"))
+    }
+
+    fn vs_param_str(&self, name: &str) -> Option<String> {
+        self.vs_params
+            .borrow()
+            .iter()
+            .filter(|p| s(p, "name") == Some(name))
+            .find_map(|p| value_x(p).and_then(Value::as_str).map(str::to_string))
+    }
+
+    /// Records the expansion parameters a value set declares in extensions.
+    fn note_vs_params(&self, vs: &Value) {
+        let mut list = Vec::new();
+        let compose_ext = vs
+            .get("compose")
+            .map(|c| arr(c, "extension"))
+            .unwrap_or(&[]);
+        for e in arr(vs, "extension").iter().chain(compose_ext.iter()) {
+            if s(e, "url")
+                != Some("http://hl7.org/fhir/StructureDefinition/valueset-expansion-parameter")
+            {
+                continue;
+            }
+            let parts = arr(e, "extension");
+            let name = parts
+                .iter()
+                .find(|p| s(p, "url") == Some("name"))
+                .and_then(|p| value_x(p))
+                .and_then(Value::as_str);
+            let value = parts
+                .iter()
+                .find(|p| s(p, "url") == Some("value"))
+                .and_then(|p| p.as_object())
+                .and_then(|o| o.iter().find(|(k, _)| k.starts_with("value")));
+            if let (Some(n), Some((k, v))) = (name, value) {
+                if self.params.param(n).is_none() && n != "versionsMatch" {
+                    list.push(json!({"name": n, k.clone(): v.clone()}));
+                }
+            }
+        }
+        *self.vs_params.borrow_mut() = list;
     }
 
     fn display_for(&self, c: &Concept, lang: Option<&str>) -> Option<String> {
@@ -740,6 +788,12 @@ impl<'a> Ctx<'a> {
     // ------------------------------------------------------------ expansion
 
     fn resolve_vs_param(&self) -> Result<(Arc<Value>, String), TxError> {
+        let r = self.resolve_vs_param_inner()?;
+        self.note_vs_params(&r.0);
+        Ok(r)
+    }
+
+    fn resolve_vs_param_inner(&self) -> Result<(Arc<Value>, String), TxError> {
         if let Some(r) = self.params.resource("valueSet") {
             let canon = vs_canonical(r);
             return Ok((Arc::new(r.clone()), canon));
@@ -1221,9 +1275,9 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        if p.param("displayLanguage").is_none() {
-            if let Some(l) = s(&vs, "language") {
-                parameters.push(p_str("displayLanguage", "Code", l));
+        for extra in self.vs_params.borrow().iter() {
+            if !parameters.contains(extra) {
+                parameters.push(extra.clone());
             }
         }
         for c in &used.code_systems {
