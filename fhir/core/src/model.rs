@@ -4,6 +4,7 @@
 //! Everything is decompressed and parsed once, on first use of [`r4`].
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Read;
 use std::sync::OnceLock;
 
@@ -13,6 +14,32 @@ static ELEMENTS_GZ: &[u8] = include_bytes!("../definitions/elements.json.gz");
 static VALUESETS_GZ: &[u8] = include_bytes!("../definitions/valuesets.json.gz");
 static SEARCH_PARAMETERS_GZ: &[u8] = include_bytes!("../definitions/search-parameters.json.gz");
 static COMPARTMENT_PATIENT_GZ: &[u8] = include_bytes!("../definitions/compartment-patient.json.gz");
+
+/// FNV-1a: fast for the short, fixed keys of the model's lookup tables (type and element
+/// names). The tables are built from the vendored definitions only, so hash flooding does not
+/// apply.
+#[derive(Default, Clone, Copy)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
 
 /// The R4 model, loaded lazily once per process.
 pub fn r4() -> &'static Model {
@@ -128,7 +155,7 @@ pub struct TypeInfo {
     /// For primitive types: the regex of the value (`ElementDefinition.type` regex extension).
     pub regex: Option<String>,
     /// JSON name → (element index, type index within the element's types).
-    index: HashMap<String, (usize, usize)>,
+    index: FastMap<String, (usize, usize)>,
 }
 
 impl TypeInfo {
@@ -141,7 +168,7 @@ impl TypeInfo {
         elements: Vec<ElementInfo>,
         regex: Option<String>,
     ) -> Self {
-        let mut index = HashMap::with_capacity(elements.len() * 2);
+        let mut index = FastMap::with_capacity_and_hasher(elements.len() * 2, Default::default());
         for (i, e) in elements.iter().enumerate() {
             if e.is_choice {
                 for (j, t) in e.types.iter().enumerate() {
@@ -244,9 +271,9 @@ pub struct SearchParameterComponent {
 /// The R4 model: types, required value sets, search parameters, Patient compartment.
 #[derive(Debug)]
 pub struct Model {
-    types: HashMap<String, TypeInfo>,
+    types: FastMap<String, TypeInfo>,
     resource_types: Vec<String>,
-    value_sets: HashMap<String, Vec<(String, String)>>,
+    value_sets: FastMap<String, Vec<(String, String)>>,
     search_parameters_json: Vec<u8>,
     search_parameters: Vec<SearchParameterDef>,
     patient_compartment: HashMap<String, Vec<String>>,
@@ -334,7 +361,7 @@ impl Model {
     /// Decompresses and parses the vendored definitions.
     pub fn load() -> Result<Model, ModelError> {
         let raw_types: Vec<RawType> = parse("elements.json.gz", ELEMENTS_GZ)?;
-        let value_sets: HashMap<String, Vec<(String, String)>> =
+        let value_sets: FastMap<String, Vec<(String, String)>> =
             parse("valuesets.json.gz", VALUESETS_GZ)?;
         let search_parameters_json = gunzip("search-parameters.json.gz", SEARCH_PARAMETERS_GZ)?;
         let search_parameters: Vec<SearchParameterDef> =
@@ -343,7 +370,8 @@ impl Model {
         let patient_compartment: HashMap<String, Vec<String>> =
             parse("compartment-patient.json.gz", COMPARTMENT_PATIENT_GZ)?;
 
-        let mut types = HashMap::with_capacity(raw_types.len() * 4);
+        let mut types: FastMap<String, TypeInfo> =
+            FastMap::with_capacity_and_hasher(raw_types.len() * 4, Default::default());
         let mut resource_types = Vec::new();
         for raw in raw_types {
             let kind = match raw.kind.as_str() {
