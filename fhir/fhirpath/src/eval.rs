@@ -37,6 +37,7 @@ pub struct Context<'a> {
     pub(crate) member_of: Option<MemberOf<'a>>,
     pub(crate) strict: bool,
     pub(crate) reference_stubs: bool,
+    pub(crate) lenient_as: bool,
 }
 
 impl<'a> Context<'a> {
@@ -50,6 +51,7 @@ impl<'a> Context<'a> {
             member_of: None,
             strict: false,
             reference_stubs: true,
+            lenient_as: false,
         }
     }
 
@@ -63,6 +65,7 @@ impl<'a> Context<'a> {
             member_of: None,
             strict: false,
             reference_stubs: true,
+            lenient_as: false,
         }
     }
 
@@ -101,6 +104,14 @@ impl<'a> Context<'a> {
     /// On by default; disable for validation-style checks (`resolve().exists()`).
     pub fn with_reference_stubs(mut self, enabled: bool) -> Self {
         self.reference_stubs = enabled;
+        self
+    }
+
+    /// Lenient `as()`: the function filters a collection like `ofType()` instead of signalling
+    /// an error for more than one item (N1 and fhirpath.js error; the Java validator filters).
+    /// R4's own `dom-3` invariant (`descendants().as(canonical)`) needs this.
+    pub fn with_lenient_as(mut self, lenient: bool) -> Self {
+        self.lenient_as = lenient;
         self
     }
 
@@ -163,12 +174,21 @@ fn resource_item<'a>(v: &'a Value) -> Item<'a> {
 }
 
 pub(crate) fn evaluate_ast<'a>(ast: &Ast, input: &'a Value, ctx: &Context<'a>) -> R<Vec<Item<'a>>> {
-    let focus = vec![resource_item(input)];
+    evaluate_ast_on(ast, vec![resource_item(input)], ctx, Some(input))
+}
+
+/// Evaluates with an arbitrary focus collection (typed nodes from an earlier evaluation).
+pub(crate) fn evaluate_ast_on<'a>(
+    ast: &Ast,
+    focus: Vec<Item<'a>>,
+    ctx: &Context<'a>,
+    input_json: Option<&'a Value>,
+) -> R<Vec<Item<'a>>> {
     let ev = Evaluator {
         ctx,
         input: &focus,
-        resource: ctx.resource.or(Some(input)),
-        root: ctx.root.or(ctx.resource).or(Some(input)),
+        resource: ctx.resource.or(input_json),
+        root: ctx.root.or(ctx.resource).or(input_json),
     };
     ev.eval(
         ast,
@@ -1332,7 +1352,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             }
             "as" => {
                 let ts = self.type_arg(args)?;
-                if input.len() > 1 {
+                if input.len() > 1 && !self.ctx.lenient_as {
                     return Err(exec("as() requires a single item"));
                 }
                 Ok(input

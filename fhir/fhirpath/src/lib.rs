@@ -117,6 +117,17 @@ pub fn evaluate<'a>(
     eval::evaluate_ast(&expr.inner.ast, input, ctx)
 }
 
+/// Evaluates `expr` with `focus` as the input collection (e.g. typed element nodes returned by an
+/// earlier evaluation, as needed for element-level invariants). `%resource`/`%rootResource` come
+/// from `ctx`.
+pub fn evaluate_on<'a>(
+    expr: &Expression,
+    focus: Vec<Item<'a>>,
+    ctx: &Context<'a>,
+) -> Result<Vec<Item<'a>>, Error> {
+    eval::evaluate_ast_on(&expr.inner.ast, focus, ctx, None)
+}
+
 /// Parses (cached) and evaluates `src` on `input` with `%resource` = `input`.
 pub fn evaluate_str<'a>(src: &str, input: &'a Value) -> Result<Vec<Item<'a>>, Error> {
     let expr = compile_cached(src)?;

@@ -309,3 +309,16 @@ fn system_values_and_boolean_evaluation() {
     let m = Expression::parse("(1 | 2)").unwrap();
     assert!(evaluate_boolean(&m, &obs, &ctx).is_err());
 }
+
+#[test]
+fn lenient_as_function() {
+    let p = json!({"resourceType": "Patient", "name": [{"use": "official"}, {"use": "usual"}]});
+    let e = Expression::parse("name.as(HumanName).use").unwrap();
+    assert!(evaluate(&e, &p, &Context::new(&p)).is_err());
+    let out = evaluate(&e, &p, &Context::new(&p).with_lenient_as(true)).unwrap();
+    assert_eq!(out.len(), 2);
+    let on = evaluate_str("name", &p).unwrap();
+    let first_use = Expression::parse("use").unwrap();
+    let r = evaluate_on(&first_use, vec![on[1].clone()], &Context::new(&p)).unwrap();
+    assert_eq!(r[0].to_json(), json!("usual"));
+}

@@ -241,3 +241,153 @@ fn search_parameters_evaluate_on_all_spec_examples() {
     assert!(files > 1000, "only {files} examples found");
     assert!(errors.is_empty());
 }
+
+/// All invariant (`ElementDefinition.constraint.expression`) expressions of the R4 resource and
+/// datatype StructureDefinitions compile, and evaluate without error on the spec examples' own
+/// resource types (sampled: the first example file per resource type).
+#[test]
+fn r4_invariant_expressions_compile() {
+    let Some(shared) = shared_dir() else {
+        println!("NOTICE: ../shared not found; skipping invariant compilation");
+        return;
+    };
+    let mut total = 0usize;
+    let mut failures = Vec::new();
+    for f in ["profiles-resources.json", "profiles-types.json"] {
+        let Ok(text) = std::fs::read_to_string(shared.join("fhir-r4").join(f)) else {
+            println!("NOTICE: {f} missing; skipping");
+            return;
+        };
+        let bundle: Value = serde_json::from_str(&text).unwrap();
+        for e in bundle["entry"].as_array().into_iter().flatten() {
+            let sd = &e["resource"];
+            for el in sd["snapshot"]["element"].as_array().into_iter().flatten() {
+                for c in el["constraint"].as_array().into_iter().flatten() {
+                    let Some(expr) = c["expression"].as_str() else {
+                        continue;
+                    };
+                    total += 1;
+                    if let Err(err) = Expression::parse(expr) {
+                        failures.push(format!("{} {}: `{expr}`: {err}", sd["id"], c["key"]));
+                    }
+                }
+            }
+        }
+    }
+    for f in failures.iter().take(20) {
+        println!("{f}");
+    }
+    println!(
+        "{} of {total} invariant expressions compile",
+        total - failures.len()
+    );
+    assert!(total > 1000);
+    assert!(failures.is_empty());
+}
+
+/// The spec examples should satisfy their resource types' invariants: evaluate every resource
+/// StructureDefinition constraint on the elements it applies to (via `evaluate_on`), over every
+/// spec example, and require (almost) all to be true.
+#[test]
+fn spec_examples_satisfy_resource_invariants() {
+    let Some(shared) = shared_dir() else {
+        println!("NOTICE: ../shared not found; skipping invariants on examples");
+        return;
+    };
+    let Ok(text) = std::fs::read_to_string(shared.join("fhir-r4/profiles-resources.json")) else {
+        println!("NOTICE: profiles-resources.json missing; skipping");
+        return;
+    };
+    let bundle: Value = serde_json::from_str(&text).unwrap();
+    // resource type → [(element path expression, key, constraint)]
+    let mut rules: std::collections::HashMap<String, Vec<(Expression, String, Expression)>> =
+        Default::default();
+    for e in bundle["entry"].as_array().into_iter().flatten() {
+        let sd = &e["resource"];
+        if sd["kind"] != "resource" || sd["derivation"] == "constraint" {
+            continue;
+        }
+        let Some(t) = sd["type"].as_str() else {
+            continue;
+        };
+        for el in sd["snapshot"]["element"].as_array().into_iter().flatten() {
+            let path = el["path"].as_str().unwrap_or("").replace("[x]", "");
+            for c in el["constraint"].as_array().into_iter().flatten() {
+                let key = c["key"].as_str().unwrap_or("").to_string();
+                // ele-1 (datatype-level) and the best-practice dom-6 are out of scope here.
+                if key == "ele-1" || key == "dom-6" || c["severity"] != "error" {
+                    continue;
+                }
+                let Some(expr) = c["expression"].as_str() else {
+                    continue;
+                };
+                let (Ok(p), Ok(x)) = (Expression::parse(&path), Expression::parse(expr)) else {
+                    continue;
+                };
+                rules.entry(t.to_string()).or_default().push((p, key, x));
+            }
+        }
+    }
+    let tgz = shared.join("fhir-r4/hl7.fhir.r4.examples-4.0.1.tgz");
+    let dir = std::env::temp_dir().join(format!("kiln-fhirpath-inv-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let ok = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        println!("NOTICE: cannot unpack examples; skipping");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let (mut checks, mut passed) = (0usize, 0usize);
+    let mut failures = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir.join("package"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    entries.sort();
+    for p in entries {
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let Ok(res) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        let Some(rt) = res["resourceType"].as_str() else {
+            continue;
+        };
+        let Some(list) = rules.get(rt) else { continue };
+        let ctx = Context::new(&res)
+            .with_reference_stubs(false)
+            .with_lenient_as(true);
+        for (path, key, rule) in list {
+            let Ok(nodes) = evaluate(path, &res, &ctx) else {
+                continue;
+            };
+            for node in nodes {
+                checks += 1;
+                match kiln_fhirpath::evaluate_on(rule, vec![node], &ctx) {
+                    Ok(r) if r.len() == 1 && r[0].as_bool() == Some(true) => passed += 1,
+                    Ok(r) if r.is_empty() => passed += 1,
+                    other => failures.push(format!(
+                        "{}: {key} `{}` -> {:?}",
+                        p.file_name().unwrap_or_default().to_string_lossy(),
+                        rule.source(),
+                        other.map(|r| r.iter().map(|i| i.to_json()).collect::<Vec<_>>())
+                    )),
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    for f in failures.iter().take(40) {
+        println!("{}", f.chars().take(300).collect::<String>());
+    }
+    println!("{passed} of {checks} invariant checks on spec examples are true/empty");
+    assert!(checks > 10_000, "only {checks} checks");
+    assert!(passed as f64 >= checks as f64 * 0.99);
+}
