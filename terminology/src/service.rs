@@ -55,6 +55,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "not-in-vs" | "this-code-not-in-vs" => {
             "None_of_the_provided_codes_are_in_the_value_set_one"
         }
+        "not-found" if text.starts_with("Required supplement not found") => {
+            "VALUESET_SUPPLEMENT_MISSING"
+        }
         "not-found" if text.starts_with("A definition for the value Set") => {
             "Unable_to_resolve_value_Set_"
         }
@@ -132,6 +135,7 @@ fn issue_json(severity: &str, code: &str, tx_code: &str, text: &str, loc: Option
 // ---------------------------------------------------------------- Parameters helpers
 
 /// Read access to a `Parameters` resource.
+#[derive(Clone, Copy)]
 pub struct Params<'a>(pub &'a Value);
 
 impl<'a> Params<'a> {
@@ -249,17 +253,28 @@ impl CsEntry {
             supplements: Vec::new(),
         }
     }
+    /// The code system (without supplements), built once.
     pub fn provider(&self) -> Arc<dyn CodeSystemProvider> {
         self.provider
             .get_or_init(|| {
                 let r = self.resource.clone().unwrap_or_else(|| Arc::new(json!({})));
-                let mut t = code_system_table(&r);
-                for sup in &self.supplements {
+                Arc::new(code_system_table(&r))
+            })
+            .clone()
+    }
+
+    /// The code system with the given supplements applied (resource-backed systems only).
+    pub fn provider_with(&self, supplements: &[Arc<Value>]) -> Arc<dyn CodeSystemProvider> {
+        match &self.resource {
+            Some(r) if !supplements.is_empty() => {
+                let mut t = code_system_table(r);
+                for sup in supplements {
                     apply_supplement(&mut t, sup);
                 }
                 Arc::new(t)
-            })
-            .clone()
+            }
+            _ => self.provider(),
+        }
     }
     fn canonical(&self) -> String {
         match &self.version {
@@ -379,6 +394,9 @@ struct Ctx<'a> {
     /// Default parameters a value set declares (`valueset-expansion-parameter`), as
     /// `Parameters.parameter` entries; the request's own parameters win.
     vs_params: std::cell::RefCell<Vec<Value>>,
+    /// Supplements requested (`useSupplement`, value set `valueset-supplement`) and used.
+    requested_supplements: std::cell::RefCell<Vec<String>>,
+    used_supplements: std::cell::RefCell<Vec<String>>,
 }
 
 impl Terminology {
@@ -463,6 +481,14 @@ impl Terminology {
             local,
             params: p,
             vs_params: std::cell::RefCell::new(Vec::new()),
+            requested_supplements: std::cell::RefCell::new(
+                p.all("useSupplement")
+                    .filter_map(value_x)
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            used_supplements: std::cell::RefCell::new(Vec::new()),
         })
     }
 
@@ -724,8 +750,73 @@ impl<'a> Ctx<'a> {
             .find_map(|p| value_x(p).and_then(Value::as_str).map(str::to_string))
     }
 
+    /// The provider for an entry, with the requested supplements that target it.
+    fn prov(&self, e: &CsEntry) -> Arc<dyn CodeSystemProvider> {
+        let wanted = self.requested_supplements.borrow();
+        if wanted.is_empty() {
+            return e.provider();
+        }
+        let sups: Vec<Arc<Value>> = self
+            .local
+            .supplements
+            .iter()
+            .chain(self.base.supplements.iter())
+            .filter(|sup| {
+                let url = s(sup, "url").unwrap_or("");
+                wanted.iter().any(|w| split_canonical(w).0 == url)
+                    && s(sup, "supplements")
+                        .map(|x| split_canonical(x).0 == e.url)
+                        .unwrap_or(false)
+            })
+            .cloned()
+            .collect();
+        for sup in &sups {
+            let c = match s(sup, "version") {
+                Some(v) => format!("{}|{v}", s(sup, "url").unwrap_or("")),
+                None => s(sup, "url").unwrap_or("").to_string(),
+            };
+            let mut used = self.used_supplements.borrow_mut();
+            if !used.contains(&c) {
+                used.push(c);
+            }
+        }
+        e.provider_with(&sups)
+    }
+
+    /// Every requested supplement must exist.
+    fn check_supplements(&self) -> Result<(), TxError> {
+        for w in self.requested_supplements.borrow().iter() {
+            let url = split_canonical(w).0;
+            let found = self
+                .local
+                .supplements
+                .iter()
+                .chain(self.base.supplements.iter())
+                .any(|sup| s(sup, "url") == Some(url));
+            if !found {
+                return Err(TxError::new(
+                    404,
+                    "not-found",
+                    "not-found",
+                    format!("Required supplement not found: {w}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Records the expansion parameters a value set declares in extensions.
     fn note_vs_params(&self, vs: &Value) {
+        for e in arr(vs, "extension") {
+            if s(e, "url") == Some("http://hl7.org/fhir/StructureDefinition/valueset-supplement") {
+                if let Some(v) = value_x(e).and_then(Value::as_str) {
+                    let mut r = self.requested_supplements.borrow_mut();
+                    if !r.iter().any(|x| x == v) {
+                        r.push(v.to_string());
+                    }
+                }
+            }
+        }
         let mut list = Vec::new();
         let compose_ext = vs
             .get("compose")
@@ -790,6 +881,7 @@ impl<'a> Ctx<'a> {
     fn resolve_vs_param(&self) -> Result<(Arc<Value>, String), TxError> {
         let r = self.resolve_vs_param_inner()?;
         self.note_vs_params(&r.0);
+        self.check_supplements()?;
         Ok(r)
     }
 
@@ -1006,7 +1098,7 @@ impl<'a> Ctx<'a> {
             }
         }
         used.cs(entry.canonical());
-        let provider = entry.provider();
+        let provider = self.prov(&entry);
         let lang = self.display_language();
         let mut out = Vec::new();
         let cs_language = provider.language().map(str::to_string);
@@ -1288,6 +1380,9 @@ impl<'a> Ctx<'a> {
                 parameters.push(e.clone());
             }
         }
+        for sup in self.used_supplements.borrow().iter() {
+            parameters.push(p_str("used-supplement", "Uri", sup));
+        }
         for v in &used.value_sets {
             parameters.push(p_str("used-valueset", "Uri", v));
         }
@@ -1327,7 +1422,7 @@ impl<'a> Ctx<'a> {
                 .code_systems
                 .iter()
                 .filter_map(|c| self.find_cs(c, None))
-                .flat_map(|e| e.provider().property_defs())
+                .flat_map(|e| self.prov(&e).property_defs())
                 .collect();
             let list = props
                 .iter()
@@ -1384,7 +1479,7 @@ impl<'a> Ctx<'a> {
                 .entry((i.system.clone(), i.version.clone()))
                 .or_insert_with(|| {
                     self.find_cs(&i.system, i.version.as_deref())
-                        .map(|e| e.provider())
+                        .map(|e| self.prov(&e))
                 })
                 .clone();
             if let Some(prov) = prov {
@@ -1548,7 +1643,8 @@ impl<'a> Ctx<'a> {
         }
         if compose.get("inactive").and_then(Value::as_bool) == Some(false) {
             if let Some(e) = self.find_cs(system, None) {
-                if e.provider()
+                if self
+                    .prov(&e)
                     .lookup(code)
                     .map(|c| c.inactive)
                     .unwrap_or(false)
@@ -1589,7 +1685,7 @@ impl<'a> Ctx<'a> {
         let Some(entry) = self.find_cs(sys, version.as_deref()) else {
             return Ok(false);
         };
-        let provider = entry.provider();
+        let provider = self.prov(&entry);
         let concepts = arr(inc, "concept");
         if !concepts.is_empty() {
             let cs = provider.case_sensitive();
@@ -1761,7 +1857,7 @@ impl<'a> Ctx<'a> {
                     .into_iter()
                     .filter(|sys| {
                         self.find_cs(sys, None)
-                            .map(|e| e.provider().lookup(&c.code).is_some())
+                            .map(|e| self.prov(&e).lookup(&c.code).is_some())
                             .unwrap_or(false)
                     })
                     .collect();
@@ -1913,7 +2009,7 @@ impl<'a> Ctx<'a> {
             r.unknown_system_param = vs_mentions_system;
             return Ok(r);
         };
-        let provider = entry.provider();
+        let provider = self.prov(&entry);
         r.version = entry.version.clone();
         if let Some(chk) = &check {
             if !version_matches(entry.version.as_deref(), chk) {
@@ -2285,7 +2381,7 @@ impl<'a> Ctx<'a> {
                 r.messages.push(m);
                 if let Some(e) = &vs_entry {
                     r.version = e.version.clone();
-                    if let Some(concept) = e.provider().lookup(&c.code) {
+                    if let Some(concept) = self.prov(e).lookup(&c.code) {
                         r.display = self.display_for(&concept, self.display_language().as_deref());
                     }
                 }
@@ -2334,7 +2430,7 @@ impl<'a> Ctx<'a> {
                             r.messages.push(m);
                         }
                         r.version = e.version.clone();
-                        if let Some(concept) = e.provider().lookup(&c.code) {
+                        if let Some(concept) = self.prov(e).lookup(&c.code) {
                             r.display =
                                 self.display_for(&concept, self.display_language().as_deref());
                         }
@@ -2586,6 +2682,7 @@ impl<'a> Ctx<'a> {
     }
 
     fn lookup(&self) -> Result<Value, TxError> {
+        self.check_supplements()?;
         let Some((system, version, code)) = self.coding_param("code", "coding") else {
             return Err(TxError::invalid(
                 "Unable to lookup: no code or coding parameter",
@@ -2600,7 +2697,7 @@ impl<'a> Ctx<'a> {
                 None => format!("A definition for CodeSystem '{system}' could not be found, so the code cannot be looked up"),
             })
         })?;
-        let provider = entry.provider();
+        let provider = self.prov(&entry);
         let Some(c) = provider.lookup(&code) else {
             return Err(TxError::new(
                 404,
@@ -2713,7 +2810,7 @@ impl<'a> Ctx<'a> {
                 "A definition for CodeSystem '{system}' could not be found"
             ))
         })?;
-        let provider = entry.provider();
+        let provider = self.prov(&entry);
         for c in [&ca, &cb] {
             if provider.lookup(c).is_none() {
                 return Err(TxError::new(
