@@ -10,6 +10,7 @@ pub mod operations;
 pub mod routes;
 pub mod search;
 pub mod state;
+pub mod summary;
 pub mod validation;
 
 use std::future::Future;

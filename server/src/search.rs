@@ -4,12 +4,14 @@
 
 use std::sync::{Arc, RwLock};
 
+use axum::http::StatusCode;
 use kiln_search::Registry;
 use kiln_store::{Dialect, Indexer, SqlValue, WriteTx};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::{FhirError, FhirResult};
-use crate::format::FhirResponse;
+use crate::format::{Body, FhirResponse};
+use crate::interactions::history::encode;
 use crate::interactions::RequestContext;
 use crate::state::AppState;
 
@@ -158,11 +160,44 @@ impl SearchEngine {
         query: &str,
     ) -> FhirResult<Vec<String>> {
         let pairs = crate::interactions::bundle::form_urlencoded_pairs(query);
-        let parsed = self.parse(Some(ty), &pairs, true)?;
-        let _ = (tx, parsed);
-        Err(FhirError::not_supported(
-            "conditional interactions need the search planner",
-        ))
+        let mut parsed = self.parse(Some(ty), &pairs, true)?;
+        if parsed.criteria.is_empty() {
+            return Err(FhirError::precondition_failed(format!(
+                "conditional criteria `{query}` select nothing specific"
+            )));
+        }
+        parsed.sort.clear();
+        parsed.includes.clear();
+        parsed.revincludes.clear();
+        let page = kiln_search::plan::PageRequest {
+            count: 10_000,
+            cursor: None,
+        };
+        let plan = kiln_search::plan::plan(&parsed, to_search_dialect(tx.dialect()), &page)
+            .map_err(|i| FhirError::with_issues(StatusCode::BAD_REQUEST, vec![i]))?;
+        let params: Vec<SqlValue> = plan.params.into_iter().map(to_store_value).collect();
+        let rows = tx.query_rows(&plan.sql, &params).await?;
+        let rids: Vec<i64> = rows
+            .iter()
+            .filter_map(|r| r.first().and_then(SqlValue::as_i64))
+            .collect();
+        if rids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list: Vec<String> = rids.iter().map(i64::to_string).collect();
+        let sql = format!(
+            "SELECT res_id FROM resources WHERE rid IN ({})",
+            list.join(",")
+        );
+        let rows = tx.query_rows(&sql, &[]).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                r.into_iter()
+                    .next()
+                    .and_then(|v| v.as_str().map(str::to_string))
+            })
+            .collect())
     }
 
     /// Type-level (`ty = Some`) or system-level search.
@@ -176,8 +211,8 @@ impl SearchEngine {
             crate::interactions::check_type(t)?;
         }
         let parsed = self.parse(ty, &ctx.query, ctx.strict)?;
-        let _ = (state, parsed);
-        Err(FhirError::not_supported("search planner not wired yet"))
+        let path = ty.unwrap_or("").to_string();
+        self.execute(state, parsed, &path, ctx).await
     }
 
     /// Compartment search (`Patient/123/Observation`, `Patient/123/*`).
@@ -197,10 +232,175 @@ impl SearchEngine {
         let parsed = self.parse(target, &ctx.query, ctx.strict)?;
         let parsed = parsed
             .with_compartment(&self.registry(), cty, cid)
-            .map_err(|issues| {
-                FhirError::with_issues(axum::http::StatusCode::BAD_REQUEST, issues)
-            })?;
-        let _ = (state, parsed);
-        Err(FhirError::not_supported("search planner not wired yet"))
+            .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))?;
+        self.execute(state, parsed, &format!("{cty}/{cid}/{ty}"), ctx)
+            .await
+    }
+
+    async fn execute(
+        &self,
+        state: &AppState,
+        query: kiln_search::SearchQuery,
+        path: &str,
+        ctx: &RequestContext,
+    ) -> FhirResult<FhirResponse> {
+        let dialect = to_search_dialect(state.store.dialect());
+        let count = query
+            .count
+            .unwrap_or(state.settings.default_page_size)
+            .min(state.settings.max_page_size);
+        let summary_count = query.summary.as_deref() == Some("count");
+        let page = kiln_search::plan::PageRequest {
+            count: if summary_count { 0 } else { count },
+            cursor: ctx.param("_cursor").map(str::to_string),
+        };
+        let plan = kiln_search::plan::plan(&query, dialect, &page)
+            .map_err(|i| FhirError::with_issues(StatusCode::BAD_REQUEST, vec![i]))?;
+        if ctx.param("_explain").is_some() || ctx.param("__explain").is_some() {
+            let oo = kiln_fhir::operation_outcome(&[
+                kiln_fhir::Issue::information("informational", plan.explain.clone()),
+                kiln_fhir::Issue::information("informational", format!("SQL: {}", plan.sql)),
+            ]);
+            return Ok(FhirResponse::ok(Body::Resource(oo)));
+        }
+        let count_params: Vec<SqlValue> = plan
+            .count_params
+            .iter()
+            .cloned()
+            .map(to_store_value)
+            .collect();
+        let params: Vec<SqlValue> = plan.params.iter().cloned().map(to_store_value).collect();
+        let mut rows = if summary_count || count == 0 {
+            Vec::new()
+        } else {
+            state.store.query_rows(&plan.sql, &params).await?
+        };
+        let mut next = None;
+        if rows.len() > count {
+            rows.truncate(count);
+            if let Some(last) = rows.last() {
+                let rid = last.first().and_then(SqlValue::as_i64).unwrap_or(0);
+                let keys: Vec<kiln_search::SqlValue> =
+                    last[1..].iter().cloned().map(to_search_value).collect();
+                next = Some(plan.next_cursor(&keys, rid));
+            }
+        }
+        let rids: Vec<i64> = rows
+            .iter()
+            .filter_map(|r| r.first().and_then(SqlValue::as_i64))
+            .collect();
+        let total_mode = query.total.as_deref().unwrap_or("estimate");
+        let total = if summary_count || total_mode == "accurate" {
+            let r = state
+                .store
+                .query_rows(&plan.count_sql, &count_params)
+                .await?;
+            r.first().and_then(|x| x.first()).and_then(SqlValue::as_i64)
+        } else if total_mode != "none" && next.is_none() && page.cursor.is_none() {
+            Some(rids.len() as i64)
+        } else {
+            None
+        };
+        let matches = state.store.fetch_by_rids(&rids).await?;
+        // includes, iterated until nothing new turns up
+        let mut included = Vec::new();
+        if !query.includes.is_empty() || !query.revincludes.is_empty() {
+            let mut seen: std::collections::HashSet<i64> = rids.iter().copied().collect();
+            let mut frontier = rids.clone();
+            let mut first = true;
+            while !frontier.is_empty() {
+                let Some((sql, ps)) =
+                    kiln_search::plan::include_sql(&query, dialect, &frontier, !first)
+                else {
+                    break;
+                };
+                let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
+                let found = state.store.query_rows(&sql, &ps).await?;
+                let new: Vec<i64> = found
+                    .iter()
+                    .filter_map(|r| r.first().and_then(SqlValue::as_i64))
+                    .filter(|r| seen.insert(*r))
+                    .collect();
+                included.extend(state.store.fetch_by_rids(&new).await?);
+                frontier = new;
+                first = false;
+            }
+        }
+        // Bundle
+        let link = |cursor: Option<&str>| {
+            let mut ps: Vec<String> = query
+                .self_link_params()
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+                .collect();
+            if !query.self_link_params().iter().any(|(k, _)| k == "_count") {
+                ps.push(format!("_count={count}"));
+            }
+            if let Some(c) = cursor {
+                ps.push(format!("_cursor={}", encode(c)));
+            }
+            let base = if path.is_empty() {
+                state.base_url.clone()
+            } else {
+                format!("{}/{}", state.base_url, path)
+            };
+            format!("{base}?{}", ps.join("&"))
+        };
+        let mut links = vec![
+            json!({"relation": "self", "url": link(page.cursor.as_deref())}),
+            json!({"relation": "first", "url": link(None)}),
+        ];
+        if let Some(n) = &next {
+            links.push(json!({"relation": "next", "url": link(Some(n))}));
+        }
+        let mut entries = Vec::with_capacity(matches.len() + included.len());
+        for (stored, mode) in matches
+            .into_iter()
+            .map(|s| (s, "match"))
+            .chain(included.into_iter().map(|s| (s, "include")))
+        {
+            let mut resource: Value = serde_json::from_str(&stored.content)
+                .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}")))?;
+            if let Some(s) = query.summary.as_deref() {
+                crate::summary::apply_summary(&mut resource, s);
+            }
+            if !query.elements.is_empty() && mode == "match" {
+                crate::summary::apply_elements(&mut resource, &query.elements);
+            }
+            entries.push(json!({
+                "fullUrl": format!("{}/{}/{}", state.base_url, stored.resource_type, stored.id),
+                "resource": resource,
+                "search": {"mode": mode},
+            }));
+        }
+        if !query.warnings.is_empty() {
+            entries.push(json!({
+                "resource": kiln_fhir::operation_outcome(&query.warnings),
+                "search": {"mode": "outcome"},
+            }));
+        }
+        let mut bundle = json!({
+            "resourceType": "Bundle",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "meta": {"lastUpdated": kiln_store::format_instant(kiln_store::now_micros())},
+            "type": "searchset",
+        });
+        if let Some(t) = total {
+            bundle["total"] = json!(t);
+        }
+        bundle["link"] = Value::Array(links);
+        if !entries.is_empty() {
+            bundle["entry"] = Value::Array(entries);
+        }
+        Ok(FhirResponse::ok(Body::Resource(bundle)))
+    }
+}
+
+fn to_search_value(v: SqlValue) -> kiln_search::SqlValue {
+    match v {
+        SqlValue::Null => kiln_search::SqlValue::Null,
+        SqlValue::Int(i) => kiln_search::SqlValue::Int(i),
+        SqlValue::Real(f) => kiln_search::SqlValue::Real(f),
+        SqlValue::Text(s) => kiln_search::SqlValue::Text(s),
     }
 }

@@ -77,7 +77,7 @@ fn parse_entry(
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
-    if path.is_empty() && !(method == Method::GET && !query.is_empty()) {
+    if path.is_empty() && (method != Method::GET || query.is_empty()) {
         return Err(at(format!("request.url `{url}` names no resource type")));
     }
     let mut ctx = RequestContext {
@@ -249,8 +249,8 @@ pub async fn run_transaction(
         if let Some(f) = &r.full_url {
             ids.insert(f.clone(), format!("{ty}/{id}"));
         }
-        if !post_existing.contains_key(&i) {
-            post_existing.insert(i, String::new());
+        if let std::collections::hash_map::Entry::Vacant(slot) = post_existing.entry(i) {
+            slot.insert(String::new());
             // remember the assigned id in the resource itself
             if let Some(res) = reqs[i].resource.as_mut().and_then(Value::as_object_mut) {
                 res.insert("id".into(), Value::String(id.clone()));
