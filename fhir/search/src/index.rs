@@ -199,7 +199,10 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
         v.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {on}"));
     }
     for t in TABLES {
-        v.push(format!("CREATE INDEX IF NOT EXISTS {t}_rid ON {t}(rid)"));
+        // (rid, param): per-resource lookups (sort keys, deletes, includes)
+        v.push(format!(
+            "CREATE INDEX IF NOT EXISTS {t}_rid ON {t}(rid, param)"
+        ));
     }
     v
 }

@@ -96,7 +96,6 @@ fn decode_cursor(c: &str, n_keys: usize) -> Option<(Vec<SqlValue>, i64)> {
 pub(crate) struct Builder {
     pub params: Vec<SqlValue>,
     n: usize,
-    #[allow(dead_code)]
     dialect: Dialect,
     now: i64,
 }
@@ -665,9 +664,15 @@ fn sort_expr(b: &mut Builder, key: &crate::query::SortKey) -> (String, KeyKind) 
     let agg = if key.descending { "MAX" } else { "MIN" };
     let s = b.alias("o");
     let p = b.text(&key.code);
+    // SQLite without statistics would otherwise walk the (param, value) index for MIN/MAX
+    let hint = if b.dialect == Dialect::Sqlite {
+        format!(" INDEXED BY {table}_rid")
+    } else {
+        String::new()
+    };
     (
         format!(
-            "(SELECT {agg}({s}.{col}) FROM {table} {s} WHERE {s}.rid = r.rid AND {s}.param = {p})"
+            "(SELECT {agg}({s}.{col}) FROM {table} {s}{hint} WHERE {s}.rid = r.rid AND {s}.param = {p})"
         ),
         kind,
     )

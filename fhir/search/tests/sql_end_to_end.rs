@@ -329,7 +329,11 @@ async fn run_all_pages(
             },
         )
         .unwrap();
+        let t = Instant::now();
         let rows = db.rows(&p.sql, &p.params, &p.sort_keys).await;
+        if std::env::var("KILN_SEARCH_TEST_SQL").is_ok() {
+            println!("  page query: {:?}", t.elapsed());
+        }
         let more = rows.len() > page_size;
         for (rid, _) in rows.iter().take(page_size) {
             let r = &loaded.resources[loaded.by_rid[rid]];
@@ -369,6 +373,25 @@ async fn check_against_matcher(
     let q = parse(registry, Some(rt), &params(list), true)
         .unwrap_or_else(|e| panic!("{list:?}: {e:?}"));
     let t0 = Instant::now();
+    if std::env::var("KILN_SEARCH_TEST_SQL").is_ok() {
+        let p = plan(
+            &q,
+            db.dialect(),
+            &PageRequest {
+                count: 10,
+                cursor: None,
+            },
+        )
+        .unwrap();
+        println!("SQL {rt}?{list:?}\n{}\n{:?}", p.sql, p.params);
+        if let Db::Sqlite(c) = db {
+            let eqp = format!("EXPLAIN QUERY PLAN {}", p.sql);
+            for row in bound!(eqp, p.params).fetch_all(&mut *c).await.unwrap() {
+                let detail: String = row.try_get(3).unwrap();
+                println!("  plan: {detail}");
+            }
+        }
+    }
     let got = run_all_pages(db, &q, loaded, 100_000).await;
     let one_page = t0.elapsed();
     let got_set: BTreeSet<String> = got.iter().cloned().collect();
@@ -746,9 +769,15 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
 #[tokio::test]
 async fn sqlite_end_to_end() {
     let Some(corpus) = load_corpus(8) else { return };
-    let conn = sqlx::SqliteConnection::connect("sqlite::memory:")
-        .await
-        .unwrap();
+    // KILN_SEARCH_TEST_SQLITE=/tmp/x.db keeps the database for inspection
+    let url = match std::env::var("KILN_SEARCH_TEST_SQLITE") {
+        Ok(path) => {
+            let _ = std::fs::remove_file(&path);
+            format!("sqlite://{path}?mode=rwc")
+        }
+        Err(_) => "sqlite::memory:".to_string(),
+    };
+    let conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     scenario(Db::Sqlite(conn), corpus).await;
 }
 
