@@ -91,6 +91,21 @@ pub struct TypeRef {
     pub target_profiles: Vec<String>,
 }
 
+/// An invariant (`ElementDefinition.constraint`) with its FHIRPath expression. Evaluate it with
+/// the instance of the type (or, for element constraints, each value of the element) as context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    /// `pat-1`, `ele-1`, ...
+    pub key: String,
+    /// `error` or `warning`.
+    pub severity: String,
+    pub human: String,
+    /// FHIRPath expression.
+    pub expression: String,
+    /// The element path it is declared on (`Patient.contact`, `Narrative.div`).
+    pub path: String,
+}
+
 /// One element (child) of a type.
 #[derive(Debug, Clone)]
 pub struct ElementInfo {
@@ -112,6 +127,9 @@ pub struct ElementInfo {
     /// Name of the [`TypeInfo`] describing the children of an inline backbone element: its own
     /// path (`Patient.contact`) or the contentReference target (`Questionnaire.item`).
     pub backbone_type: Option<String>,
+    /// Invariants declared on this element whose context is each of its values (those on
+    /// types and backbone elements are in [`TypeInfo::constraints`]).
+    pub constraints: Vec<Constraint>,
 }
 
 impl ElementInfo {
@@ -154,6 +172,9 @@ pub struct TypeInfo {
     pub elements: Vec<ElementInfo>,
     /// For primitive types: the regex of the value (`ElementDefinition.type` regex extension).
     pub regex: Option<String>,
+    /// Invariants declared by this type itself (not inherited: see
+    /// [`Model::constraints_with_ancestors`]).
+    pub constraints: Vec<Constraint>,
     /// JSON name → (element index, type index within the element's types).
     index: FastMap<String, (usize, usize)>,
 }
@@ -185,6 +206,7 @@ impl TypeInfo {
             is_abstract,
             elements,
             regex,
+            constraints: Vec::new(),
             index,
         }
     }
@@ -297,6 +319,9 @@ struct RawType {
     base: Option<String>,
     regex: Option<String>,
     elements: Vec<RawElement>,
+    /// [path, key, severity, human, expression]
+    #[serde(default)]
+    c: Vec<(String, String, String, String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +419,7 @@ impl Model {
             }
             let mut groups: Vec<(String, Vec<ElementInfo>)> = vec![(raw.name.clone(), Vec::new())];
             let mut group_index: HashMap<String, usize> = HashMap::new();
+            let mut pending_type_constraints: Vec<(usize, Constraint)> = Vec::new();
             group_index.insert(raw.name.clone(), 0);
             for e in &raw.elements {
                 let (parent, last) = parent_and_name(&e.p);
@@ -449,6 +475,7 @@ impl Model {
                     },
                     content_reference: e.cr.clone(),
                     backbone_type: backbone_type.clone(),
+                    constraints: Vec::new(),
                 };
                 if let (Some(bt), None) = (&backbone_type, &e.cr) {
                     group_index.insert(bt.clone(), groups.len());
@@ -458,8 +485,26 @@ impl Model {
                     groups[gi].1.push(info);
                 }
             }
+            for (path, key, severity, human, expression) in &raw.c {
+                let c = Constraint {
+                    key: key.clone(),
+                    severity: severity.clone(),
+                    human: human.clone(),
+                    expression: expression.clone(),
+                    path: path.clone(),
+                };
+                if let Some(&gi) = group_index.get(path.as_str()) {
+                    pending_type_constraints.push((gi, c));
+                } else if let Some(el) = groups
+                    .iter_mut()
+                    .flat_map(|g| g.1.iter_mut())
+                    .find(|e| e.path == *path)
+                {
+                    el.constraints.push(c);
+                }
+            }
             for (i, (name, elements)) in groups.into_iter().enumerate() {
-                let info = if i == 0 {
+                let mut info = if i == 0 {
                     TypeInfo::new(
                         name,
                         kind,
@@ -476,6 +521,11 @@ impl Model {
                         .unwrap_or_else(|| "BackboneElement".to_string());
                     TypeInfo::new(name, TypeKind::Backbone, Some(base), false, elements, None)
                 };
+                info.constraints = pending_type_constraints
+                    .iter()
+                    .filter(|(gi, _)| *gi == i)
+                    .map(|(_, c)| c.clone())
+                    .collect();
                 types.insert(info.name.clone(), info);
             }
         }
@@ -522,6 +572,22 @@ impl Model {
     /// A child element by its FHIRPath name (`value` for `value[x]`, `name`, `contact`).
     pub fn element_by_name(&self, type_name: &str, name: &str) -> Option<&ElementInfo> {
         self.types.get(type_name)?.element_by_name(name)
+    }
+
+    /// The invariants that apply to an instance of `type_name`: its own and those of its base
+    /// types (`Patient` → `DomainResource` (dom-*) → `Resource`; `Patient.contact` →
+    /// `BackboneElement` → `Element` (ele-1)).
+    pub fn constraints_with_ancestors(&self, type_name: &str) -> Vec<&Constraint> {
+        let mut out = Vec::new();
+        let mut current = Some(type_name);
+        for _ in 0..16 {
+            let Some(t) = current.and_then(|c| self.types.get(c)) else {
+                break;
+            };
+            out.extend(t.constraints.iter());
+            current = t.base.as_deref();
+        }
+        out
     }
 
     /// Whether `type_name` is `ancestor` or derives from it (`Age` → `Quantity`,
@@ -709,6 +775,33 @@ mod tests {
             m.patient_compartment().get("Observation").unwrap(),
             &vec!["subject".to_string(), "performer".to_string()]
         );
+    }
+
+    #[test]
+    fn constraints() {
+        let m = r4();
+        let keys = |t: &str| -> Vec<String> {
+            m.constraints_with_ancestors(t)
+                .iter()
+                .map(|c| c.key.clone())
+                .collect()
+        };
+        let p = keys("Patient");
+        assert!(p.contains(&"dom-2".to_string()), "{p:?}");
+        assert!(p.contains(&"dom-6".to_string()));
+        let contact = keys("Patient.contact");
+        assert!(contact.contains(&"pat-1".to_string()), "{contact:?}");
+        assert!(contact.contains(&"ele-1".to_string()));
+        let period = keys("Period");
+        assert!(period.contains(&"per-1".to_string()));
+        let pat1 = &m.type_info("Patient.contact").unwrap().constraints[0];
+        assert_eq!(pat1.severity, "error");
+        assert!(pat1.expression.contains("name.exists()"));
+        // element-level: Narrative.div txt-1
+        let div = m.element("Narrative", "div").unwrap();
+        assert!(div.constraints.iter().any(|c| c.key == "txt-1"));
+        let org_telecom = m.element("Organization", "telecom").unwrap();
+        assert!(org_telecom.constraints.iter().any(|c| c.key == "org-3"));
     }
 
     #[test]

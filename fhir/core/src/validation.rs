@@ -1073,6 +1073,110 @@ pub fn check_xhtml(div: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A value visited by [`walk`].
+pub struct WalkNode<'a, 'p> {
+    pub value: &'a Value,
+    /// The value's type: a resource type, datatype, primitive or backbone path
+    /// (`Patient.contact`).
+    pub type_name: &'p str,
+    /// The element holding the value (`None` for the root and nested resources).
+    pub element: Option<&'static ElementInfo>,
+    /// FHIRPath-style location (`Patient.contact[0].name`).
+    pub path: &'p str,
+}
+
+/// Visits every value of a resource (itself, nested resources, complex and primitive values)
+/// with its type, for evaluating invariants ([`crate::model::Constraint`]) with a FHIRPath
+/// engine: for each node, `Model::constraints_with_ancestors(node.type_name)` and
+/// `node.element.constraints` apply. Unknown elements are skipped (validation reports them).
+pub fn walk(resource: &Value, visit: &mut dyn FnMut(&WalkNode<'_, '_>)) {
+    let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
+        return;
+    };
+    let mut path = rt.to_string();
+    walk_resource(resource, None, &mut path, visit, 0);
+}
+
+fn walk_resource(
+    resource: &Value,
+    element: Option<&'static ElementInfo>,
+    path: &mut String,
+    visit: &mut dyn FnMut(&WalkNode<'_, '_>),
+    depth: usize,
+) {
+    let model = r4();
+    let Some(ti) = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .and_then(|rt| model.type_info(rt))
+    else {
+        return;
+    };
+    visit(&WalkNode {
+        value: resource,
+        type_name: &ti.name,
+        element,
+        path,
+    });
+    walk_children(resource, ti, path, visit, depth);
+}
+
+fn walk_children(
+    value: &Value,
+    ti: &'static TypeInfo,
+    path: &mut String,
+    visit: &mut dyn FnMut(&WalkNode<'_, '_>),
+    depth: usize,
+) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    let model = r4();
+    let Some(obj) = value.as_object() else { return };
+    for (key, v) in obj {
+        if key.starts_with('_') || key == "resourceType" {
+            continue;
+        }
+        let Some(m) = ti.resolve_json_name(key) else {
+            continue;
+        };
+        let Some(child_ti) = model.type_info(m.type_name()) else {
+            continue;
+        };
+        let saved = path.len();
+        path.push('.');
+        path.push_str(key);
+        let items: Vec<(Option<usize>, &Value)> = match v {
+            Value::Array(a) => a.iter().enumerate().map(|(i, x)| (Some(i), x)).collect(),
+            x => vec![(None, x)],
+        };
+        let base = path.len();
+        for (i, item) in items {
+            path.truncate(base);
+            if let Some(i) = i {
+                push_index(path, i);
+            }
+            if item.is_null() {
+                continue;
+            }
+            if child_ti.kind == TypeKind::Resource {
+                walk_resource(item, Some(m.info), path, visit, depth + 1);
+                continue;
+            }
+            visit(&WalkNode {
+                value: item,
+                type_name: &child_ti.name,
+                element: Some(m.info),
+                path,
+            });
+            if matches!(child_ti.kind, TypeKind::Complex | TypeKind::Backbone) {
+                walk_children(item, child_ti, path, visit, depth + 1);
+            }
+        }
+        path.truncate(saved);
+    }
+}
+
 /// Bundle invariants: bdl-1 (total only in searchset/history), bdl-2 (entry.search only in a
 /// searchset), bdl-3 (entry.request in batch/transaction/history), bdl-4 (entry.response in
 /// batch-response/transaction-response/history), bdl-7 (fullUrl unique, per versionId).
@@ -1412,6 +1516,40 @@ mod tests {
         let ok = json!({"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [
             {"fullUrl": "http://x/Patient/1", "resource": {"resourceType": "Patient"}, "search": {"mode": "match"}}]});
         assert_eq!(expr(ok), Vec::<String>::new());
+    }
+
+    #[test]
+    fn walk_visits_typed_nodes() {
+        let p = json!({"resourceType": "Patient", "active": true,
+            "contact": [{"name": {"family": "x"}}],
+            "contained": [{"resourceType": "Organization", "name": "o"}],
+            "deceasedDateTime": "2020"});
+        let mut seen = Vec::new();
+        walk(&p, &mut |n| {
+            seen.push(format!("{} {}", n.path, n.type_name))
+        });
+        assert_eq!(
+            seen,
+            vec![
+                "Patient Patient",
+                "Patient.active boolean",
+                "Patient.contact[0] Patient.contact",
+                "Patient.contact[0].name HumanName",
+                "Patient.contact[0].name.family string",
+                "Patient.contained[0] Organization",
+                "Patient.contained[0].name string",
+                "Patient.deceasedDateTime dateTime",
+            ]
+        );
+        // Constraints reachable from the nodes
+        let mut keys = Vec::new();
+        walk(&p, &mut |n| {
+            for c in r4().constraints_with_ancestors(n.type_name) {
+                keys.push(c.key.clone());
+            }
+        });
+        assert!(keys.contains(&"pat-1".to_string()));
+        assert!(keys.contains(&"dom-2".to_string()));
     }
 
     #[test]

@@ -120,6 +120,22 @@ def structure_definitions(src):
                 t["base"] = base.rsplit("/", 1)[-1]
             elements = sd["snapshot"]["element"]
             t["elements"] = [compact_element(e, kind, name) for e in elements[1:]]
+            # Invariants defined by this type (inherited copies, whose `source` is another
+            # StructureDefinition, are left out): [path, key, severity, human, expression].
+            constraints = []
+            for e in elements:
+                for c in e.get("constraint", []):
+                    source = c.get("source")
+                    if source and source != sd["url"]:
+                        continue
+                    if not c.get("expression"):
+                        continue
+                    constraints.append(
+                        [e["path"], c["key"], c.get("severity", "error"), c.get("human", ""),
+                         c["expression"]]
+                    )
+            if constraints:
+                t["c"] = constraints
             if kind == "primitive-type":
                 for e in elements:
                     if e["path"] == name + ".value":
