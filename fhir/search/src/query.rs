@@ -615,6 +615,17 @@ pub(crate) fn parse_criterion(
     };
     let p = resolve_param(registry, types, code)
         .ok_or_else(|| CritError::Unknown(format!("Unknown search parameter '{code}'")))?;
+    let answered_without_index = matches!(code, "_id" | "_lastUpdated" | "_content" | "_text");
+    if (p.path.is_none() && !answered_without_index) || p.param_type() == ParamType::Special {
+        // e.g. `_query`, `_list`, `near`: known, but nothing indexes them
+        return Err(CritError::Invalid(
+            Issue::error(
+                "not-supported",
+                format!("Search parameter '{code}' is not supported by this server"),
+            )
+            .at(name.to_string()),
+        ));
+    }
     let modifier =
         parse_modifier(p, modifier).map_err(|why| CritError::Invalid(invalid(name, value, why)))?;
     parse_clause(p, modifier, value)
@@ -1040,6 +1051,10 @@ pub(crate) mod tests {
             c => panic!("{c:?}"),
         }
         assert!(parse(&R4, Some("Observation"), &p(&[("subject:Foo", "1")]), true).is_err());
+        let e = parse(&R4, Some("Location"), &p(&[("near", "1|2|3|km")]), false).unwrap_err();
+        assert_eq!(e[0].code, "not-supported");
+        let e = parse(&R4, Some("Patient"), &p(&[("_query", "x")]), false).unwrap_err();
+        assert_eq!(e[0].code, "not-supported");
     }
 
     #[test]
