@@ -1,6 +1,14 @@
 //! `kiln-fhir`: the FHIR R4 resource model (vendored definitions), OperationOutcome issues,
-//! XML⇄JSON, structural validation and `_summary`/`_elements`. This crate does no I/O beyond
-//! reading its own vendored files and no HTTP.
+//! XML⇄JSON, structural and profile validation, and `_summary`/`_elements`. This crate does no
+//! I/O beyond reading its own vendored files and no HTTP.
+//!
+//! - [`model`]: [`r4()`] — types, elements (choice/backbone/contentReference resolution),
+//!   required value sets, invariants, the 1,378 SearchParameters, the Patient compartment.
+//! - [`xml`]: [`json_to_xml`] / [`xml_to_json`].
+//! - [`validation`]: [`validate`] (structural), [`validation::walk`] (typed traversal for
+//!   evaluating invariants with a FHIRPath engine).
+//! - [`profile`]: [`Profile`] from a StructureDefinition snapshot, [`validate_with_profile`].
+//! - [`summary`]: [`summarize`] (`_summary`), [`select_elements`] (`_elements`).
 
 pub mod model;
 pub mod outcome;
@@ -9,7 +17,7 @@ pub mod summary;
 pub mod validation;
 pub mod xml;
 
-pub use model::{r4, ElementInfo, ElementMatch, Model, TypeInfo, TypeKind};
+pub use model::{r4, Constraint, ElementInfo, ElementMatch, Model, TypeInfo, TypeKind};
 pub use outcome::{operation_outcome, Issue, Severity};
 pub use profile::{validate_with_profile, Profile};
 pub use summary::{select_elements, summarize, SummaryMode};
