@@ -1,4 +1,4 @@
-//! `_summary` and `_elements` (http://hl7.org/fhir/R4/search.html#summary, #elements), driven by
+//! `_summary` and `_elements` (<http://hl7.org/fhir/R4/search.html#summary>, `#elements`), driven by
 //! `ElementDefinition.isSummary` and the minimum cardinalities of the R4 model.
 //!
 //! Subsetted resources are marked with the `SUBSETTED` tag in `meta.tag`.

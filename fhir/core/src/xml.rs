@@ -1,4 +1,4 @@
-//! FHIR XML ⇄ JSON (http://hl7.org/fhir/R4/xml.html, json.html), driven by the R4 model.
+//! FHIR XML ⇄ JSON (<http://hl7.org/fhir/R4/xml.html>, `json.html`), driven by the R4 model.
 //!
 //! - element order comes from the StructureDefinitions;
 //! - primitives are `value` attributes; their `id`/`extension` come from the JSON `_name` form
