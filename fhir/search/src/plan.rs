@@ -98,6 +98,8 @@ pub(crate) struct Builder {
     n: usize,
     dialect: Dialect,
     now: i64,
+    /// alias → its resource type, when known (lets `_has` avoid a correlated type check)
+    ctx_types: std::collections::HashMap<String, String>,
 }
 
 fn like_escape(s: &str) -> String {
@@ -128,6 +130,7 @@ impl Builder {
             n: 0,
             dialect,
             now: chrono::Utc::now().timestamp_micros(),
+            ctx_types: Default::default(),
         }
     }
 
@@ -392,6 +395,9 @@ impl Builder {
                 let t = self.alias("t");
                 let rp = self.text(reference_param);
                 let types: Vec<String> = target_types.iter().map(|ty| self.text(ty)).collect();
+                if let [only] = target_types.as_slice() {
+                    self.ctx_types.insert(t.clone(), only.clone());
+                }
                 let inner_sql = self.criterion(&t, inner);
                 format!(
                     "{a}.rid IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql})",
@@ -407,9 +413,14 @@ impl Builder {
                 let s = self.alias("s");
                 let rp = self.text(reference_param);
                 let st = self.text(source_type);
+                let outer_type = match self.ctx_types.get(a) {
+                    Some(t) => self.text(&t.clone()),
+                    None => format!("{a}.res_type"),
+                };
+                self.ctx_types.insert(s.clone(), source_type.clone());
                 let inner_sql = self.criterion(&s, inner);
                 format!(
-                    "{a}.res_id IN (SELECT {x}.ref_id FROM search_reference {x} JOIN resources {s} ON {s}.rid = {x}.rid WHERE {x}.param = {rp} AND {x}.ref_type = {a}.res_type AND {s}.res_type = {st} AND {s}.deleted = 0 AND {inner_sql})"
+                    "{a}.res_id IN (SELECT {x}.ref_id FROM search_reference {x} JOIN resources {s} ON {s}.rid = {x}.rid WHERE {x}.param = {rp} AND {x}.ref_type = {outer_type} AND {s}.res_type = {st} AND {s}.deleted = 0 AND {inner_sql})"
                 )
             }
             Criterion::Filter(f) => self.filter(a, f),
@@ -681,6 +692,9 @@ fn sort_expr(b: &mut Builder, key: &crate::query::SortKey) -> (String, KeyKind) 
 /// Plans a search.
 pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result<SqlPlan, Issue> {
     let mut b = Builder::new(dialect);
+    if let Some(t) = &query.resource_type {
+        b.ctx_types.insert("r".into(), t.clone());
+    }
     let mut explain = Vec::new();
     let mut wh = vec!["r.deleted = 0".to_string()];
     match &query.resource_type {
@@ -991,7 +1005,10 @@ mod tests {
         )
         .unwrap();
         assert!(p.sql.contains("JOIN resources t"));
-        assert!(p.sql.contains(".ref_type = r.res_type"));
+        assert!(
+            !p.sql.contains(".ref_type = r.res_type"),
+            "type known: no correlation"
+        );
         assert!(p.explain.contains("subject references a Patient"));
         let query = q(
             "Observation",
