@@ -1094,6 +1094,65 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn escapes_and_splitting() {
+        assert_eq!(split_unescaped("a\\,b,c", ','), vec!["a\\,b", "c"]);
+        assert_eq!(unescape("a\\,b\\$c\\|d\\\\"), "a,b$c|d\\");
+        let c = clause(one("Patient", "identifier", "http://x|a\\|b"));
+        assert_eq!(
+            c.values[0],
+            SearchValue::Token {
+                system: Some(Some("http://x".into())),
+                code: Some("a|b".into())
+            }
+        );
+        let c = clause(one("Patient", "name", "a\\$b,c"));
+        assert_eq!(
+            c.values,
+            vec![
+                SearchValue::String("a$b".into()),
+                SearchValue::String("c".into())
+            ]
+        );
+        // composite component with an escaped '$'
+        let c = clause(one("Observation", "code-value-string", "x\\$y$abc"));
+        match &c.values[0] {
+            SearchValue::Composite(v) => {
+                assert_eq!(
+                    v[0],
+                    SearchValue::Token {
+                        system: None,
+                        code: Some("x$y".into())
+                    }
+                );
+                assert_eq!(v[1], SearchValue::String("abc".into()));
+            }
+            v => panic!("{v:?}"),
+        }
+        assert!(parse(
+            &R4,
+            Some("Observation"),
+            &p(&[("code-value-string", "a$b$c")]),
+            true
+        )
+        .is_err());
+        // multibyte input never panics
+        assert!(parse(
+            &R4,
+            Some("Patient"),
+            &p(&[("birthdate", "ééé"), ("birthdate", "é")]),
+            true
+        )
+        .is_err());
+        assert!(parse(
+            &R4,
+            Some("Observation"),
+            &p(&[("value-quantity", "g\u{e9}5")]),
+            true
+        )
+        .is_err());
+    }
+
+    #[test]
     fn result_parameters() {
         let params = p(&[
             ("_sort", "-birthdate,name,_id"),

@@ -768,7 +768,9 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
 
 #[tokio::test]
 async fn sqlite_end_to_end() {
-    let Some(corpus) = load_corpus(8) else { return };
+    let Some(corpus) = load_corpus(bundle_count()) else {
+        return;
+    };
     // KILN_SEARCH_TEST_SQLITE=/tmp/x.db keeps the database for inspection
     let url = match std::env::var("KILN_SEARCH_TEST_SQLITE") {
         Ok(path) => {
@@ -787,7 +789,9 @@ async fn postgres_end_to_end() {
         println!("NOTICE: KILN_TEST_DATABASE_URL unset; skipping the PostgreSQL search test");
         return;
     };
-    let Some(corpus) = load_corpus(8) else { return };
+    let Some(corpus) = load_corpus(bundle_count()) else {
+        return;
+    };
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
     for s in [
         "DROP SCHEMA IF EXISTS kiln_search_test CASCADE",
@@ -797,4 +801,12 @@ async fn postgres_end_to_end() {
         sqlx::query(s).execute(&mut conn).await.unwrap();
     }
     scenario(Db::Pg(conn), corpus).await;
+}
+
+/// Patient bundles to load: 8 by default, `KILN_SEARCH_TEST_BUNDLES=100` for the whole corpus.
+fn bundle_count() -> usize {
+    std::env::var("KILN_SEARCH_TEST_BUNDLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
 }
