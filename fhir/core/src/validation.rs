@@ -1017,7 +1017,8 @@ pub fn check_xhtml(div: &str) -> Result<(), String> {
                 }
                 let local =
                     String::from_utf8_lossy(a.key.local_name().as_ref()).to_ascii_lowercase();
-                if !ATTRIBUTES.contains(&local.as_str()) {
+                // data-* attributes (e.g. `data-fhir` of generated narratives) are inert.
+                if !ATTRIBUTES.contains(&local.as_str()) && !local.starts_with("data-") {
                     return Err(format!(
                         "txt-1: the narrative contains a disallowed attribute '{local}'"
                     ));
@@ -1678,6 +1679,7 @@ mod tests {
             "<div {ns}><p>Hi &amp; <b>x</b>&#160;</p><img src=\"a.png\"/></div>"
         ))
         .is_ok());
+        assert!(check_xhtml(&format!("<div {ns}><p data-fhir=\"generated\">x</p></div>")).is_ok());
         let bad = [
             format!("<div {ns}><script>alert(1)</script></div>"),
             format!("<div {ns}><p onclick=\"x()\">x</p></div>"),
