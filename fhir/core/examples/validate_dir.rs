@@ -1,5 +1,6 @@
-//! `cargo run -p kiln-fhir --example validate_dir -- <dir>`: validates every `*.json` resource
-//! in a directory and prints the files with errors and the most frequent messages.
+//! `cargo run -p kiln-fhir --example validate_dir -- <dir> [--xml]`: validates every `*.json`
+//! resource in a directory and prints the files with errors and the most frequent messages;
+//! with `--xml` also checks that JSON → XML → JSON gives the original.
 use std::collections::BTreeMap;
 
 fn main() {
@@ -17,7 +18,8 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     paths.sort();
-    let (mut clean, mut bad) = (0, 0);
+    let xml = std::env::args().any(|a| a == "--xml");
+    let (mut clean, mut bad, mut xml_ok, mut xml_bad) = (0, 0, 0, 0);
     let mut messages: BTreeMap<String, usize> = BTreeMap::new();
     for p in &paths {
         let Some(v) = std::fs::read_to_string(p)
@@ -28,6 +30,22 @@ fn main() {
         };
         if v.get("resourceType").is_none() {
             continue;
+        }
+        if xml {
+            let back = kiln_fhir::json_to_xml(&v, false)
+                .map_err(|e| e.to_string())
+                .and_then(|x| kiln_fhir::xml_to_json(&x).map_err(|e| e.to_string()));
+            match back {
+                Ok(b) if b == v => xml_ok += 1,
+                Ok(_) => {
+                    xml_bad += 1;
+                    println!("{}: XML round trip differs", p.display());
+                }
+                Err(e) => {
+                    xml_bad += 1;
+                    println!("{}: XML round trip failed: {e}", p.display());
+                }
+            }
         }
         let errors: Vec<_> = kiln_fhir::validate(&v)
             .into_iter()
@@ -52,6 +70,9 @@ fn main() {
     let mut top: Vec<_> = messages.into_iter().collect();
     top.sort_by_key(|t| std::cmp::Reverse(t.1));
     println!("{clean} valid, {bad} with errors");
+    if xml {
+        println!("XML round trip: {xml_ok} identical, {xml_bad} not");
+    }
     for (m, n) in top.iter().take(25) {
         println!("{n:6} × {m}");
     }
