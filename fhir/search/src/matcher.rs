@@ -36,13 +36,16 @@ pub fn matches(registry: &Registry, query: &SearchQuery, resource: &Value) -> bo
         let Some((_, params)) = comp.params.iter().find(|(t, _)| t == rt) else {
             return false;
         };
-        let ok = params.iter().any(|p| {
-            let rows = m.rows(p);
-            rows.references.iter().any(|r| {
-                r.ref_type.as_deref() == Some(comp.compartment_type.as_str())
-                    && r.ref_id.as_deref() == Some(comp.id.as_str())
-            })
-        });
+        let itself = rt == comp.compartment_type
+            && resource.get("id").and_then(Value::as_str) == Some(comp.id.as_str());
+        let ok = itself
+            || params.iter().any(|p| {
+                let rows = m.rows(p);
+                rows.references.iter().any(|r| {
+                    r.ref_type.as_deref() == Some(comp.compartment_type.as_str())
+                        && r.ref_id.as_deref() == Some(comp.id.as_str())
+                })
+            });
         if !ok {
             return false;
         }
@@ -555,5 +558,11 @@ mod tests {
             .unwrap();
         assert!(!matches(&R4, &q, &o));
         assert!(!m("Patient", &[], &o));
+        let p1 = json!({"resourceType":"Patient","id":"p1"});
+        let q = parse(&R4, Some("Patient"), &[], true)
+            .unwrap()
+            .with_compartment(&R4, "Patient", "p1")
+            .unwrap();
+        assert!(matches(&R4, &q, &p1), "a patient is in its own compartment");
     }
 }

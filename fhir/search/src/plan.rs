@@ -720,8 +720,14 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
             let ps: Vec<String> = params.iter().map(|p| b.text(p)).collect();
             let ct = b.text(&comp.compartment_type);
             let id = b.text(&comp.id);
+            // the compartment's focal resource belongs to its own compartment
+            let itself = if *t == comp.compartment_type {
+                format!(" OR r.res_id = {id}")
+            } else {
+                String::new()
+            };
             ors.push(format!(
-                "(r.res_type = {tp} AND r.rid IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}))",
+                "(r.res_type = {tp} AND (r.rid IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}){itself}))",
                 ps.join(", ")
             ));
             explain.push(format!(

@@ -700,6 +700,15 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
     assert_eq!(got.len(), expected);
     assert!(expected > 0);
 
+    let q = parse(&registry, Some("Patient"), &[], true)
+        .unwrap()
+        .with_compartment(&registry, "Patient", &pid)
+        .unwrap();
+    assert_eq!(
+        run_all_pages(&mut db, &q, &loaded, 50).await,
+        vec![format!("Patient/{pid}")]
+    );
+
     // includes / revincludes
     let q = parse(
         &registry,
