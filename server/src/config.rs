@@ -41,6 +41,16 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes (413 above).
     #[arg(long, env = "KILN_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// SMART authorization: `on` requires a bearer token on every FHIR request. Default: `off`
+    /// on a loopback --listen address (with a warning), `on` otherwise.
+    #[arg(long, env = "KILN_AUTH", value_enum)]
+    pub auth: Option<crate::auth::AuthMode>,
+    /// Allow `--auth off` on a non-loopback address.
+    #[arg(long, env = "KILN_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// RFC 7591 dynamic client registration (default: on for loopback, off otherwise).
+    #[arg(long, env = "KILN_DYNAMIC_REGISTRATION")]
+    pub dynamic_registration: Option<bool>,
     #[command(flatten)]
     pub store: StoreArgs,
 }

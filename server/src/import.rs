@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use crate::auth::Access;
 use crate::interactions::bundle::run_transaction;
 use crate::interactions::PreferReturn;
 use crate::state::AppState;
@@ -146,7 +147,15 @@ async fn import_entries(
             .begin()
             .await
             .map_err(|e| vec![("-".into(), e.to_string())])?;
-        match run_transaction(state, &mut tx, &entries, PreferReturn::Minimal).await {
+        match run_transaction(
+            state,
+            &mut tx,
+            &entries,
+            PreferReturn::Minimal,
+            &Access::unrestricted(),
+        )
+        .await
+        {
             Ok(_) => {
                 tx.commit()
                     .await
@@ -165,15 +174,21 @@ async fn import_entries(
         for (i, e) in entries.into_iter().enumerate() {
             let r: Result<(), String> = async {
                 let mut tx = state.store.begin().await.map_err(|e| e.to_string())?;
-                run_transaction(state, &mut tx, &[e], PreferReturn::Minimal)
-                    .await
-                    .map_err(|e| {
-                        e.issues
-                            .iter()
-                            .map(|i| i.diagnostics.clone())
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    })?;
+                run_transaction(
+                    state,
+                    &mut tx,
+                    &[e],
+                    PreferReturn::Minimal,
+                    &Access::unrestricted(),
+                )
+                .await
+                .map_err(|e| {
+                    e.issues
+                        .iter()
+                        .map(|i| i.diagnostics.clone())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })?;
                 tx.commit().await.map_err(|e| e.to_string())
             }
             .await;

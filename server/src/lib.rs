@@ -1,6 +1,7 @@
 //! `kiln-server`: the HTTP layer of Kiln (axum) and the `kiln` command line. Thin handlers over
 //! the interactions; every error is an OperationOutcome.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod format;
@@ -27,6 +28,25 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
         .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
 }
 
+/// The SMART authorization server over the store's database (`auth_*` tables).
+pub async fn open_auth(
+    store: &Store,
+    config: kiln_smart_auth::SmartConfig,
+) -> anyhow::Result<kiln_smart_auth::AuthState> {
+    let pool = match store.pool_handle() {
+        kiln_store::PoolHandle::Sqlite(p) => kiln_smart_auth::AnyAuthPool::Sqlite(p),
+        kiln_store::PoolHandle::Postgres(p) => kiln_smart_auth::AnyAuthPool::Postgres(p),
+    };
+    let auth_store = kiln_smart_auth::SqlAuthStore::new(pool);
+    auth_store
+        .migrate()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot prepare the auth tables: {e}"))?;
+    kiln_smart_auth::AuthState::new(config, std::sync::Arc::new(auth_store))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the authorization server: {e}"))
+}
+
 /// Serves the FHIR API on `listener` until `shutdown` resolves; in-flight requests finish first.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -34,9 +54,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = routes::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Starts a server on an ephemeral loopback port (tests and benchmarks). Returns the base URL

@@ -28,12 +28,76 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Manage user accounts of the SMART authorization server.
+    Users {
+        #[command(subcommand)]
+        action: UsersAction,
+    },
+    /// Manage OAuth clients (SMART apps, backend services).
+    Clients {
+        #[command(subcommand)]
+        action: ClientsAction,
+    },
     /// Evaluate a FHIRPath expression and print the result collection as a JSON array.
     Fhirpath {
         /// The resource to evaluate against (JSON); stdin if absent.
         #[arg(long)]
         input: Option<PathBuf>,
         expression: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersAction {
+    /// Add a user (prints the user id).
+    Add {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        password: String,
+        /// The FHIR resource the user is, e.g. `Patient/123` or `Practitioner/abc`.
+        #[arg(long)]
+        fhir_user: Option<String>,
+        /// Administrator (user management, EHR launch contexts).
+        #[arg(long)]
+        admin: bool,
+        /// Patients the user may pick at a standalone launch (repeatable).
+        #[arg(long = "patient")]
+        patients: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientsAction {
+    /// Register a client; prints its client_id (and secret for confidential symmetric clients).
+    Add {
+        #[arg(long)]
+        name: String,
+        /// Allowed redirect URI (repeatable).
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
+        /// `none` (public, PKCE), `client_secret_basic` or `private_key_jwt`.
+        #[arg(long, default_value = "none")]
+        auth_method: String,
+        /// JWKS (JSON) file for private_key_jwt clients.
+        #[arg(long)]
+        jwks_file: Option<PathBuf>,
+        /// JWKS URL for private_key_jwt clients.
+        #[arg(long)]
+        jwks_uri: Option<String>,
+        /// Scopes the client may ask for (space separated).
+        #[arg(long)]
+        scope: Option<String>,
+        /// Grant types (repeatable): authorization_code, refresh_token, client_credentials.
+        #[arg(long = "grant-type")]
+        grant_types: Vec<String>,
+        /// Fixed client id (generated when absent).
+        #[arg(long)]
+        client_id: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -49,6 +113,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Fhirpath { input, expression } => fhirpath(input, &expression),
         Command::Serve(args) => run_async(serve(args)),
+        Command::Users { action } => run_async(users(action)),
+        Command::Clients { action } => run_async(clients(action)),
         Command::Import { paths, store } => run_async(async move {
             let file = FileConfig::load(store.config.as_ref())?;
             let st = kiln_server::open_store(&store.store_config(&file)).await?;
@@ -88,6 +154,107 @@ fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCo
     }
 }
 
+/// The authorization server over the store named by `store` (CLI administration).
+async fn admin_auth(
+    store: &StoreArgs,
+) -> anyhow::Result<(kiln_store::Store, kiln_smart_auth::AuthState)> {
+    let file = FileConfig::load(store.config.as_ref())?;
+    let st = kiln_server::open_store(&store.store_config(&file)).await?;
+    let base = file
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{DEFAULT_LISTEN}/fhir"));
+    let auth = kiln_server::open_auth(&st, kiln_smart_auth::SmartConfig::new(base)).await?;
+    Ok((st, auth))
+}
+
+async fn users(action: UsersAction) -> anyhow::Result<()> {
+    match action {
+        UsersAction::Add {
+            username,
+            password,
+            fhir_user,
+            admin,
+            patients,
+            store,
+        } => {
+            let (st, auth) = admin_auth(&store).await?;
+            let user = kiln_smart_auth::add_user(
+                auth.store(),
+                kiln_smart_auth::NewUser {
+                    username: username.clone(),
+                    password,
+                    fhir_user,
+                    display_name: None,
+                    admin,
+                    patients,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot add user {username}: {e}"))?;
+            println!("user {} added", user.username);
+            st.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn clients(action: ClientsAction) -> anyhow::Result<()> {
+    match action {
+        ClientsAction::Add {
+            name,
+            redirect_uris,
+            auth_method,
+            jwks_file,
+            jwks_uri,
+            scope,
+            grant_types,
+            client_id,
+            store,
+        } => {
+            let method = match auth_method.as_str() {
+                "none" => kiln_smart_auth::ClientAuthMethod::None,
+                "client_secret_basic" | "client_secret_post" => {
+                    kiln_smart_auth::ClientAuthMethod::ClientSecretBasic
+                }
+                "private_key_jwt" => kiln_smart_auth::ClientAuthMethod::PrivateKeyJwt,
+                other => anyhow::bail!(
+                    "unknown --auth-method `{other}`: none, client_secret_basic, private_key_jwt"
+                ),
+            };
+            let jwks = match jwks_file {
+                Some(p) => Some(serde_json::from_str(&std::fs::read_to_string(&p)?).map_err(
+                    |e| anyhow::anyhow!("{} is not a JWKS JSON document: {e}", p.display()),
+                )?),
+                None => None,
+            };
+            let (st, auth) = admin_auth(&store).await?;
+            let reg = kiln_smart_auth::add_client(
+                auth.store(),
+                kiln_smart_auth::NewClient {
+                    client_id,
+                    client_name: name,
+                    redirect_uris,
+                    auth_method: Some(method),
+                    jwks,
+                    jwks_uri,
+                    scope,
+                    grant_types,
+                    launch_uri: None,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot add client: {e}"))?;
+            println!("client_id: {}", reg.client.client_id);
+            if let Some(secret) = reg.client_secret {
+                println!("client_secret: {secret}");
+            }
+            st.close().await;
+            Ok(())
+        }
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let file = FileConfig::load(args.store.config.as_ref())?;
     let listen: SocketAddr = args
@@ -106,12 +273,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(b) = args.max_body_bytes.or(file.max_body_bytes) {
         settings.max_body_bytes = b;
     }
+    let mode = kiln_server::auth::resolve_mode(args.auth, listen, args.insecure_no_auth)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let store = kiln_server::open_store(&args.store.store_config(&file)).await?;
     tracing::info!(store = %store.describe(), "store open");
+    let auth = match mode {
+        kiln_server::auth::AuthMode::Off => {
+            tracing::warn!(
+                "authorization is OFF: every client on {listen} can read and write all data \
+                 (use --auth on to require SMART tokens)"
+            );
+            None
+        }
+        kiln_server::auth::AuthMode::On => {
+            let mut cfg = kiln_smart_auth::SmartConfig::new(base_url.clone());
+            cfg.dynamic_registration = args
+                .dynamic_registration
+                .unwrap_or(listen.ip().is_loopback());
+            Some(kiln_server::open_auth(&store, cfg).await?)
+        }
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    let state = AppState::new(store.clone(), base_url.clone(), settings);
+    let state = AppState::with_auth(store.clone(), base_url.clone(), settings, auth);
     tracing::info!(%listen, base = %base_url, "Kiln FHIR server ready");
     kiln_server::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("shutting down: closing the store");

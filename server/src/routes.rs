@@ -14,6 +14,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::auth::Access;
 use crate::error::{FhirError, FhirResult};
 use crate::format::{self, Body, BodyKind, FhirResponse, Negotiated};
 use crate::interactions::bundle::form_urlencoded_pairs;
@@ -23,6 +24,7 @@ use crate::interactions::{
 };
 use crate::operations::{parameters_from_query, Target};
 use crate::state::AppState;
+use kiln_smart_auth::Interaction;
 
 /// The path part of the base URL (`/fhir` for `http://host:8080/fhir`).
 pub fn base_path(base_url: &str) -> String {
@@ -36,10 +38,14 @@ pub fn base_path(base_url: &str) -> String {
 pub fn router(state: AppState) -> Router {
     let base = base_path(&state.base_url);
     let x_request_id = HeaderName::from_static("x-request-id");
-    let fhir = Router::new()
+    let mut fhir: Router = Router::new()
         .route("/", any(dispatch))
         .route("/{*rest}", any(dispatch))
         .with_state(state.clone());
+    if let Some(auth) = &state.auth {
+        // SMART discovery and the authorization server live under the FHIR base
+        fhir = fhir.merge(kiln_smart_auth::router(auth.clone()));
+    }
     let app = if base.is_empty() {
         fhir
     } else {
@@ -128,7 +134,30 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         .collect();
     let ctx = request_context(&parts.headers, query);
     let head = parts.method == Method::HEAD;
-    let result = route(&state, &parts.method, &segments, &parts.headers, body, &ctx).await;
+    let public = segments.last().map(String::as_str) == Some("metadata");
+    let access = match (&state.auth, public) {
+        (Some(auth), false) => {
+            let header = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            match kiln_smart_auth::authorize_bearer(auth, header).await {
+                Ok(grant) => Access::from_grant(grant),
+                Err(e) => return format::render_error(FhirError::from(e), &negotiated),
+            }
+        }
+        _ => Access::unrestricted(),
+    };
+    let result = route(
+        &state,
+        &parts.method,
+        &segments,
+        &parts.headers,
+        body,
+        &ctx,
+        &access,
+    )
+    .await;
     let mut resp = match result {
         Ok(r) => format::render(r, &negotiated),
         Err(e) => format::render_error(e, &negotiated),
@@ -174,6 +203,7 @@ async fn route(
     headers: &HeaderMap,
     body: Bytes,
     ctx: &RequestContext,
+    access: &Access,
 ) -> FhirResult<FhirResponse> {
     let s: Vec<&str> = segments.iter().map(String::as_str).collect();
     let m = method.clone();
@@ -181,23 +211,30 @@ async fn route(
     match s.as_slice() {
         [] if m == Method::POST => {
             let bundle = parse_resource(headers, &body)?;
-            bundle::process(state, bundle, ctx).await
+            bundle::process(state, bundle, ctx, access).await
         }
-        [] if get => state.search.search_type(state, None, ctx).await,
+        [] if get => state.search.search_type(state, None, ctx, access).await,
         ["metadata"] if get => Ok(FhirResponse::ok(Body::Resource(
             capabilities::capability_statement(state),
         ))),
-        ["_history"] if get => history::history(state, HistoryScope::System, ctx).await,
+        ["_history"] if get => {
+            access.check_any(Interaction::HistorySystem)?;
+            let r = history::history(state, HistoryScope::System, ctx).await?;
+            filter_response(state, access, Interaction::HistorySystem, r)
+        }
         ["_search"] if m == Method::POST => {
             let ctx = with_form(ctx, headers, &body)?;
-            state.search.search_type(state, None, &ctx).await
+            state.search.search_type(state, None, &ctx, access).await
         }
         [op] if op.starts_with('$') => {
+            access.check_any(Interaction::Read)?;
             operation(state, &m, Target::System, op, headers, &body, ctx).await
         }
-        [ty] if get => state.search.search_type(state, Some(ty), ctx).await,
+        [ty] if get => state.search.search_type(state, Some(ty), ctx, access).await,
         [ty] if m == Method::POST => {
             let resource = parse_resource(headers, &body)?;
+            access.check(Interaction::Create, ty)?;
+            access.require_writable(state, Interaction::Create, &resource)?;
             let ty = ty.to_string();
             in_tx!(state, |tx| create::create(state, tx, &ty, resource, ctx)
                 .await?
@@ -205,6 +242,7 @@ async fn route(
         }
         [ty] if m == Method::PUT => {
             let resource = parse_resource(headers, &body)?;
+            unrestricted_for(access, Interaction::Update, ty)?;
             let (ty, q) = (ty.to_string(), query_string(ctx));
             if q.is_empty() {
                 return Err(FhirError::method_not_allowed(
@@ -217,6 +255,7 @@ async fn route(
             .await?)
         }
         [ty] if m == Method::DELETE => {
+            unrestricted_for(access, Interaction::Delete, ty)?;
             let (ty, q) = (ty.to_string(), query_string(ctx));
             in_tx!(state, |tx| delete::conditional_delete(
                 state, tx, &ty, &q, ctx
@@ -226,6 +265,7 @@ async fn route(
         [ty] if m == Method::PATCH => {
             let kind = format::body_kind(headers)?;
             let doc = format::parse_body(kind, &body)?;
+            unrestricted_for(access, Interaction::Patch, ty)?;
             let (ty, q) = (ty.to_string(), query_string(ctx));
             in_tx!(state, |tx| patch::conditional_patch(
                 state, tx, &ty, &q, kind, &doc, ctx
@@ -234,12 +274,18 @@ async fn route(
         }
         [ty, "_search"] if m == Method::POST => {
             let ctx = with_form(ctx, headers, &body)?;
-            state.search.search_type(state, Some(ty), &ctx).await
+            state
+                .search
+                .search_type(state, Some(ty), &ctx, access)
+                .await
         }
         [ty, "_history"] if get => {
-            history::history(state, HistoryScope::Type(ty.to_string()), ctx).await
+            access.check(Interaction::HistoryType, ty)?;
+            let r = history::history(state, HistoryScope::Type(ty.to_string()), ctx).await?;
+            filter_response(state, access, Interaction::HistoryType, r)
         }
         [ty, op] if op.starts_with('$') => {
+            access.check(Interaction::Read, ty)?;
             operation(
                 state,
                 &m,
@@ -251,9 +297,16 @@ async fn route(
             )
             .await
         }
-        [ty, id] if get => read::read(state, ty, id, ctx).await,
+        [ty, id] if get => {
+            access.check(Interaction::Read, ty)?;
+            let r = read::read(state, ty, id, ctx).await?;
+            visible_response(state, access, Interaction::Read, r)
+        }
         [ty, id] if m == Method::PUT => {
             let resource = parse_resource(headers, &body)?;
+            access.check(Interaction::Update, ty)?;
+            access.require_writable(state, Interaction::Update, &resource)?;
+            existing_visible(state, access, Interaction::Update, ty, id).await?;
             let (ty, id) = (ty.to_string(), id.to_string());
             in_tx!(state, |tx| update::update(
                 state, tx, &ty, &id, resource, ctx
@@ -261,12 +314,16 @@ async fn route(
             .await?)
         }
         [ty, id] if m == Method::DELETE => {
+            access.check(Interaction::Delete, ty)?;
+            existing_visible(state, access, Interaction::Delete, ty, id).await?;
             let (ty, id) = (ty.to_string(), id.to_string());
             in_tx!(state, |tx| delete::delete(state, tx, &ty, &id, ctx).await?)
         }
         [ty, id] if m == Method::PATCH => {
             let kind = format::body_kind(headers)?;
             let doc = format::parse_body(kind, &body)?;
+            access.check(Interaction::Patch, ty)?;
+            existing_visible(state, access, Interaction::Patch, ty, id).await?;
             let (ty, id) = (ty.to_string(), id.to_string());
             in_tx!(state, |tx| patch::patch(
                 state, tx, &ty, &id, kind, &doc, ctx
@@ -274,15 +331,21 @@ async fn route(
             .await?)
         }
         [ty, id, "_history"] if get => {
-            history::history(
-                state,
-                HistoryScope::Instance(ty.to_string(), id.to_string()),
-                ctx,
-            )
-            .await
+            access.check(Interaction::HistoryInstance, ty)?;
+            existing_visible(state, access, Interaction::HistoryInstance, ty, id).await?;
+            let scope = HistoryScope::Instance(ty.to_string(), id.to_string());
+            let r = history::history(state, scope, ctx).await?;
+            filter_response(state, access, Interaction::HistoryInstance, r)
         }
-        [ty, id, "_history", vid] if get => read::vread(state, ty, id, vid, ctx).await,
+        [ty, id, "_history", vid] if get => {
+            access.check(Interaction::VRead, ty)?;
+            existing_visible(state, access, Interaction::VRead, ty, id).await?;
+            let r = read::vread(state, ty, id, vid, ctx).await?;
+            visible_response(state, access, Interaction::VRead, r)
+        }
         [ty, id, op] if op.starts_with('$') => {
+            access.check(Interaction::Read, ty)?;
+            existing_visible(state, access, Interaction::Read, ty, id).await?;
             operation(
                 state,
                 &m,
@@ -297,14 +360,14 @@ async fn route(
         [cty, cid, ty] if get => {
             state
                 .search
-                .search_compartment(state, cty, cid, ty, ctx)
+                .search_compartment(state, cty, cid, ty, ctx, access)
                 .await
         }
         [cty, cid, ty, "_search"] if m == Method::POST => {
             let ctx = with_form(ctx, headers, &body)?;
             state
                 .search
-                .search_compartment(state, cty, cid, ty, &ctx)
+                .search_compartment(state, cty, cid, ty, &ctx, access)
                 .await
         }
         [ty, ..]
@@ -323,6 +386,84 @@ async fn route(
             segments.join("/")
         ))),
     }
+}
+
+/// Conditional writes match by search, which could reach outside a restricted grant's
+/// compartment or granular filter: they need an unrestricted grant for the type.
+fn unrestricted_for(access: &Access, interaction: Interaction, ty: &str) -> FhirResult<()> {
+    access.check(interaction, ty)?;
+    if let Some(g) = access.grant() {
+        if g.requires_patient_compartment(interaction, ty)
+            || matches!(
+                g.scope_filter(interaction, ty),
+                kiln_smart_auth::ScopeFilter::AnyOf(_)
+            )
+        {
+            return Err(FhirError::from(kiln_smart_auth::AuthError::Forbidden(format!(
+                "conditional {interaction:?} on {ty} needs a scope not limited to a patient or a granular filter"
+            ))));
+        }
+    }
+    Ok(())
+}
+
+/// 404 when the current version of `ty/id` exists but is not visible to the grant.
+async fn existing_visible(
+    state: &AppState,
+    access: &Access,
+    interaction: Interaction,
+    ty: &str,
+    id: &str,
+) -> FhirResult<()> {
+    if access.grant().is_none() {
+        return Ok(());
+    }
+    if let Some(cur) = state.store.read(ty, id).await? {
+        if !cur.deleted {
+            let v: Value = serde_json::from_str(&cur.content)
+                .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}")))?;
+            access.require_visible(state, interaction, &v)?;
+        } else if access.grant().and_then(|g| g.patient()).is_some() {
+            // deleted resources of restricted grants: nothing to show
+            return Err(FhirError::not_found(format!("{ty}/{id} does not exist")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the single resource of a read/vread response against the grant.
+fn visible_response(
+    state: &AppState,
+    access: &Access,
+    interaction: Interaction,
+    r: FhirResponse,
+) -> FhirResult<FhirResponse> {
+    if access.grant().is_none() {
+        return Ok(r);
+    }
+    if let Some(body) = &r.body {
+        let v = body.clone().into_value()?;
+        access.require_visible(state, interaction, &v)?;
+    }
+    Ok(r)
+}
+
+/// Drops the entries of a Bundle response the grant may not see.
+fn filter_response(
+    state: &AppState,
+    access: &Access,
+    interaction: Interaction,
+    mut r: FhirResponse,
+) -> FhirResult<FhirResponse> {
+    if access.grant().is_none() {
+        return Ok(r);
+    }
+    if let Some(body) = r.body.take() {
+        let mut v = body.into_value()?;
+        access.filter_bundle(state, interaction, &mut v);
+        r.body = Some(Body::Resource(v));
+    }
+    Ok(r)
 }
 
 /// `POST …/_search`: parameters in an `application/x-www-form-urlencoded` body join the URL's.

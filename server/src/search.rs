@@ -9,11 +9,13 @@ use kiln_search::Registry;
 use kiln_store::{Dialect, Indexer, SqlValue, WriteTx};
 use serde_json::{json, Value};
 
+use crate::auth::Access;
 use crate::error::{FhirError, FhirResult};
 use crate::format::{Body, FhirResponse};
 use crate::interactions::history::encode;
 use crate::interactions::RequestContext;
 use crate::state::AppState;
+use kiln_smart_auth::Interaction;
 
 fn to_search_dialect(d: Dialect) -> kiln_search::Dialect {
     match d {
@@ -200,19 +202,57 @@ impl SearchEngine {
             .collect())
     }
 
+    /// Is `resource` in the compartment `cty/cid` (per the R4 CompartmentDefinition)?
+    pub fn in_compartment(&self, resource: &Value, cty: &str, cid: &str) -> bool {
+        let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
+            return false;
+        };
+        let reg = self.registry();
+        match kiln_search::parse(&reg, Some(ty), &[], false)
+            .and_then(|q| q.with_compartment(&reg, cty, cid))
+        {
+            Ok(q) => kiln_search::matcher::matches(&reg, &q, resource),
+            Err(_) => false,
+        }
+    }
+
+    /// Does `resource` match all of the search parameters `params` (AND)?
+    pub fn matches_params(&self, resource: &Value, params: &[(String, String)]) -> bool {
+        let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
+            return false;
+        };
+        let reg = self.registry();
+        match kiln_search::parse(&reg, Some(ty), params, true) {
+            Ok(q) => kiln_search::matcher::matches(&reg, &q, resource),
+            Err(_) => false,
+        }
+    }
+
     /// Type-level (`ty = Some`) or system-level search.
     pub async fn search_type(
         &self,
         state: &AppState,
         ty: Option<&str>,
         ctx: &RequestContext,
+        access: &Access,
     ) -> FhirResult<FhirResponse> {
         if let Some(t) = ty {
             crate::interactions::check_type(t)?;
+            access.check(Interaction::Search, t)?;
+        } else {
+            access.check_any(Interaction::Search)?;
         }
-        let parsed = self.parse(ty, &ctx.query, ctx.strict)?;
+        let mut parsed = self.parse(ty, &ctx.query, ctx.strict)?;
+        // patient-context grants search inside their patient's compartment
+        if let Some(t) = ty {
+            if let Some(pid) = access.compartment_patient(Interaction::Search, t) {
+                parsed = parsed
+                    .with_compartment(&self.registry(), "Patient", &pid)
+                    .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))?;
+            }
+        }
         let path = ty.unwrap_or("").to_string();
-        self.execute(state, parsed, &path, ctx).await
+        self.execute(state, parsed, &path, ctx, access).await
     }
 
     /// Compartment search (`Patient/123/Observation`, `Patient/123/*`).
@@ -223,17 +263,21 @@ impl SearchEngine {
         cid: &str,
         ty: &str,
         ctx: &RequestContext,
+        access: &Access,
     ) -> FhirResult<FhirResponse> {
         crate::interactions::check_type(cty)?;
         let target = if ty == "*" { None } else { Some(ty) };
         if let Some(t) = target {
             crate::interactions::check_type(t)?;
+            access.check(Interaction::Search, t)?;
+        } else {
+            access.check_any(Interaction::Search)?;
         }
         let parsed = self.parse(target, &ctx.query, ctx.strict)?;
         let parsed = parsed
             .with_compartment(&self.registry(), cty, cid)
             .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))?;
-        self.execute(state, parsed, &format!("{cty}/{cid}/{ty}"), ctx)
+        self.execute(state, parsed, &format!("{cty}/{cid}/{ty}"), ctx, access)
             .await
     }
 
@@ -243,6 +287,7 @@ impl SearchEngine {
         query: kiln_search::SearchQuery,
         path: &str,
         ctx: &RequestContext,
+        access: &Access,
     ) -> FhirResult<FhirResponse> {
         let dialect = to_search_dialect(state.store.dialect());
         let count = query
@@ -372,6 +417,10 @@ impl SearchEngine {
                 "resource": resource,
                 "search": {"mode": mode},
             }));
+        }
+        if access.grant().is_some() {
+            // results are filtered, not just the query checked: every match and include
+            entries.retain(|e| access.visible(state, Interaction::Search, &e["resource"]));
         }
         if !query.warnings.is_empty() {
             entries.push(json!({

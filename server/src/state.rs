@@ -44,6 +44,8 @@ pub struct Inner {
     pub settings: Settings,
     pub search: SearchEngine,
     pub operations: OperationRegistry,
+    /// The SMART authorization server, when `--auth on`.
+    pub auth: Option<kiln_smart_auth::AuthState>,
 }
 
 impl std::ops::Deref for AppState {
@@ -55,6 +57,15 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(store: Store, base_url: String, settings: Settings) -> AppState {
+        Self::with_auth(store, base_url, settings, None)
+    }
+
+    pub fn with_auth(
+        store: Store,
+        base_url: String,
+        settings: Settings,
+        auth: Option<kiln_smart_auth::AuthState>,
+    ) -> AppState {
         AppState {
             inner: Arc::new(Inner {
                 search: SearchEngine::new(),
@@ -62,6 +73,7 @@ impl AppState {
                 base_url: base_url.trim_end_matches('/').to_string(),
                 settings,
                 operations: crate::operations::registry(),
+                auth,
             }),
         }
     }

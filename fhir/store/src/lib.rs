@@ -80,6 +80,12 @@ pub struct StoredResource {
     pub content: String,
 }
 
+/// A sqlx pool of the store's database.
+pub enum PoolHandle {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
 /// Extra schema statements run at migration time by crates layered on the store (the search
 /// index tables). They must be idempotent (`IF NOT EXISTS`).
 pub type SchemaHook = Arc<dyn Fn(Dialect) -> Vec<String> + Send + Sync>;
@@ -173,6 +179,15 @@ impl Store {
     /// Closes every connection (checkpointing the SQLite WAL).
     pub async fn close(&self) {
         self.pools.close().await
+    }
+
+    /// The underlying connection pool, for components that keep their own tables in the same
+    /// database (the SMART authorization server's `auth_*` tables).
+    pub fn pool_handle(&self) -> PoolHandle {
+        match &self.pools {
+            Pools::Sqlite { read, .. } => PoolHandle::Sqlite(read.clone()),
+            Pools::Postgres { pool, .. } => PoolHandle::Postgres(pool.clone()),
+        }
     }
 
     pub(crate) fn pools(&self) -> &Pools {

@@ -14,9 +14,11 @@ use kiln_store::WriteTx;
 use serde_json::{json, Map, Value};
 
 use super::{create, delete, patch, read, update, PreferReturn, RequestContext};
+use crate::auth::Access;
 use crate::error::{FhirError, FhirResult};
 use crate::format::{Body, BodyKind, FhirResponse};
 use crate::state::AppState;
+use kiln_smart_auth::Interaction;
 
 /// One entry's request, parsed.
 #[derive(Debug, Clone)]
@@ -153,6 +155,7 @@ pub async fn process(
     state: &AppState,
     bundle: Value,
     ctx: &RequestContext,
+    access: &Access,
 ) -> FhirResult<FhirResponse> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(FhirError::invalid_at(
@@ -167,8 +170,8 @@ pub async fn process(
         .cloned()
         .unwrap_or_default();
     match kind {
-        "transaction" => transaction(state, &entries, ctx).await,
-        "batch" => batch(state, &entries, ctx).await,
+        "transaction" => transaction(state, &entries, ctx, access).await,
+        "batch" => batch(state, &entries, ctx, access).await,
         other => Err(FhirError::invalid_at(
             format!("Bundle.type `{other}` cannot be processed: use batch or transaction"),
             "Bundle.type",
@@ -182,10 +185,16 @@ pub async fn run_transaction(
     tx: &mut WriteTx,
     entries: &[Value],
     prefer: PreferReturn,
+    access: &Access,
 ) -> FhirResult<Vec<Value>> {
     let mut reqs = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         reqs.push(parse_entry(state, i, e, prefer)?);
+    }
+    for r in &reqs {
+        check_entry_access(state, tx, access, r)
+            .await
+            .map_err(|e| at_entry(e, r.index))?;
     }
     // fullUrls must be unique within a transaction
     let mut seen = HashMap::new();
@@ -206,7 +215,7 @@ pub async fn run_transaction(
     for &i in &sorted {
         if reqs[i].method == Method::DELETE {
             results[i] = Some(
-                execute(state, tx, &reqs[i])
+                execute(state, tx, &reqs[i], access)
                     .await
                     .map_err(|e| at_entry(e, i))?,
             );
@@ -313,7 +322,9 @@ pub async fn run_transaction(
                 }
             }
         } else {
-            execute(state, tx, r).await.map_err(|e| at_entry(e, i))?
+            execute(state, tx, r, access)
+                .await
+                .map_err(|e| at_entry(e, i))?
         };
         results[i] = Some(resp);
     }
@@ -357,7 +368,12 @@ fn at_entry(mut e: FhirError, i: usize) -> FhirError {
 }
 
 /// Executes one non-POST entry (or a POST in a batch) against the open transaction.
-async fn execute(state: &AppState, tx: &mut WriteTx, r: &EntryRequest) -> FhirResult<FhirResponse> {
+async fn execute(
+    state: &AppState,
+    tx: &mut WriteTx,
+    r: &EntryRequest,
+    access: &Access,
+) -> FhirResult<FhirResponse> {
     let p: Vec<&str> = r.path.iter().map(String::as_str).collect();
     let need_resource = || {
         r.resource
@@ -396,14 +412,68 @@ async fn execute(state: &AppState, tx: &mut WriteTx, r: &EntryRequest) -> FhirRe
             read::vread(state, ty, id, vid, &r.ctx).await
         }
         (&Method::GET | &Method::HEAD, [ty]) => {
-            state.search.search_type(state, Some(ty), &r.ctx).await
+            state
+                .search
+                .search_type(state, Some(ty), &r.ctx, access)
+                .await
         }
-        (&Method::GET | &Method::HEAD, []) => state.search.search_type(state, None, &r.ctx).await,
+        (&Method::GET | &Method::HEAD, []) => {
+            state.search.search_type(state, None, &r.ctx, access).await
+        }
         (m, _) => Err(FhirError::bad_request(format!(
             "{m} {} is not a supported Bundle entry request",
             r.path.join("/")
         ))),
     }
+}
+
+/// SMART enforcement for one entry: the interaction must be granted on the type, written
+/// resources must lie within the grant, and existing resources touched must be visible to it.
+async fn check_entry_access(
+    state: &AppState,
+    tx: &mut WriteTx,
+    access: &Access,
+    r: &EntryRequest,
+) -> FhirResult<()> {
+    let Some(grant) = access.grant() else {
+        return Ok(());
+    };
+    let Some(ty) = r.path.first() else {
+        return access.check_any(Interaction::Search);
+    };
+    let has_id = r.path.len() >= 2;
+    let interaction = crate::auth::interaction_for_method(&r.method, has_id);
+    access.check(interaction, ty)?;
+    let conditional = (!has_id
+        && r.method != Method::GET
+        && r.method != Method::HEAD
+        && r.method != Method::POST)
+        || (r.method == Method::POST && r.ctx.if_none_exist.is_some());
+    if conditional
+        && (grant.requires_patient_compartment(interaction, ty)
+            || matches!(
+                grant.scope_filter(interaction, ty),
+                kiln_smart_auth::ScopeFilter::AnyOf(_)
+            ))
+    {
+        return Err(FhirError::from(kiln_smart_auth::AuthError::Forbidden(format!(
+            "conditional {interaction:?} on {ty} needs a scope not limited to a patient or a granular filter"
+        ))));
+    }
+    if let (Some(res), true) = (&r.resource, matches!(r.method, Method::POST | Method::PUT)) {
+        access.require_writable(state, interaction, res)?;
+    }
+    if has_id {
+        if let Some(cur) = tx.read(ty, &r.path[1]).await? {
+            if !cur.deleted {
+                let v: Value = serde_json::from_str(&cur.content).map_err(|e| {
+                    FhirError::internal(format!("stored resource is not JSON: {e}"))
+                })?;
+                access.require_visible(state, interaction, &v)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A Binary (JSON Patch) entry carries the patch as base64 data; a Parameters entry is FHIRPath Patch.
@@ -454,9 +524,10 @@ async fn transaction(
     state: &AppState,
     entries: &[Value],
     ctx: &RequestContext,
+    access: &Access,
 ) -> FhirResult<FhirResponse> {
     let mut tx = state.store.begin().await?;
-    let out = run_transaction(state, &mut tx, entries, ctx.prefer_return).await?;
+    let out = run_transaction(state, &mut tx, entries, ctx.prefer_return, access).await?;
     tx.commit().await?;
     let mut out = out;
     absolutize_full_urls(state, &mut out);
@@ -482,13 +553,15 @@ async fn batch(
     state: &AppState,
     entries: &[Value],
     ctx: &RequestContext,
+    access: &Access,
 ) -> FhirResult<FhirResponse> {
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let result: FhirResult<FhirResponse> = async {
             let r = parse_entry(state, i, e, ctx.prefer_return)?;
             let mut tx = state.store.begin().await?;
-            let resp = execute(state, &mut tx, &r).await?;
+            check_entry_access(state, &mut tx, access, &r).await?;
+            let resp = execute(state, &mut tx, &r, access).await?;
             tx.commit().await?;
             Ok(resp)
         }

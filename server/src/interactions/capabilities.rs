@@ -80,6 +80,9 @@ pub fn capability_statement(state: &AppState) -> Value {
     if !system_ops.is_empty() {
         rest["operation"] = Value::Array(system_ops);
     }
+    if let Some(auth) = &state.auth {
+        rest["security"] = kiln_smart_auth::capability_security(auth);
+    }
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
