@@ -412,7 +412,7 @@ fn spec_examples_satisfy_resource_invariants() {
             targets.extend(nodes.into_iter().map(|n| (n, key, rule)));
         }
         file_index += 1;
-        if file_index % 4 == 0 {
+        if file_index.is_multiple_of(4) {
             let all = evaluate(&descendants, &res, &ctx).unwrap_or_default();
             for node in all {
                 let Some(rs) = node.type_name().and_then(|t| datatype_rules.get(t)) else {
