@@ -11,7 +11,6 @@ pub mod operations;
 pub mod routes;
 pub mod search;
 pub mod state;
-pub mod summary;
 pub mod validation;
 
 use std::future::Future;

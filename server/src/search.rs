@@ -406,11 +406,12 @@ impl SearchEngine {
         {
             let mut resource: Value = serde_json::from_str(&stored.content)
                 .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}")))?;
-            if let Some(s) = query.summary.as_deref() {
-                crate::summary::apply_summary(&mut resource, s);
+            if let Some(m) = query.summary.as_deref().and_then(kiln_fhir::summary::SummaryMode::parse) {
+                resource = kiln_fhir::summary::summarize(&resource, m);
             }
             if !query.elements.is_empty() && mode == "match" {
-                crate::summary::apply_elements(&mut resource, &query.elements);
+                let els: Vec<&str> = query.elements.iter().map(String::as_str).collect();
+                resource = kiln_fhir::summary::select_elements(&resource, &els);
             }
             entries.push(json!({
                 "fullUrl": format!("{}/{}/{}", state.base_url, stored.resource_type, stored.id),
