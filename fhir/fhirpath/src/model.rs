@@ -59,6 +59,7 @@ pub(crate) fn choice_suffix_type(suffix: &str) -> Option<&'static str> {
 }
 
 /// How a FHIRPath name maps onto a JSON property of a typed parent.
+#[derive(Clone, Copy)]
 pub(crate) enum ChildLookup {
     /// The property name and the child's FHIR type when known.
     Direct(Option<&'static str>),
@@ -73,11 +74,60 @@ pub(crate) enum ChildLookup {
     NoModel,
 }
 
-/// Looks up `name` on a parent of FHIR type `parent` (`None` = unknown).
+/// FNV-1a: a fast hasher for the small per-thread lookup cache (keys are short names).
+#[derive(Default)]
+pub(crate) struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvMap<V> = std::collections::HashMap<String, V, std::hash::BuildHasherDefault<Fnv>>;
+
+thread_local! {
+    /// parent type → element name → lookup result.
+    static LOOKUPS: std::cell::RefCell<FnvMap<FnvMap<ChildLookup>>> = Default::default();
+}
+
+/// Looks up `name` on a parent of FHIR type `parent` (`None` = unknown); memoized per thread
+/// (the model's own maps use SipHash, which dominated evaluation profiles).
 pub(crate) fn lookup_child(parent: Option<&str>, name: &str) -> ChildLookup {
     let Some(parent) = parent else {
         return ChildLookup::NoModel;
     };
+    let cached = LOOKUPS.with(|c| c.borrow().get(parent).and_then(|m| m.get(name)).copied());
+    if let Some(found) = cached {
+        return found;
+    }
+    let found = lookup_child_uncached(parent, name);
+    LOOKUPS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() > 10_000 {
+            c.clear();
+        }
+        let inner = c.entry(parent.to_string()).or_default();
+        if inner.len() < 1_000 {
+            inner.insert(name.to_string(), found);
+        }
+    });
+    found
+}
+
+fn lookup_child_uncached(parent: &str, name: &str) -> ChildLookup {
     let model = kiln_fhir::model::r4();
     let Some(ti) = model.type_info(parent) else {
         return ChildLookup::NoModel;
