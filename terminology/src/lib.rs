@@ -10,6 +10,8 @@ pub mod service;
 pub mod snomed;
 pub mod store;
 pub mod tabular;
+#[cfg(feature = "text-index")]
+pub mod text_index;
 pub mod ucum;
 
 pub use provider::{

@@ -208,6 +208,26 @@ impl TerminologyStore {
         Ok(t)
     }
 
+    /// Builds (atomically replacing) the full-text index of `id` in `<dir>/<id>.index`.
+    #[cfg(feature = "text-index")]
+    pub fn build_text_index(
+        &self,
+        id: &str,
+        table: &ConceptTable,
+    ) -> Result<crate::text_index::TextIndex, StoreError> {
+        Self::check_id(id)?;
+        crate::text_index::TextIndex::build(&self.dir.join(format!("{id}.index")), table)
+            .map_err(StoreError::Load)
+    }
+
+    /// Opens the full-text index of `id`.
+    #[cfg(feature = "text-index")]
+    pub fn open_text_index(&self, id: &str) -> Result<crate::text_index::TextIndex, StoreError> {
+        Self::check_id(id)?;
+        crate::text_index::TextIndex::open(&self.dir.join(format!("{id}.index")))
+            .map_err(StoreError::Load)
+    }
+
     /// Loads an ICD-10-CM tabular XML file and saves it as `icd10cm`
     /// (what `kiln terminology load icd10cm <path>` runs). On a parse error nothing is replaced.
     pub fn import_icd10cm(&self, path: &Path) -> Result<ConceptTable, StoreError> {

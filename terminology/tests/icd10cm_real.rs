@@ -137,3 +137,38 @@ fn icd10cm_through_the_service_and_gem_translate() {
     assert_eq!(e["expansion"]["contains"].as_array().unwrap().len(), 5);
     let _ = std::fs::remove_dir_all(&store_dir);
 }
+
+#[cfg(feature = "text-index")]
+#[test]
+fn icd10cm_text_index() {
+    use kiln_terminology::TerminologyStore;
+    let Some(dir) = shared() else { return };
+    let t = load_tabular_file(&dir.join("icd10cm-tabular-2026.xml")).expect("load");
+    let store_dir = std::env::temp_dir().join(format!("kiln-tx-index-real-{}", std::process::id()));
+    let store = TerminologyStore::open(&store_dir).unwrap();
+    let t0 = Instant::now();
+    let idx = store.build_text_index("icd10cm", &t).unwrap();
+    println!(
+        "tantivy index of {} ICD-10-CM concepts built in {:?}",
+        idx.len(),
+        t0.elapsed()
+    );
+    let idx = store.open_text_index("icd10cm").unwrap();
+    for q in ["diab retin", "fract femur", "E11.9", "cholera"] {
+        let t1 = Instant::now();
+        let r = idx.search(&t, q, 10).unwrap();
+        println!(
+            "search {q:?}: {:?} in {:?}",
+            &r[..r.len().min(3)],
+            t1.elapsed()
+        );
+        assert!(!r.is_empty(), "{q}");
+    }
+    assert_eq!(idx.search(&t, "E11.9", 1).unwrap()[0], "E11.9");
+    let r = idx.search(&t, "cholera", 5).unwrap();
+    assert_eq!(
+        r[0], "A00",
+        "display starts with the text ranks first: {r:?}"
+    );
+    let _ = std::fs::remove_dir_all(&store_dir);
+}
