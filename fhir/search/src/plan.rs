@@ -100,6 +100,8 @@ pub(crate) struct Builder {
     now: i64,
     /// alias → its resource type, when known (lets `_has` avoid a correlated type check)
     ctx_types: std::collections::HashMap<String, String>,
+    /// aliases that already have an index-driving `rid IN (…)`
+    driven: std::collections::HashSet<String>,
 }
 
 fn like_escape(s: &str) -> String {
@@ -131,6 +133,7 @@ impl Builder {
             dialect,
             now: chrono::Utc::now().timestamp_micros(),
             ctx_types: Default::default(),
+            driven: Default::default(),
         }
     }
 
@@ -141,6 +144,17 @@ impl Builder {
 
     fn text(&mut self, s: &str) -> String {
         self.bind(SqlValue::Text(s.to_string()))
+    }
+
+    /// `{a}.rid` for the first `IN (…)` on an alias; later ones get SQLite's unary `+`, which
+    /// stops SQLite ≥ 3.4x from combining several IN lists on the same index column into a
+    /// nested loop over their cross product (measured: 114 ms → 0.7 ms on 344 rows).
+    fn rid_col(&mut self, a: &str) -> String {
+        if self.dialect == Dialect::Sqlite && !self.driven.insert(a.to_string()) {
+            format!("+{a}.rid")
+        } else {
+            format!("{a}.rid")
+        }
     }
 
     fn alias(&mut self, p: &str) -> String {
@@ -398,9 +412,10 @@ impl Builder {
                 if let [only] = target_types.as_slice() {
                     self.ctx_types.insert(t.clone(), only.clone());
                 }
+                let rc = self.rid_col(a);
                 let inner_sql = self.criterion(&t, inner);
                 format!(
-                    "{a}.rid IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql})",
+                    "{rc} IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql})",
                     types.join(", ")
                 )
             }
@@ -513,7 +528,8 @@ impl Builder {
                 let _ = t0;
                 let p = self.text(&component_param(&c.code, 0));
                 let not = if m { "NOT " } else { "" };
-                return format!("{a}.rid {not}IN (SELECT rid FROM {table} WHERE param = {p})");
+                let rc = self.rid_col(a);
+                return format!("{rc} {not}IN (SELECT rid FROM {table} WHERE param = {p})");
             }
             let mut ors = Vec::new();
             for v in &c.values {
@@ -542,7 +558,8 @@ impl Builder {
                     continue;
                 }
                 ors.push(format!(
-                    "{a}.rid IN (SELECT {first}.rid FROM {from} WHERE {})",
+                    "{} IN (SELECT {first}.rid FROM {from} WHERE {})",
+                    self.rid_col(a),
                     conds.join(" AND ")
                 ));
             }
@@ -563,7 +580,8 @@ impl Builder {
         if let Some(m) = missing {
             let p = self.text(&param_name);
             let not = if m { "NOT " } else { "" };
-            return format!("{a}.rid {not}IN (SELECT rid FROM {table} WHERE param = {p})");
+            let rc = self.rid_col(a);
+            return format!("{rc} {not}IN (SELECT rid FROM {table} WHERE param = {p})");
         }
         let x = self.alias("i");
         let p = self.text(&param_name);
@@ -578,7 +596,8 @@ impl Builder {
             ""
         };
         format!(
-            "{a}.rid {not}IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
+            "{} {not}IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
+            self.rid_col(a),
             conds.join(" OR ")
         )
     }
@@ -720,6 +739,7 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
             let ps: Vec<String> = params.iter().map(|p| b.text(p)).collect();
             let ct = b.text(&comp.compartment_type);
             let id = b.text(&comp.id);
+            let rc = b.rid_col("r");
             // the compartment's focal resource belongs to its own compartment
             let itself = if *t == comp.compartment_type {
                 format!(" OR r.res_id = {id}")
@@ -727,7 +747,7 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
                 String::new()
             };
             ors.push(format!(
-                "(r.res_type = {tp} AND (r.rid IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}){itself}))",
+                "(r.res_type = {tp} AND ({rc} IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}){itself}))",
                 ps.join(", ")
             ));
             explain.push(format!(
