@@ -24,6 +24,52 @@ fn sp_expressions() -> Vec<(String, Vec<String>, String)> {
         .collect()
 }
 
+/// The R4 spec examples (file name, JSON), unpacked once (system `tar`) into
+/// `CARGO_TARGET_TMPDIR` and parsed once per test binary. `None` when unavailable.
+fn spec_examples() -> Option<&'static [(String, Value)]> {
+    static EXAMPLES: std::sync::OnceLock<Option<Vec<(String, Value)>>> = std::sync::OnceLock::new();
+    EXAMPLES
+        .get_or_init(|| {
+            let shared = shared_dir()?;
+            let tgz = shared.join("fhir-r4/hl7.fhir.r4.examples-4.0.1.tgz");
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("r4-examples");
+            let package = dir.join("package");
+            if !package.join("Patient-example.json").exists() {
+                let _ = std::fs::create_dir_all(&dir);
+                let ok = std::process::Command::new("tar")
+                    .arg("xzf")
+                    .arg(&tgz)
+                    .arg("-C")
+                    .arg(&dir)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if !ok {
+                    return None;
+                }
+            }
+            let mut paths: Vec<PathBuf> = std::fs::read_dir(&package)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("json"))
+                .collect();
+            paths.sort();
+            Some(
+                paths
+                    .into_iter()
+                    .filter_map(|p| {
+                        let text = std::fs::read_to_string(&p).ok()?;
+                        let v: Value = serde_json::from_str(&text).ok()?;
+                        v["resourceType"].as_str()?;
+                        Some((p.file_name()?.to_string_lossy().to_string(), v))
+                    })
+                    .collect(),
+            )
+        })
+        .as_deref()
+}
+
 #[test]
 fn all_r4_search_parameter_expressions_compile() {
     let exprs = sp_expressions();
@@ -157,80 +203,36 @@ fn timings() {
 }
 
 /// Every applicable search parameter over every R4 spec example (the examples package in
-/// `../shared`, unpacked with the system `tar`): no evaluation errors.
+/// `../shared`): no evaluation errors.
 #[test]
 fn search_parameters_evaluate_on_all_spec_examples() {
-    let Some(shared) = shared_dir() else {
-        println!("NOTICE: ../shared not found; skipping spec-example evaluation");
+    let Some(examples) = spec_examples() else {
+        println!("NOTICE: ../shared R4 examples not available; skipping spec-example evaluation");
         return;
     };
-    let tgz = shared.join("fhir-r4/hl7.fhir.r4.examples-4.0.1.tgz");
-    let dir = std::env::temp_dir().join(format!("kiln-fhirpath-examples-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
-    let ok = std::process::Command::new("tar")
-        .arg("xzf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(&dir)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        println!("NOTICE: cannot unpack {}; skipping", tgz.display());
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
     let exprs: Vec<(Vec<String>, Expression)> = sp_expressions()
         .into_iter()
         .map(|(_, base, e)| (base, Expression::parse(&e).expect("compiles")))
         .collect();
-    let mut files = 0usize;
+    let files = examples.len();
     let mut evaluations = 0usize;
     let mut errors = Vec::new();
-    let mut stack = vec![dir.clone()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
+    for (name, res) in examples {
+        let rt = res["resourceType"].as_str().unwrap_or_default();
+        let ctx = Context::new(res);
+        for (base, expr) in &exprs {
+            if !base
+                .iter()
+                .any(|b| b == rt || b == "Resource" || b == "DomainResource")
+            {
                 continue;
             }
-            if p.extension().and_then(|x| x.to_str()) != Some("json") {
-                continue;
-            }
-            let Ok(text) = std::fs::read_to_string(&p) else {
-                continue;
-            };
-            let Ok(res) = serde_json::from_str::<Value>(&text) else {
-                continue;
-            };
-            let Some(rt) = res["resourceType"].as_str() else {
-                continue;
-            };
-            files += 1;
-            let ctx = Context::new(&res);
-            for (base, expr) in &exprs {
-                if !base
-                    .iter()
-                    .any(|b| b == rt || b == "Resource" || b == "DomainResource")
-                {
-                    continue;
-                }
-                evaluations += 1;
-                if let Err(err) = evaluate(expr, &res, &ctx) {
-                    errors.push(format!(
-                        "{}: `{}`: {err}",
-                        p.file_name().unwrap_or_default().to_string_lossy(),
-                        expr.source()
-                    ));
-                }
+            evaluations += 1;
+            if let Err(err) = evaluate(expr, res, &ctx) {
+                errors.push(format!("{name}: `{}`: {err}", expr.source()));
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     for e in errors.iter().take(30) {
         println!("{e}");
     }
@@ -365,55 +367,31 @@ fn spec_examples_satisfy_resource_invariants() {
             }
         }
     }
-    let tgz = shared.join("fhir-r4/hl7.fhir.r4.examples-4.0.1.tgz");
-    let dir = std::env::temp_dir().join(format!("kiln-fhirpath-inv-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
-    let ok = std::process::Command::new("tar")
-        .arg("xzf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(&dir)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        println!("NOTICE: cannot unpack examples; skipping");
-        let _ = std::fs::remove_dir_all(&dir);
+    let Some(examples) = spec_examples() else {
+        println!("NOTICE: R4 examples not available; skipping");
         return;
-    }
+    };
     let (mut checks, mut passed) = (0usize, 0usize);
     let mut file_index = 0usize;
     let descendants = Expression::parse("descendants()").unwrap();
     let mut failures = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(dir.join("package"))
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    entries.sort();
-    for p in entries {
-        let Ok(text) = std::fs::read_to_string(&p) else {
-            continue;
-        };
-        let Ok(res) = serde_json::from_str::<Value>(&text) else {
-            continue;
-        };
-        let Some(rt) = res["resourceType"].as_str() else {
-            continue;
-        };
+    for (name, res) in examples {
+        let rt = res["resourceType"].as_str().unwrap_or_default();
         let empty = Vec::new();
         let list = rules.get(rt).unwrap_or(&empty);
-        let ctx = Context::new(&res)
+        let ctx = Context::new(res)
             .with_reference_stubs(false)
             .with_lenient_as(true);
         let mut targets: Vec<(Item<'_>, &String, &Expression)> = Vec::new();
         for (path, key, rule) in list {
-            let Ok(nodes) = evaluate(path, &res, &ctx) else {
+            let Ok(nodes) = evaluate(path, res, &ctx) else {
                 continue;
             };
             targets.extend(nodes.into_iter().map(|n| (n, key, rule)));
         }
         file_index += 1;
         if file_index.is_multiple_of(4) {
-            let all = evaluate(&descendants, &res, &ctx).unwrap_or_default();
+            let all = evaluate(&descendants, res, &ctx).unwrap_or_default();
             for node in all {
                 let Some(rs) = node.type_name().and_then(|t| datatype_rules.get(t)) else {
                     continue;
@@ -430,8 +408,7 @@ fn spec_examples_satisfy_resource_invariants() {
                     Ok(r) if r.len() == 1 && r[0].as_bool() == Some(true) => passed += 1,
                     Ok(r) if r.is_empty() => passed += 1,
                     other => failures.push(format!(
-                        "{}: {key} `{}` -> {:?}",
-                        p.file_name().unwrap_or_default().to_string_lossy(),
+                        "{name}: {key} `{}` -> {:?}",
                         rule.source(),
                         other.map(|r| r.iter().map(|i| i.to_json()).collect::<Vec<_>>())
                     )),
@@ -439,7 +416,6 @@ fn spec_examples_satisfy_resource_invariants() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     for f in failures.iter().take(40) {
         println!("{}", f.chars().take(300).collect::<String>());
     }
