@@ -671,6 +671,9 @@ impl<'a> Ctx<'a> {
     }
 
     fn find_vs(&self, url: &str, version: Option<&str>) -> Option<Arc<Value>> {
+        if let Some(implicit) = self.implicit_vs(url) {
+            return Some(Arc::new(implicit));
+        }
         let (url, v2) = split_canonical(url);
         let version = version.or(v2);
         let mut cands: Vec<&Arc<Value>> = Vec::new();
@@ -699,6 +702,27 @@ impl<'a> Ctx<'a> {
                     .and_then(|l| latest(l, |e| s(e, "version").map(str::to_string)))
             }
         }
+    }
+
+    /// Implicit value sets of a code system (`{system}?fhir_vs` = all codes,
+    /// `{system}?fhir_vs=isa/{code}` = the code and its descendants), as SNOMED CT, LOINC and
+    /// ICD servers offer them.
+    fn implicit_vs(&self, url: &str) -> Option<Value> {
+        let (system, query) = url.split_once("?fhir_vs")?;
+        self.find_cs(system, None)?;
+        let include = match query.strip_prefix('=') {
+            None | Some("") => json!({"system": system}),
+            Some(q) => {
+                let code = q.strip_prefix("isa/")?;
+                json!({"system": system, "filter": [{"property": "concept", "op": "is-a", "value": code}]})
+            }
+        };
+        Some(json!({
+            "resourceType": "ValueSet",
+            "url": url,
+            "status": "active",
+            "compose": {"include": [include]}
+        }))
     }
 
     /// The version of `system` to use: force-system-version > include.version > system-version.
@@ -3217,3 +3241,97 @@ fn pseudo_uuid() -> String {
 
 /// `PropertyValue` is re-exported for callers building providers.
 pub type ConceptProperty = (String, PropertyValue);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::{Concept, ConceptTable};
+
+    fn service() -> Terminology {
+        let mut t = ConceptTable::new("http://snomed.info/sct", Some("test".into()));
+        let root = t.add(Concept::new("404684003", Some("Clinical finding".into())));
+        let dm = t.add(Concept::new("73211009", Some("Diabetes mellitus".into())));
+        let t2 = t.add(Concept::new(
+            "44054006",
+            Some("Type 2 diabetes mellitus".into()),
+        ));
+        t.link(root, dm);
+        t.link(dm, t2);
+        let mut tx = Terminology::new();
+        tx.add_code_system(Arc::new(t));
+        tx
+    }
+
+    fn param<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
+        arr(p, "parameter")
+            .iter()
+            .find(|x| s(x, "name") == Some(name))
+    }
+
+    #[test]
+    fn implicit_isa_value_set_and_subsumes() {
+        let tx = service();
+        let e = tx
+            .expand(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "url", "valueUri": "http://snomed.info/sct?fhir_vs=isa/73211009"},
+                {"name": "excludeNested", "valueBoolean": true}]}))
+            .unwrap();
+        assert_eq!(e["expansion"]["total"], 2);
+        let v = tx
+            .validate_code_vs(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "url", "valueUri": "http://snomed.info/sct?fhir_vs=isa/73211009"},
+                {"name": "system", "valueUri": "http://snomed.info/sct"},
+                {"name": "code", "valueCode": "404684003"}]}))
+            .unwrap();
+        assert_eq!(param(&v, "result").unwrap()["valueBoolean"], false);
+        let r = tx
+            .subsumes(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "system", "valueUri": "http://snomed.info/sct"},
+                {"name": "codeA", "valueCode": "404684003"},
+                {"name": "codeB", "valueCode": "44054006"}]}))
+            .unwrap();
+        assert_eq!(param(&r, "outcome").unwrap()["valueCode"], "subsumes");
+    }
+
+    #[test]
+    fn lookup_and_errors() {
+        let tx = service();
+        let r = tx
+            .lookup(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "system", "valueUri": "http://snomed.info/sct"},
+                {"name": "code", "valueCode": "73211009"}]}))
+            .unwrap();
+        assert_eq!(
+            param(&r, "display").unwrap()["valueString"],
+            "Diabetes mellitus"
+        );
+        let e = tx
+            .lookup(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "system", "valueUri": "http://snomed.info/sct"},
+                {"name": "code", "valueCode": "1"}]}))
+            .unwrap_err();
+        assert_eq!(e.status, 404);
+        assert_eq!(e.outcome["resourceType"], "OperationOutcome");
+        let e = tx.lookup(&json!({"resourceType": "Bundle"})).unwrap_err();
+        assert_eq!(e.status, 400);
+        // UCUM is always available
+        let v = tx
+            .validate_code_cs(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "url", "valueUri": "http://unitsofmeasure.org"},
+                {"name": "code", "valueCode": "mg/dL"}]}))
+            .unwrap();
+        assert_eq!(param(&v, "result").unwrap()["valueBoolean"], true);
+    }
+
+    #[test]
+    fn vendored_r4_content_loads() {
+        let tx = Terminology::with_r4_content().unwrap();
+        let (cs, vs, cm) = tx.counts();
+        assert!(cs > 1000 && vs > 3000 && cm > 10, "{cs} {vs} {cm}");
+        let e = tx
+            .expand(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "url", "valueUri": "http://hl7.org/fhir/ValueSet/administrative-gender"}]}))
+            .unwrap();
+        assert_eq!(e["expansion"]["total"], 4);
+    }
+}
