@@ -112,13 +112,9 @@ fn issue_json(severity: &str, code: &str, tx_code: &str, text: &str, loc: Option
         "details": {"coding": [{"system": TX_ISSUE_TYPE, "code": tx_code}], "text": text},
     });
     if let Some(l) = loc {
-        // tx.fhir.org's newer responses (and the generated permutation tests) omit the
-        // deprecated `location` for membership / unknown-code errors
-        if !matches!(
-            tx_code,
-            "not-in-vs" | "this-code-not-in-vs" | "invalid-code"
-        ) || severity == "warning"
-        {
+        // tx.fhir.org omits the deprecated `location` for unknown-code errors (and for
+        // membership errors about unknown codes, see validate_one)
+        if tx_code != "invalid-code" || severity == "warning" {
             i["location"] = json!([l]);
         }
         i["expression"] = json!([l]);
@@ -2111,6 +2107,14 @@ impl<'a> Ctx<'a> {
         }
         let Some(concept) = concept else {
             r.valid = false;
+            for i in r.issues.iter_mut() {
+                let tx = i["details"]["coding"][0]["code"].as_str().unwrap_or("");
+                if matches!(tx, "not-in-vs" | "this-code-not-in-vs") {
+                    if let Some(o) = i.as_object_mut() {
+                        o.remove("location");
+                    }
+                }
+            }
             let m = match &entry.version {
                 Some(v) => format!(
                     "Unknown code '{}' in the CodeSystem '{system}' version '{v}'",
