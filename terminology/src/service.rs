@@ -2161,7 +2161,8 @@ impl<'a> Ctx<'a> {
                 == Some(false)
                 || self.params.bool("activeOnly") == Some(true);
             if concept.inactive && inactive_excluded {
-                excluded_inactive = true;
+                // with activeOnly the inactive status is not reported a second time
+                excluded_inactive = self.params.bool("activeOnly") == Some(true);
                 let m = format!("The concept '{}' is valid but is not active", concept.code);
                 r.issues.push(issue_json(
                     "error",
