@@ -1988,6 +1988,12 @@ impl<'a> Ctx<'a> {
                     Some(&c.loc_system),
                 ));
                 r.messages.push(m);
+                if let Some((_, canon)) = vs {
+                    r.messages.push(format!(
+                        "The provided code '{system}#{}' was not found in the value set '{canon}'",
+                        c.code
+                    ));
+                }
                 r.unknown_system_param = false;
                 return Ok(r);
             }
@@ -2014,6 +2020,14 @@ impl<'a> Ctx<'a> {
                 ));
                 r.messages.push(n);
             }
+            // tx.fhir.org words this without quotes when the value set does not use the system
+            let m = if vs.is_some() && !vs_mentions_system && version.is_none() {
+                format!(
+                    "A definition for CodeSystem {system} could not be found, so the code cannot be validated"
+                )
+            } else {
+                m
+            };
             r.issues.push(issue_json(
                 "error",
                 "not-found",
@@ -2085,7 +2099,12 @@ impl<'a> Ctx<'a> {
         }
         let version_problem = r.unknown_system.is_some();
         if let (Some((vs, canon)), false) = (vs, version_problem) {
-            if concept.is_none() || !self.vs_contains(vs, &system, &c.code, 0)? {
+            let inactive_excluded = self.params.bool("activeOnly") == Some(true)
+                && concept.as_ref().map(|x| x.inactive).unwrap_or(false);
+            if concept.is_none()
+                || inactive_excluded
+                || !self.vs_contains(vs, &system, &c.code, 0)?
+            {
                 r.valid = false;
                 r.not_in_vs = true;
                 let shown_code = match &c.display {
