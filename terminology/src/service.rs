@@ -2006,6 +2006,7 @@ impl<'a> Ctx<'a> {
                         .any(|i| s(i, "system") == Some(system.as_str()))
                 })
                 .unwrap_or(true);
+            let mut deferred: Option<String> = None;
             if let (Some((_, canon)), false) = (vs, vs_mentions_system) {
                 let n = format!(
                     "The provided code '{system}#{}' was not found in the value set '{canon}'",
@@ -2018,7 +2019,7 @@ impl<'a> Ctx<'a> {
                     &n,
                     Some(&c.loc_code),
                 ));
-                r.messages.push(n);
+                deferred = Some(n);
             }
             // tx.fhir.org words this without quotes when the value set does not use the system
             let m = if vs.is_some() && !vs_mentions_system && version.is_none() {
@@ -2036,6 +2037,7 @@ impl<'a> Ctx<'a> {
                 Some(&c.loc_system),
             ));
             r.messages.push(m);
+            r.messages.extend(deferred);
             r.unknown_system = Some(match &version {
                 Some(v) => format!("{system}|{v}"),
                 None => system.clone(),
@@ -2656,6 +2658,16 @@ impl<'a> Ctx<'a> {
             }
         }
         for r in &results {
+            if let (Some(u), false, false) =
+                (&r.unknown_system, r.unknown_system_param, r.pin_missing)
+            {
+                if r.issues
+                    .iter()
+                    .any(|i| i["details"]["coding"][0]["code"] == "not-in-vs")
+                {
+                    out.push(p_str("x-unknown-system", "Canonical", u));
+                }
+            }
             if let (Some(u), true) = (&r.unknown_system, r.unknown_system_param) {
                 out.push(p_str("x-caused-by-unknown-system", "Canonical", u));
             }
