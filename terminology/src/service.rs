@@ -2369,7 +2369,40 @@ impl<'a> Ctx<'a> {
         default: Option<&str>,
         r: &mut CodingResult,
     ) -> Result<Option<Arc<CsEntry>>, TxError> {
-        let pin = include_version(vs, system);
+        // the version the value set pins; with several pinned versions of the system, the one
+        // the coding names, else the latest pinned version that knows the code
+        let mut pins: Vec<String> = vs
+            .get("compose")
+            .map(|cmp| {
+                arr(cmp, "include")
+                    .iter()
+                    .filter(|i| s(i, "system") == Some(system))
+                    .filter_map(|i| s(i, "version").map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        pins.sort_by_key(|v| std::cmp::Reverse(version_key(v)));
+        pins.dedup();
+        let pin = if pins.len() > 1 {
+            match &c.version {
+                Some(cv) => pins
+                    .iter()
+                    .find(|p| version_matches(Some(cv), p) || *p == cv)
+                    .cloned()
+                    .or_else(|| pins.first().cloned()),
+                None => pins
+                    .iter()
+                    .find(|p| {
+                        self.find_cs(system, Some(p))
+                            .map(|e| self.prov(&e).lookup(&c.code).is_some())
+                            .unwrap_or(false)
+                    })
+                    .cloned()
+                    .or_else(|| pins.first().cloned()),
+            }
+        } else {
+            pins.into_iter().next()
+        };
         let mut pin_missing: Option<String> = None;
         let vs_entry = if let Some(f) = forced {
             self.find_cs(system, Some(f))
@@ -3152,15 +3185,6 @@ fn latest<T: Clone>(list: &[T], version: impl Fn(&T) -> Option<String>) -> Optio
             va.cmp(&vb)
         })
         .cloned()
-}
-
-/// The version a value set's compose pins for `system` (first include naming one).
-fn include_version(vs: &Value, system: &str) -> Option<String> {
-    let compose = vs.get("compose")?;
-    arr(compose, "include")
-        .iter()
-        .filter(|i| s(i, "system") == Some(system))
-        .find_map(|i| s(i, "version").map(str::to_string))
 }
 
 fn vs_canonical(vs: &Value) -> String {
