@@ -36,13 +36,33 @@ fn found(
             }
         }
     }
-    Ok(resource_response(
+    let mut resp = resource_response(
         state,
         &stored,
         StatusCode::OK,
         PreferReturn::Representation,
         false,
-    ))
+    );
+    // `_summary` and `_elements` apply to reads as well as searches
+    let summary = ctx
+        .param("_summary")
+        .and_then(kiln_fhir::summary::SummaryMode::parse);
+    let elements: Vec<&str> = ctx
+        .param("_elements")
+        .map(|e| e.split(',').map(str::trim).filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if summary.is_some() || !elements.is_empty() {
+        let mut v: serde_json::Value = serde_json::from_str(&stored.content)
+            .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}")))?;
+        if let Some(m) = summary {
+            v = kiln_fhir::summary::summarize(&v, m);
+        }
+        if !elements.is_empty() {
+            v = kiln_fhir::summary::select_elements(&v, &elements);
+        }
+        resp.body = Some(crate::format::Body::Resource(v));
+    }
+    Ok(resp)
 }
 
 fn not_modified(state: &AppState, stored: &StoredResource) -> FhirResponse {
