@@ -222,8 +222,10 @@ fn opt(s: &Option<String>) -> SqlValue {
     }
 }
 
-/// Maximum rows per multi-row INSERT (keeps parameters under SQLite's 32,766 limit).
-const ROWS_PER_INSERT: usize = 400;
+/// Rows per multi-row INSERT. Binding cost through sqlx grows faster than linearly with the
+/// parameter count: on SQLite (3,422 Synthea resources, 57k index rows) 400 rows/statement
+/// took 4.4 s, 50–64 rows 1.5–2 s, 16 rows 2.3 s, 1 row 3.1 s.
+const ROWS_PER_INSERT: usize = 64;
 
 impl IndexEntries {
     pub fn is_empty(&self) -> bool {
@@ -254,6 +256,10 @@ pub fn insert_batch(
     items: &[(i64, &IndexEntries)],
 ) -> Vec<(String, Vec<SqlValue>)> {
     let mut out = Vec::new();
+    // SQLite resolves `$N` as *named* parameters with a linear lookup per parameter, which makes
+    // a 3,200-parameter INSERT quadratic (measured 18.8 ms vs 0.1 ms with `?N`); `?N` binds by
+    // position exactly like `$N` does with sqlx.
+    let mark = if dialect == Dialect::Sqlite { '?' } else { '$' };
     let mut emit = |table: &str, cols: &str, rows: Vec<Vec<SqlValue>>| {
         let real_cols: Vec<bool> = cols
             .split(", ")
@@ -275,7 +281,7 @@ pub fn insert_batch(
                         sql.push_str("NULL");
                     } else {
                         params.push(v.clone());
-                        sql.push('$');
+                        sql.push(mark);
                         sql.push_str(&params.len().to_string());
                     }
                 }
@@ -907,7 +913,7 @@ mod tests {
         let stmts = e.insert_statements(Dialect::Sqlite, 7);
         assert_eq!(stmts.len(), 3); // token, date, quantity
         let (sql, params) = &stmts[0];
-        assert!(sql.starts_with("INSERT INTO search_token (rid, param, grp, system, code, text_norm) VALUES ($1,$2,$3,$4,$5,$6),($7"));
+        assert!(sql.starts_with("INSERT INTO search_token (rid, param, grp, system, code, text_norm) VALUES (?1,?2,?3,?4,?5,?6),(?7"));
         assert_eq!(params.len(), 6 * 4);
         assert_eq!(params[0], SqlValue::Int(7));
     }
