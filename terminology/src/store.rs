@@ -75,10 +75,15 @@ impl TerminologyStore {
                 std::io::BufWriter::new(f),
                 flate2::Compression::fast(),
             );
-            serde_json::to_writer(&mut gz, table).map_err(|e| StoreError::Format {
-                path: tmp.display().to_string(),
-                message: e.to_string(),
-            })?;
+            {
+                // serde_json writes many small pieces: buffer them before the compressor
+                let mut buf = std::io::BufWriter::with_capacity(1 << 20, &mut gz);
+                serde_json::to_writer(&mut buf, table).map_err(|e| StoreError::Format {
+                    path: tmp.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                buf.flush().map_err(io(&tmp))?;
+            }
             let mut w = gz.finish().map_err(io(&tmp))?;
             w.flush().map_err(io(&tmp))?;
             let f = w.into_inner().map_err(|e| StoreError::Io {
@@ -141,10 +146,14 @@ impl TerminologyStore {
                 std::io::BufWriter::new(f),
                 flate2::Compression::fast(),
             );
-            serde_json::to_writer(&mut gz, resource).map_err(|e| StoreError::Format {
-                path: tmp.display().to_string(),
-                message: e.to_string(),
-            })?;
+            {
+                let mut buf = std::io::BufWriter::with_capacity(1 << 20, &mut gz);
+                serde_json::to_writer(&mut buf, resource).map_err(|e| StoreError::Format {
+                    path: tmp.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                buf.flush().map_err(io(&tmp))?;
+            }
             let mut w = gz.finish().map_err(io(&tmp))?;
             w.flush().map_err(io(&tmp))?;
             drop(w);
