@@ -71,7 +71,8 @@ async fn batch_entries_are_independent(srv: &TestServer) {
             {"request": {"method": "GET", "url": format!("Patient/{existing}")}},
             {"request": {"method": "DELETE", "url": format!("Patient/{existing}")}},
             {"resource": observation(&format!("Patient/{existing}")),
-             "request": {"method": "POST", "url": "Observation"}}
+             "request": {"method": "POST", "url": "Observation"}},
+            {"resource": patient("NoMethod"), "request": {"url": "Patient"}}
         ]
     });
     let r = srv.post_json("", &bundle).await;
@@ -79,7 +80,7 @@ async fn batch_entries_are_independent(srv: &TestServer) {
     let b = r.json();
     assert_eq!(b["type"], "batch-response");
     let es = entries(&b);
-    assert_eq!(es.len(), 6, "one response per entry, in order: {b}");
+    assert_eq!(es.len(), 7, "one response per entry, in order: {b}");
     let statuses: Vec<u16> = es.iter().map(entry_status).collect();
     assert_eq!(statuses[0], 201, "{b}");
     assert_eq!(statuses[1], 404);
@@ -87,6 +88,7 @@ async fn batch_entries_are_independent(srv: &TestServer) {
     assert_eq!(statuses[3], 200);
     assert!(statuses[4] == 200 || statuses[4] == 204);
     assert_eq!(statuses[5], 201);
+    assert_eq!(statuses[6], 400, "an entry without request.method: {b}");
     assert_eq!(
         es[1]["response"]["outcome"]["resourceType"],
         "OperationOutcome"

@@ -61,7 +61,14 @@ async fn create_returns_201_location_etag_last_modified(srv: &TestServer) {
 async fn create_ignores_body_id(srv: &TestServer) {
     let mut p = patient("BodyId");
     p["id"] = json!("client-chosen");
-    let (id, _) = srv.create(&p).await;
+    // the server owns meta.versionId/lastUpdated; other meta (tags) is kept
+    p["meta"] = json!({"versionId": "99", "lastUpdated": "2001-01-01T00:00:00Z",
+        "tag": [{"system": "http://example.org/tags", "code": "keep-me"}]});
+    let (id, created) = srv.create(&p).await;
+    let body = created.json();
+    assert_eq!(body["meta"]["versionId"], "1", "{body}");
+    assert_ne!(body["meta"]["lastUpdated"], "2001-01-01T00:00:00Z");
+    assert_eq!(body["meta"]["tag"][0]["code"], "keep-me");
     assert_ne!(id, "client-chosen", "server must assign the id on create");
     srv.get(&format!("Patient/{id}")).await.assert_status(200);
     srv.get("Patient/client-chosen").await.assert_status(404);
@@ -330,6 +337,10 @@ async fn delete_is_versioned_and_gone(srv: &TestServer) {
     srv.get(&format!("{path}/_history/1"))
         .await
         .assert_status(200);
+    // vread of the deletion itself: 410 (http.html#vread)
+    srv.get(&format!("{path}/_history/2"))
+        .await
+        .assert_status(410);
     // deleting again is not an error and adds no version
     let again = srv.delete(&path).await;
     assert!(again.status == 200 || again.status == 204);
