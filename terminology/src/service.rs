@@ -1188,6 +1188,15 @@ impl<'a> Ctx<'a> {
                 }
             }
         };
+        // `$expand?filter=`: narrow large systems with the provider's own text search before
+        // materialising concepts (the final ranking happens in expand)
+        let mut codes = codes;
+        if let Some(f) = self.params.str("filter").filter(|f| !f.trim().is_empty()) {
+            if codes.len() > 1000 {
+                let hits: HashSet<String> = provider.search(f, usize::MAX).into_iter().collect();
+                codes.retain(|c| hits.contains(c));
+            }
+        }
         for code in codes {
             if !in_all(system, &code) {
                 continue;
