@@ -11,6 +11,7 @@ pub mod operations;
 pub mod routes;
 pub mod search;
 pub mod state;
+pub mod terminology;
 pub mod validation;
 
 use std::future::Future;

@@ -38,12 +38,33 @@ enum Command {
         #[command(subcommand)]
         action: ClientsAction,
     },
+    /// Load a code system release (icd10cm, loinc, snomed, icd10cm-gem) into the terminology
+    /// store under <data-dir>/terminology.
+    Terminology {
+        #[command(subcommand)]
+        action: TerminologyAction,
+    },
     /// Evaluate a FHIRPath expression and print the result collection as a JSON array.
     Fhirpath {
         /// The resource to evaluate against (JSON); stdin if absent.
         #[arg(long)]
         input: Option<PathBuf>,
         expression: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TerminologyAction {
+    /// `kiln terminology load <system> <path>`: icd10cm (CMS tabular XML), loinc (release
+    /// directory), snomed (RF2 snapshot directory), icd10cm-gem (GEM CSV). UCUM is built in.
+    Load {
+        system: String,
+        path: PathBuf,
+        /// Version label (LOINC, SNOMED CT).
+        #[arg(long)]
+        version: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -114,6 +135,7 @@ fn main() -> ExitCode {
         Command::Fhirpath { input, expression } => fhirpath(input, &expression),
         Command::Serve(args) => run_async(serve(args)),
         Command::Users { action } => run_async(users(action)),
+        Command::Terminology { action } => run_async(terminology(action)),
         Command::Clients { action } => run_async(clients(action)),
         Command::Import { paths, store } => run_async(async move {
             let file = FileConfig::load(store.config.as_ref())?;
@@ -166,6 +188,69 @@ async fn admin_auth(
         .unwrap_or_else(|| format!("http://{DEFAULT_LISTEN}/fhir"));
     let auth = kiln_server::open_auth(&st, kiln_smart_auth::SmartConfig::new(base)).await?;
     Ok((st, auth))
+}
+
+async fn terminology(action: TerminologyAction) -> anyhow::Result<()> {
+    let TerminologyAction::Load {
+        system,
+        path,
+        version,
+        store,
+    } = action;
+    let file = FileConfig::load(store.config.as_ref())?;
+    let dir = store.store_config(&file).data_dir.join("terminology");
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(format!("loading {system} from {}", path.display()));
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let ts = kiln_terminology::TerminologyStore::open(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?;
+        let summary = match system.as_str() {
+            "icd10cm" => {
+                let t = ts
+                    .import_icd10cm(&path)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                format!("ICD-10-CM: {} concepts", t.len())
+            }
+            "loinc" => {
+                let t = ts
+                    .import_loinc(&path, version.as_deref())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                format!("LOINC: {} concepts", t.len())
+            }
+            "snomed" => {
+                let t = ts
+                    .import_snomed(&path, version.as_deref())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                format!("SNOMED CT: {} concepts", t.len())
+            }
+            "icd10cm-gem" | "gem" => {
+                let cm = ts.import_gem(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let n = cm["group"]
+                    .as_array()
+                    .map(|g| {
+                        g.iter()
+                            .map(|x| x["element"].as_array().map_or(0, Vec::len))
+                            .sum::<usize>()
+                    })
+                    .unwrap_or(0);
+                format!("ICD-10-CM→ICD-9-CM GEM: {n} source codes")
+            }
+            "ucum" => {
+                anyhow::bail!("UCUM is built in (ucum-essence 2.2 is vendored); nothing to load")
+            }
+            other => anyhow::bail!("unknown system `{other}`: icd10cm, loinc, snomed, icd10cm-gem"),
+        };
+        Ok(summary)
+    })
+    .await??;
+    bar.finish_and_clear();
+    println!(
+        "{result} loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 async fn users(action: UsersAction) -> anyhow::Result<()> {
@@ -273,9 +358,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(b) = args.max_body_bytes.or(file.max_body_bytes) {
         settings.max_body_bytes = b;
     }
+    let store_config = args.store.store_config(&file);
+    settings.terminology_dir = Some(store_config.data_dir.join("terminology"));
     let mode = kiln_server::auth::resolve_mode(args.auth, listen, args.insecure_no_auth)
         .map_err(|e| anyhow::anyhow!(e))?;
-    let store = kiln_server::open_store(&args.store.store_config(&file)).await?;
+    let store = kiln_server::open_store(&store_config).await?;
     tracing::info!(store = %store.describe(), "store open");
     let auth = match mode {
         kiln_server::auth::AuthMode::Off => {

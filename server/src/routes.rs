@@ -215,7 +215,11 @@ async fn route(
         }
         [] if get => state.search.search_type(state, None, ctx, access).await,
         ["metadata"] if get => Ok(FhirResponse::ok(Body::Resource(
-            capabilities::capability_statement(state),
+            if ctx.param("mode") == Some("terminology") {
+                capabilities::terminology_capabilities(state)
+            } else {
+                capabilities::capability_statement(state)
+            },
         ))),
         ["_history"] if get => {
             access.check_any(Interaction::HistorySystem)?;

@@ -18,6 +18,8 @@ pub struct Settings {
     pub max_page_size: usize,
     /// Most resources one conditional delete may remove (412 above).
     pub max_conditional_delete: usize,
+    /// Where `kiln terminology load` saved large code systems (`<data-dir>/terminology`).
+    pub terminology_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -28,6 +30,7 @@ impl Default for Settings {
             default_page_size: 50,
             max_page_size: 1000,
             max_conditional_delete: 1000,
+            terminology_dir: None,
         }
     }
 }
@@ -44,6 +47,7 @@ pub struct Inner {
     pub settings: Settings,
     pub search: SearchEngine,
     pub operations: OperationRegistry,
+    pub terminology: crate::terminology::TerminologyService,
     /// The SMART authorization server, when `--auth on`.
     pub auth: Option<kiln_smart_auth::AuthState>,
 }
@@ -71,6 +75,9 @@ impl AppState {
                 search: SearchEngine::new(),
                 store,
                 base_url: base_url.trim_end_matches('/').to_string(),
+                terminology: crate::terminology::TerminologyService::new(
+                    settings.terminology_dir.clone(),
+                ),
                 settings,
                 operations: crate::operations::registry(),
                 auth,

@@ -97,3 +97,54 @@ pub fn capability_statement(state: &AppState) -> Value {
         "rest": [rest],
     })
 }
+
+/// `GET /metadata?mode=terminology`: the TerminologyCapabilities of the built-in terminology
+/// service (the operations are registered in `operations::terminology`).
+pub fn terminology_capabilities(state: &AppState) -> Value {
+    let ops: Vec<&str> = state
+        .operations
+        .iter()
+        .map(|o| o.definition().name)
+        .filter(|n| {
+            matches!(
+                *n,
+                "lookup" | "validate-code" | "subsumes" | "expand" | "translate"
+            )
+        })
+        .collect();
+    let expansion_params: Vec<Value> = [
+        "filter",
+        "count",
+        "offset",
+        "activeOnly",
+        "includeDesignations",
+        "displayLanguage",
+        "excludeNested",
+        "tx-resource",
+    ]
+    .iter()
+    .map(|p| json!({"name": p}))
+    .collect();
+    json!({
+        "resourceType": "TerminologyCapabilities",
+        "status": "active",
+        "date": kiln_store::format_instant(kiln_store::now_micros()),
+        "kind": "instance",
+        "software": {"name": "Kiln", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Kiln terminology service", "url": state.base_url},
+        "codeSearch": "all",
+        "expansion": {
+            "hierarchical": false,
+            "paging": true,
+            "incomplete": false,
+            "parameter": expansion_params,
+        },
+        "validateCode": {"translations": false},
+        "translation": {"needsMap": false},
+        "closure": {"translation": false},
+        "extension": [{
+            "url": "http://hl7.org/fhir/StructureDefinition/capabilitystatement-supported-operations",
+            "valueString": ops.join(","),
+        }],
+    })
+}

@@ -49,7 +49,12 @@ fn found(
         .and_then(kiln_fhir::summary::SummaryMode::parse);
     let elements: Vec<&str> = ctx
         .param("_elements")
-        .map(|e| e.split(',').map(str::trim).filter(|s| !s.is_empty()).collect())
+        .map(|e| {
+            e.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     if summary.is_some() || !elements.is_empty() {
         let mut v: serde_json::Value = serde_json::from_str(&stored.content)

@@ -1,6 +1,7 @@
 //! FHIR operations (`$name`). Each operation is one file implementing [`Operation`] plus one line
 //! in [`registry`]; the CapabilityStatement lists whatever is registered here.
 
+mod terminology;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -74,6 +75,9 @@ impl OperationRegistry {
 pub fn registry() -> OperationRegistry {
     let mut r = OperationRegistry::default();
     r.register(Arc::new(validate::Validate::default()));
+    for op in terminology::all() {
+        r.register(Arc::new(op));
+    }
     r
 }
 
