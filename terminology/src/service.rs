@@ -393,6 +393,8 @@ struct Ctx<'a> {
     /// Supplements requested (`useSupplement`, value set `valueset-supplement`) and used.
     requested_supplements: std::cell::RefCell<Vec<String>>,
     used_supplements: std::cell::RefCell<Vec<String>>,
+    /// Contained value sets of the value set being processed, by `#id`.
+    contained: std::cell::RefCell<HashMap<String, Arc<Value>>>,
 }
 
 impl Terminology {
@@ -485,6 +487,7 @@ impl Terminology {
                     .collect(),
             ),
             used_supplements: std::cell::RefCell::new(Vec::new()),
+            contained: std::cell::RefCell::new(HashMap::new()),
         })
     }
 
@@ -667,6 +670,9 @@ impl<'a> Ctx<'a> {
     }
 
     fn find_vs(&self, url: &str, version: Option<&str>) -> Option<Arc<Value>> {
+        if url.starts_with('#') {
+            return self.contained.borrow().get(url).cloned();
+        }
         if let Some(implicit) = self.implicit_vs(url) {
             return Some(Arc::new(implicit));
         }
@@ -900,6 +906,14 @@ impl<'a> Ctx<'a> {
 
     fn resolve_vs_param(&self) -> Result<(Arc<Value>, String), TxError> {
         let r = self.resolve_vs_param_inner()?;
+        {
+            let mut c = self.contained.borrow_mut();
+            for res in arr(&r.0, "contained") {
+                if let (Some("ValueSet"), Some(id)) = (s(res, "resourceType"), s(res, "id")) {
+                    c.insert(format!("#{id}"), Arc::new(res.clone()));
+                }
+            }
+        }
         self.note_vs_params(&r.0);
         self.check_supplements()?;
         Ok(r)
@@ -1063,7 +1077,7 @@ impl<'a> Ctx<'a> {
                 )));
             };
             let canon = vs_canonical(&sub);
-            if !used.value_sets.contains(&canon) {
+            if !v.starts_with('#') && !used.value_sets.contains(&canon) {
                 used.value_sets.push(canon);
             }
             let items = self.expand_vs(&sub, depth + 1, used)?;
@@ -3197,7 +3211,9 @@ fn latest<T: Clone>(list: &[T], version: impl Fn(&T) -> Option<String>) -> Optio
 }
 
 fn vs_canonical(vs: &Value) -> String {
-    let url = s(vs, "url").unwrap_or_default();
+    let Some(url) = s(vs, "url") else {
+        return "(unidentified)".to_string();
+    };
     match s(vs, "version") {
         Some(v) => format!("{url}|{v}"),
         None => url.to_string(),
