@@ -80,6 +80,8 @@ impl Default for SearchEngine {
 
 impl SearchEngine {
     pub fn new() -> SearchEngine {
+        // FHIRPath quantity comparisons use the full UCUM of the terminology crate
+        kiln_fhirpath::units::set_ucum_canonicalizer(ucum_canonical);
         let registry = Arc::new(RwLock::new(Registry::r4()));
         SearchEngine {
             indexer: SearchIndexer {
@@ -406,7 +408,11 @@ impl SearchEngine {
         {
             let mut resource: Value = serde_json::from_str(&stored.content)
                 .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}")))?;
-            if let Some(m) = query.summary.as_deref().and_then(kiln_fhir::summary::SummaryMode::parse) {
+            if let Some(m) = query
+                .summary
+                .as_deref()
+                .and_then(kiln_fhir::summary::SummaryMode::parse)
+            {
                 resource = kiln_fhir::summary::summarize(&resource, m);
             }
             if !query.elements.is_empty() && mode == "match" {
@@ -444,6 +450,11 @@ impl SearchEngine {
         }
         Ok(FhirResponse::ok(Body::Resource(bundle)))
     }
+}
+
+/// UCUM canonical form of one unit (`mg/dL` → (10, `g.m-3`)), for FHIRPath quantity comparison.
+fn ucum_canonical(unit: &str) -> Option<(f64, String)> {
+    kiln_terminology::ucum::canonicalize(1.0, unit).ok()
 }
 
 fn to_search_value(v: SqlValue) -> kiln_search::SqlValue {
