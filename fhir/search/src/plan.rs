@@ -527,9 +527,7 @@ impl Builder {
                 };
                 let _ = t0;
                 let p = self.text(&component_param(&c.code, 0));
-                let not = if m { "NOT " } else { "" };
-                let rc = self.rid_col(a);
-                return format!("{rc} {not}IN (SELECT rid FROM {table} WHERE param = {p})");
+                return self.exists(a, m, table, &p, None);
             }
             let mut ors = Vec::new();
             for v in &c.values {
@@ -579,9 +577,7 @@ impl Builder {
         };
         if let Some(m) = missing {
             let p = self.text(&param_name);
-            let not = if m { "NOT " } else { "" };
-            let rc = self.rid_col(a);
-            return format!("{rc} {not}IN (SELECT rid FROM {table} WHERE param = {p})");
+            return self.exists(a, m, table, &p, None);
         }
         let x = self.alias("i");
         let p = self.text(&param_name);
@@ -590,16 +586,34 @@ impl Builder {
             .iter()
             .map(|v| self.value_cond(&x, c.param_type, &c.modifier, v))
             .collect();
-        let not = if c.modifier == Modifier::Not {
-            "NOT "
-        } else {
-            ""
-        };
+        if c.modifier == Modifier::Not {
+            // NOT IN: one materialised set (a correlated NOT EXISTS measured slower for `:not`)
+            return format!(
+                "{a}.rid NOT IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
+                conds.join(" OR ")
+            );
+        }
         format!(
-            "{} {not}IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
+            "{} IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
             self.rid_col(a),
             conds.join(" OR ")
         )
+    }
+
+    /// `[NOT] EXISTS` on the (rid, param) index: `:missing` is checked per candidate row instead
+    /// of materialising every row of the parameter.
+    fn exists(
+        &mut self,
+        a: &str,
+        negate: bool,
+        table: &str,
+        p: &str,
+        cond: Option<&str>,
+    ) -> String {
+        let x = self.alias("e");
+        let not = if negate { "NOT " } else { "" };
+        let extra = cond.map(|c| format!(" AND ({c})")).unwrap_or_default();
+        format!("{not}EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.rid = {a}.rid AND {x}.param = {p}{extra})")
     }
 }
 
