@@ -566,3 +566,131 @@ mod tests {
         assert!(matches(&R4, &q, &p1), "a patient is in its own compartment");
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use crate::plan::{plan, PageRequest};
+    use crate::query::parse;
+    use crate::query::tests::R4;
+    use crate::Dialect;
+    use serde_json::json;
+
+    /// Every parameter of a few types × every modifier × odd values: parse, plan and match must
+    /// return (Ok or Err), never panic.
+    #[test]
+    fn odd_inputs_never_panic() {
+        let values = [
+            "",
+            ",",
+            "|",
+            "||",
+            "|||",
+            "$",
+            "$$",
+            "\\",
+            "\\,",
+            "é",
+            "ééé",
+            "ge",
+            "gté",
+            "eq2020-ü",
+            "1e999",
+            "-",
+            "ap",
+            "sa2020-02-30",
+            "2020-01-01T25:61",
+            "Patient/",
+            "/1",
+            "http://",
+            "urn:",
+            "a|b|c|d",
+            "1$2$3$4",
+            "gt1|x|",
+            "(",
+            ")",
+            "not(",
+            "name eq",
+            "\"",
+            "x eq \"y",
+            "9999999999999999999999",
+            "lt-0.0",
+            "true",
+            "null",
+        ];
+        let modifiers = [
+            "",
+            ":missing",
+            ":exact",
+            ":contains",
+            ":text",
+            ":not",
+            ":above",
+            ":below",
+            ":in",
+            ":not-in",
+            ":of-type",
+            ":identifier",
+            ":Patient",
+            ":Zzz",
+            ":",
+            "::",
+            ":iterate",
+        ];
+        let res =
+            json!({"resourceType":"Patient","id":"x","name":[{"family":"A"}],"birthDate":"2000"});
+        let mut parsed = 0;
+        for rt in ["Patient", "Observation", "Encounter"] {
+            let mut names: Vec<String> = R4
+                .params_for(rt)
+                .iter()
+                .map(|p| p.code().to_string())
+                .collect();
+            names.extend(
+                [
+                    "_has:Observation:patient:code",
+                    "subject.name",
+                    "_filter",
+                    "_sort",
+                    "_include",
+                    "_count",
+                    "_type",
+                ]
+                .map(String::from),
+            );
+            for n in &names {
+                for m in modifiers {
+                    for v in values {
+                        let params = vec![(format!("{n}{m}"), v.to_string())];
+                        if let Ok(q) = parse(&R4, Some(rt), &params, false) {
+                            parsed += 1;
+                            for d in [Dialect::Sqlite, Dialect::Postgres] {
+                                let p = plan(
+                                    &q,
+                                    d,
+                                    &PageRequest {
+                                        count: 5,
+                                        cursor: Some(v.to_string()),
+                                    },
+                                );
+                                let _ = p;
+                                let p = plan(
+                                    &q,
+                                    d,
+                                    &PageRequest {
+                                        count: 5,
+                                        cursor: None,
+                                    },
+                                )
+                                .unwrap();
+                                assert!(p.sql.starts_with("SELECT"));
+                            }
+                            let _ = matches(&R4, &q, &res);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(parsed > 1000, "{parsed}");
+    }
+}
