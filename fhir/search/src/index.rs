@@ -153,17 +153,18 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
         format!("CREATE TABLE IF NOT EXISTS search_quantity ({common}, value {real} NOT NULL, system {text}, code {text}, canon_value {real}, canon_code {text})"),
         format!("CREATE TABLE IF NOT EXISTS search_uri ({common}, value {text} NOT NULL)"),
     ];
+    // Each secondary index costs ingest time (raw SQLite, 3.4k Synthea resources: ~2x faster
+    // without the (param, value_exact), (param, system), (param, ref_url), (param, ident_value)
+    // and (param, high) indexes, which only served rare searches; those scan by `param`).
     let idx = [
         (
             "search_string_value",
             "search_string(param, value_norm, rid)",
         ),
-        ("search_string_exact", "search_string(param, value_exact)"),
         (
             "search_token_code",
             "search_token(param, code, system, rid)",
         ),
-        ("search_token_system", "search_token(param, system)"),
         (
             "search_reference_target",
             "search_reference(param, ref_type, ref_id, rid)",
@@ -172,13 +173,7 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
             "search_reference_rev",
             "search_reference(ref_id, ref_type, param)",
         ),
-        ("search_reference_url", "search_reference(param, ref_url)"),
-        (
-            "search_reference_ident",
-            "search_reference(param, ident_value)",
-        ),
         ("search_date_low", "search_date(param, low, high, rid)"),
-        ("search_date_high", "search_date(param, high)"),
         ("search_number_value", "search_number(param, value)"),
         (
             "search_quantity_value",

@@ -221,8 +221,10 @@ impl Builder {
                 let n = crate::value::normalize_string(s);
                 match m {
                     Modifier::Exact => {
+                        // the normalised form narrows through the (param, value_norm) index
+                        let n = self.text(&n);
                         let p = self.text(s);
-                        format!("{x}.value_exact = {p}")
+                        format!("({x}.value_norm = {n} AND {x}.value_exact = {p})")
                     }
                     Modifier::Contains => {
                         let p = self.text(&format!("%{}%", like_escape(&n)));
