@@ -188,6 +188,20 @@ async fn smart_attack_suite() {
         "Observation?_list=x".into(),
         format!("Observation?_filter=subject eq Patient/{PATIENT_B}"),
         format!("Observation?_query=x&subject=Patient/{PATIENT_B}"),
+        "Observation?_include=*".into(),
+        "Encounter?_include=*&_include:iterate=*".into(),
+        "Patient?_revinclude=*".into(),
+        "Practitioner?_revinclude=*".into(),
+        "?_type=Observation&_include=Observation:subject".into(),
+        "Observation/_history?_summary=count".into(),
+        "Observation?_count=0".into(),
+        format!("Observation?subject=Patient/{PATIENT_B}&_format=xml"),
+        "Observation?_format=xml&_include=*".into(),
+        "_history?_format=xml".into(),
+        format!("Patient/{PATIENT_B}?_format=xml"),
+        format!("Patient/{PATIENT_B}/_history/1"),
+        "Observation/bbbb-obs-lab/$validate".into(),
+        format!("Patient/{PATIENT_B}/$validate"),
     ];
     for q in &searches {
         let r = k.fhir_get(&tok, q).await;
@@ -460,6 +474,28 @@ async fn smart_attack_suite() {
             ensure(
                 r.status != StatusCode::OK,
                 format!("existence revealed: {}", r.short()),
+            )
+        }),
+    );
+
+    let tx_probe = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:0f0e4a4e-1111-4a4e-8a4e-000000000002",
+         "resource": cond_create.clone(),
+         "request": {"method": "POST", "url": "Observation", "ifNoneExist": probe.clone()}}
+    ]});
+    let r = k.fhir_send(&tok, Method::POST, "", &tx_probe).await;
+    rep.record(
+        "transaction conditional create (ifNoneExist probing B's code)",
+        no_leak(&r, &probe).and_then(|_| {
+            let body = r.json();
+            let status = body
+                .pointer("/entry/0/response/status")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            ensure(
+                !status.starts_with("200"),
+                format!("existence revealed: entry status {status}"),
             )
         }),
     );
