@@ -105,6 +105,17 @@ async fn smart_attack_suite() {
         })(),
     );
 
+    let r = k.fhir_get(&tok, "Observation?_format=xml&_include=*").await;
+    rep.record(
+        "baseline: XML search works for A (so the XML attacks below are not vacuous)",
+        ensure(
+            r.status == StatusCode::OK
+                && r.body.contains("<Bundle")
+                && r.body.contains("aaaa-obs-lab"),
+            r.short(),
+        ),
+    );
+
     // ------------------------------------------------------------ reads by id
     for path in [
         format!("Patient/{PATIENT_B}"),

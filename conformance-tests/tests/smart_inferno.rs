@@ -602,6 +602,34 @@ async fn smart_inferno_checks() {
         ok_status(&r, 400).and_then(|_| ensure(r.json()["error"] == "invalid_grant", r.short())),
     );
 
+    let (_v, challenge) = pkce_pair();
+    let get_url = k.authorize_url(
+        &k.public_client,
+        "launch/patient patient/Patient.rs",
+        &challenge,
+        "s-post",
+        &[],
+    );
+    let form = get_url
+        .split_once('?')
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    let r = k
+        .send(
+            Method::POST,
+            "auth/authorize",
+            &[],
+            Some(("application/x-www-form-urlencoded", form)),
+        )
+        .await;
+    rep.record(
+        "authorize-post: POST to the authorization endpoint starts the login",
+        ensure(
+            r.status == StatusCode::SEE_OTHER && r.location().contains("/auth/login"),
+            format!("{} → {}", r.short(), r.location()),
+        ),
+    );
+
     // ---------------------------------------------------------------- PKCE / code / client failures
     let scope = "launch/patient patient/Patient.rs";
     for (name, bad) in [
