@@ -76,7 +76,7 @@ macro_rules! bind_values {
         let mut q = $q;
         for v in $params {
             q = match v {
-                SqlValue::Null => q.bind(Option::<i64>::None),
+                SqlValue::Null => q.bind(Option::<String>::None),
                 SqlValue::Int(i) => q.bind(*i),
                 SqlValue::Real(f) => q.bind(*f),
                 SqlValue::Text(s) => q.bind(s.as_str()),
@@ -284,8 +284,11 @@ impl Pools {
         sql: &str,
         params: &[SqlValue],
     ) -> Result<Vec<Vec<SqlValue>>> {
+        // see WriteTx::execute: generated SQL is not kept prepared on PostgreSQL
+        let persistent = self.dialect() == Dialect::Sqlite;
         on_read_pool!(self, |p| {
-            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params);
+            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params)
+                .persistent(persistent);
             let rows = q.fetch_all(p).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {

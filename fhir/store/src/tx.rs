@@ -123,6 +123,36 @@ impl WriteTx {
         })
     }
 
+    /// One version of a resource inside this transaction.
+    pub async fn vread(
+        &mut self,
+        ty: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<StoredResource>> {
+        let sql = "SELECT rid, res_type, res_id, version, last_updated, deleted, content FROM resource_history WHERE res_type = $1 AND res_id = $2 AND version = $3";
+        on_tx!(&mut self.inner, |c| {
+            let row = sqlx::query(sql)
+                .bind(ty)
+                .bind(id)
+                .bind(version)
+                .fetch_optional(&mut **c)
+                .await?;
+            Ok(match row {
+                None => None,
+                Some(r) => Some(StoredResource {
+                    rid: r.try_get(0)?,
+                    resource_type: r.try_get(1)?,
+                    id: r.try_get(2)?,
+                    version: r.try_get(3)?,
+                    last_updated: r.try_get(4)?,
+                    deleted: r.try_get::<i64, _>(5)? != 0,
+                    content: r.try_get(6)?,
+                }),
+            })
+        })
+    }
+
     /// Writes a new version of `ty/id`: version 1 if `current` is `None`, else `current.version + 1`
     /// (a deleted resource comes back to life with the next version). Stamps `id`,
     /// `meta.versionId` and `meta.lastUpdated` into `resource`, and re-indexes it.
@@ -281,8 +311,14 @@ impl WriteTx {
 
     /// Runs a statement inside the transaction.
     pub async fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64> {
+        // PostgreSQL: statements generated at run time are not kept prepared. sqlx caches a
+        // prepared statement by SQL text with the parameter types of its first execution, and
+        // the search planner binds the same text with different types (NULL vs text, int vs
+        // real), which PostgreSQL would reject or silently misread.
+        let persistent = self.dialect() == Dialect::Sqlite;
         on_tx!(&mut self.inner, |c| {
-            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params);
+            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params)
+                .persistent(persistent);
             Ok(q.execute(&mut **c).await?.rows_affected())
         })
     }
@@ -294,8 +330,10 @@ impl WriteTx {
         sql: &str,
         params: &[SqlValue],
     ) -> Result<Vec<Vec<SqlValue>>> {
+        let persistent = self.dialect() == Dialect::Sqlite;
         on_tx!(&mut self.inner, |c| {
-            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params);
+            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params)
+                .persistent(persistent);
             let rows = q.fetch_all(&mut **c).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {

@@ -208,6 +208,19 @@ pub async fn run_transaction(
             }
         }
     }
+    // no two entries may act on the same resource (http.html#transaction: SHALL fail)
+    let mut touched: HashMap<String, usize> = HashMap::new();
+    for r in &reqs {
+        if matches!(r.method, Method::PUT | Method::PATCH | Method::DELETE) && r.path.len() == 2 {
+            let key = format!("{}/{}", r.path[0], r.path[1]);
+            if let Some(prev) = touched.insert(key.clone(), r.index) {
+                return Err(FhirError::invalid_at(
+                    format!("entries {prev} and {} both act on {key}: a transaction may not touch one resource twice", r.index),
+                    format!("Bundle.entry[{}].request.url", r.index),
+                ));
+            }
+        }
+    }
     // 1. DELETEs first (spec order)
     let mut results: Vec<Option<FhirResponse>> = vec![None; reqs.len()];
     let mut sorted: Vec<usize> = (0..reqs.len()).collect();
@@ -321,6 +334,17 @@ pub async fn run_transaction(
                         .map_err(|e| at_entry(e, i))?
                 }
             }
+        } else if r.method == Method::GET || r.method == Method::HEAD {
+            // reads change nothing: a failed read is that entry's outcome, not the transaction's
+            match execute(state, tx, r, access).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let mut resp =
+                        FhirResponse::ok(Body::Resource(kiln_fhir::operation_outcome(&e.issues)));
+                    resp.status = e.status;
+                    resp
+                }
+            }
         } else {
             execute(state, tx, r, access)
                 .await
@@ -404,12 +428,13 @@ async fn execute(
         (&Method::DELETE, [ty]) => {
             delete::conditional_delete(state, tx, ty, &r.query, &r.ctx).await
         }
-        (&Method::GET | &Method::HEAD, [ty, id]) => match tx.read(ty, id).await? {
-            Some(_) => read::read(state, ty, id, &r.ctx).await,
-            None => Err(FhirError::not_found(format!("{ty}/{id} does not exist"))),
-        },
+        (&Method::GET | &Method::HEAD, [ty, id]) => {
+            let r = read::read_in_tx(state, tx, ty, id, &r.ctx).await?;
+            entry_visible(state, access, Interaction::Read, r)
+        }
         (&Method::GET | &Method::HEAD, [ty, id, "_history", vid]) => {
-            read::vread(state, ty, id, vid, &r.ctx).await
+            let r = read::vread_in_tx(state, tx, ty, id, vid, &r.ctx).await?;
+            entry_visible(state, access, Interaction::VRead, r)
         }
         (&Method::GET | &Method::HEAD, [ty]) => {
             state
@@ -425,6 +450,21 @@ async fn execute(
             r.path.join("/")
         ))),
     }
+}
+
+/// A read entry's resource must be visible to the grant (404 otherwise).
+fn entry_visible(
+    state: &AppState,
+    access: &Access,
+    interaction: Interaction,
+    r: FhirResponse,
+) -> FhirResult<FhirResponse> {
+    if access.grant().is_some() {
+        if let Some(b) = &r.body {
+            access.require_visible(state, interaction, &b.clone().into_value()?)?;
+        }
+    }
+    Ok(r)
 }
 
 /// SMART enforcement for one entry: the interaction must be granted on the type, written

@@ -114,3 +114,39 @@ pub async fn vread(
         ))),
     }
 }
+
+/// `read` inside a transaction Bundle: sees the transaction's own earlier writes.
+pub async fn read_in_tx(
+    state: &AppState,
+    tx: &mut kiln_store::WriteTx,
+    ty: &str,
+    id: &str,
+    ctx: &RequestContext,
+) -> FhirResult<FhirResponse> {
+    check_type(ty)?;
+    match tx.read(ty, id).await? {
+        Some(stored) => found(state, stored, ctx),
+        None => Err(FhirError::not_found(format!("{ty}/{id} does not exist"))),
+    }
+}
+
+/// `vread` inside a transaction Bundle.
+pub async fn vread_in_tx(
+    state: &AppState,
+    tx: &mut kiln_store::WriteTx,
+    ty: &str,
+    id: &str,
+    vid: &str,
+    ctx: &RequestContext,
+) -> FhirResult<FhirResponse> {
+    check_type(ty)?;
+    let version: i64 = vid
+        .parse()
+        .map_err(|_| FhirError::not_found(format!("{ty}/{id}/_history/{vid}: no such version")))?;
+    match tx.vread(ty, id, version).await? {
+        Some(stored) => found(state, stored, ctx),
+        None => Err(FhirError::not_found(format!(
+            "{ty}/{id}/_history/{vid} does not exist"
+        ))),
+    }
+}
