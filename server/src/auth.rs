@@ -194,7 +194,11 @@ impl Access {
         if self.grant.is_none() {
             return;
         }
+        let restricted = self.grant.as_ref().is_some_and(|g| g.patient().is_some())
+            || bundle.get("type").and_then(Value::as_str) == Some("history");
+        let mut removed = false;
         if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
+            let before = entries.len();
             entries.retain(|e| match e.get("resource") {
                 None => e.get("request").is_some() && self.history_stub_visible(e),
                 Some(r)
@@ -206,6 +210,13 @@ impl Access {
                 }
                 Some(r) => self.visible(state, interaction, r),
             });
+            removed = entries.len() != before;
+        }
+        // a total computed over resources the grant cannot see would leak how many exist
+        if removed || restricted {
+            if let Some(obj) = bundle.as_object_mut() {
+                obj.remove("total");
+            }
         }
     }
 

@@ -238,6 +238,10 @@ async fn route(
         [ty] if m == Method::POST => {
             let resource = parse_resource(headers, &body)?;
             access.check(Interaction::Create, ty)?;
+            if ctx.if_none_exist.is_some() {
+                // conditional create matches by search: could reveal resources outside the grant
+                unrestricted_for(access, Interaction::Create, ty)?;
+            }
             access.require_writable(state, Interaction::Create, &resource)?;
             let ty = ty.to_string();
             in_tx!(state, |tx| create::create(state, tx, &ty, resource, ctx)

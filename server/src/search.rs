@@ -244,10 +244,37 @@ impl SearchEngine {
         } else {
             access.check_any(Interaction::Search)?;
         }
-        let mut parsed = self.parse(ty, &ctx.query, ctx.strict)?;
+        // a granular scope with one parameter set (`patient/Observation.rs?category=laboratory`)
+        // joins the query, so counts and pages are right; several sets are post-filtered
+        let mut query = ctx.query.clone();
+        if let (Some(t), Some(g)) = (ty, access.grant()) {
+            if let kiln_smart_auth::ScopeFilter::AnyOf(sets) =
+                g.scope_filter(Interaction::Search, t)
+            {
+                if sets.len() == 1 {
+                    query.extend(sets[0].iter().cloned());
+                }
+            }
+        }
+        let mut parsed = self.parse(ty, &query, ctx.strict)?;
         // patient-context grants search inside their patient's compartment
-        if let Some(t) = ty {
-            if let Some(pid) = access.compartment_patient(Interaction::Search, t) {
+        let compartment_patient = match ty {
+            Some(t) => access.compartment_patient(Interaction::Search, t),
+            // system search: any type limited to the patient puts the search in the compartment
+            None => access.grant().and_then(|g| {
+                parsed
+                    .target_types()
+                    .iter()
+                    .any(|t| g.requires_patient_compartment(Interaction::Search, t))
+                    .then(|| {
+                        g.patient()
+                            .unwrap_or("\u{0}no-patient-in-context")
+                            .to_string()
+                    })
+            }),
+        };
+        if let Some(pid) = compartment_patient {
+            if parsed.compartment.is_none() {
                 parsed = parsed
                     .with_compartment(&self.registry(), "Patient", &pid)
                     .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))?;
@@ -425,9 +452,15 @@ impl SearchEngine {
                 "search": {"mode": mode},
             }));
         }
+        let mut total = total;
         if access.grant().is_some() {
             // results are filtered, not just the query checked: every match and include
+            let before = entries.len();
             entries.retain(|e| access.visible(state, Interaction::Search, &e["resource"]));
+            if entries.len() != before {
+                // the SQL total counted resources the grant cannot see
+                total = None;
+            }
         }
         if !query.warnings.is_empty() {
             entries.push(json!({
