@@ -246,6 +246,29 @@ impl IndexEntries {
 /// Multi-row INSERT statements for many resources at once (bulk ingest).
 /// On PostgreSQL a NULL in the numeric `canon_value` column is written as a literal: a NULL
 /// parameter is bound as text, and a prepared statement reused with a float there would break.
+/// Longest text (bytes) stored in an indexed column. PostgreSQL's btree rejects index rows above
+/// ~2.7 KB; values this long (base64 data URIs, pasted documents) are not searched by their tail.
+pub const INDEX_TEXT_MAX: usize = 1024;
+
+/// `s` cut to at most [`INDEX_TEXT_MAX`] bytes on a character boundary.
+pub fn bounded(s: &str) -> String {
+    if s.len() <= INDEX_TEXT_MAX {
+        return s.to_string();
+    }
+    let mut end = INDEX_TEXT_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn bounded_opt(v: &Option<String>) -> SqlValue {
+    match v {
+        Some(s) => SqlValue::Text(bounded(s)),
+        None => SqlValue::Null,
+    }
+}
+
 pub fn insert_batch(
     dialect: Dialect,
     items: &[(i64, &IndexEntries)],
@@ -296,7 +319,7 @@ pub fn insert_batch(
                     SqlValue::Int(rid),
                     SqlValue::Text(x.param.clone()),
                     SqlValue::Int(x.grp),
-                    SqlValue::Text(x.norm.clone()),
+                    SqlValue::Text(bounded(&x.norm)),
                     SqlValue::Text(x.exact.clone()),
                 ]
             })
@@ -317,8 +340,8 @@ pub fn insert_batch(
                     SqlValue::Int(rid),
                     SqlValue::Text(x.param.clone()),
                     SqlValue::Int(x.grp),
-                    opt(&x.system),
-                    opt(&x.code),
+                    bounded_opt(&x.system),
+                    bounded_opt(&x.code),
                     opt(&x.text),
                 ]
             })
@@ -399,9 +422,9 @@ pub fn insert_batch(
                     SqlValue::Int(x.grp),
                     SqlValue::Real(x.value),
                     opt(&x.system),
-                    opt(&x.code),
+                    bounded_opt(&x.code),
                     x.canon_value.map(SqlValue::Real).unwrap_or(SqlValue::Null),
-                    opt(&x.canon_code),
+                    bounded_opt(&x.canon_code),
                 ]
             })
             .collect()
@@ -421,7 +444,7 @@ pub fn insert_batch(
                     SqlValue::Int(rid),
                     SqlValue::Text(x.param.clone()),
                     SqlValue::Int(x.grp),
-                    SqlValue::Text(x.value.clone()),
+                    SqlValue::Text(bounded(&x.value)),
                 ]
             })
             .collect()
@@ -911,6 +934,15 @@ mod tests {
         assert!(sql.starts_with("INSERT INTO search_token (rid, param, grp, system, code, text_norm) VALUES (?1,?2,?3,?4,?5,?6),(?7"));
         assert_eq!(params.len(), 6 * 4);
         assert_eq!(params[0], SqlValue::Int(7));
+    }
+
+    #[test]
+    fn long_values_are_bounded_for_btree_indexes() {
+        let long = "é".repeat(2000);
+        let b = bounded(&long);
+        assert!(b.len() <= INDEX_TEXT_MAX);
+        assert!(long.starts_with(&b));
+        assert_eq!(bounded("short"), "short");
     }
 
     #[test]
