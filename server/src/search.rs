@@ -51,16 +51,19 @@ impl Indexer for SearchIndexer {
     fn insert_statements(
         &self,
         dialect: Dialect,
-        rid: i64,
-        resource: &Value,
+        items: &[(i64, Value)],
     ) -> Vec<(String, Vec<SqlValue>)> {
         let reg = match self.registry.read() {
             Ok(r) => r,
             Err(p) => p.into_inner(),
         };
-        let entries = kiln_search::index_resource(&reg, resource);
-        entries
-            .insert_statements(to_search_dialect(dialect), rid)
+        let entries: Vec<(i64, kiln_search::IndexEntries)> = items
+            .iter()
+            .map(|(rid, r)| (*rid, kiln_search::index_resource(&reg, r)))
+            .collect();
+        let refs: Vec<(i64, &kiln_search::IndexEntries)> =
+            entries.iter().map(|(r, e)| (*r, e)).collect();
+        kiln_search::insert_batch(to_search_dialect(dialect), &refs)
             .into_iter()
             .map(|(sql, params)| (sql, params.into_iter().map(to_store_value).collect()))
             .collect()
@@ -69,7 +72,7 @@ impl Indexer for SearchIndexer {
 
 pub struct SearchEngine {
     registry: Arc<RwLock<Registry>>,
-    indexer: SearchIndexer,
+    indexer: Arc<SearchIndexer>,
 }
 
 impl Default for SearchEngine {
@@ -84,15 +87,16 @@ impl SearchEngine {
         kiln_fhirpath::units::set_ucum_canonicalizer(ucum_canonical);
         let registry = Arc::new(RwLock::new(Registry::r4()));
         SearchEngine {
-            indexer: SearchIndexer {
+            indexer: Arc::new(SearchIndexer {
                 registry: registry.clone(),
-            },
+            }),
             registry,
         }
     }
 
-    pub fn indexer(&self) -> Option<&dyn Indexer> {
-        Some(&self.indexer)
+    /// The indexer the store runs on every write.
+    pub fn indexer(&self) -> Arc<dyn Indexer> {
+        self.indexer.clone()
     }
 
     fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {

@@ -70,9 +70,11 @@ impl AppState {
         settings: Settings,
         auth: Option<kiln_smart_auth::AuthState>,
     ) -> AppState {
+        let search = SearchEngine::new();
+        store.set_indexer(search.indexer());
         AppState {
             inner: Arc::new(Inner {
-                search: SearchEngine::new(),
+                search,
                 store,
                 base_url: base_url.trim_end_matches('/').to_string(),
                 terminology: crate::terminology::TerminologyService::new(

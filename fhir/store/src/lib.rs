@@ -95,6 +95,7 @@ pub type SchemaHook = Arc<dyn Fn(Dialect) -> Vec<String> + Send + Sync>;
 pub struct Store {
     pools: Pools,
     clock: Arc<AtomicI64>,
+    indexer: Arc<std::sync::OnceLock<Arc<dyn Indexer>>>,
 }
 
 impl Store {
@@ -104,6 +105,7 @@ impl Store {
         let store = Store {
             pools,
             clock: Arc::new(AtomicI64::new(0)),
+            indexer: Arc::new(std::sync::OnceLock::new()),
         };
         schema::migrate(&store.pools, extra_schema).await?;
         Ok(store)
@@ -111,6 +113,16 @@ impl Store {
 
     pub fn dialect(&self) -> Dialect {
         self.pools.dialect()
+    }
+
+    /// Installs the search indexer: from then on every write of this store (and its clones)
+    /// writes index rows in the same transaction. Set once; later calls are ignored.
+    pub fn set_indexer(&self, indexer: Arc<dyn Indexer>) {
+        let _ = self.indexer.set(indexer);
+    }
+
+    pub(crate) fn indexer(&self) -> Option<Arc<dyn Indexer>> {
+        self.indexer.get().cloned()
     }
 
     /// A human-readable description of where the data lives (for logs).

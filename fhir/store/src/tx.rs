@@ -1,6 +1,8 @@
 //! Write transactions. Every write of Kiln (one interaction or a whole transaction Bundle) runs
 //! in one `WriteTx`: resource row, history row and search index rows commit together or not at all.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite, Transaction};
 
@@ -20,12 +22,12 @@ pub struct Current {
 pub trait Indexer: Send + Sync {
     /// Statements removing every index row of `$1` = rid.
     fn delete_statements(&self, dialect: Dialect) -> Vec<String>;
-    /// Statements inserting the index rows of `resource`, stored under `rid`.
+    /// Statements inserting the index rows of many resources (`(rid, resource)`), batched into
+    /// multi-row INSERTs.
     fn insert_statements(
         &self,
         dialect: Dialect,
-        rid: i64,
-        resource: &Value,
+        items: &[(i64, Value)],
     ) -> Vec<(String, Vec<SqlValue>)>;
 }
 
@@ -47,6 +49,10 @@ macro_rules! on_tx {
 pub struct WriteTx {
     inner: Inner,
     store: Store,
+    indexer: Option<Arc<dyn Indexer>>,
+    /// Versions written in this transaction whose index rows are not inserted yet: they go in
+    /// as multi-row INSERTs before the next query in the transaction, or at commit.
+    pending: Vec<(i64, Value)>,
 }
 
 impl WriteTx {
@@ -59,7 +65,9 @@ impl WriteTx {
         };
         Ok(WriteTx {
             inner,
+            indexer: store.indexer(),
             store: store.clone(),
+            pending: Vec::new(),
         })
     }
 
@@ -163,7 +171,6 @@ impl WriteTx {
         mut resource: Value,
         current: Option<&Current>,
         method: &str,
-        indexer: Option<&dyn Indexer>,
     ) -> Result<StoredResource> {
         let version = current.map(|c| c.version + 1).unwrap_or(1);
         let now = self.store.tick();
@@ -215,13 +222,11 @@ impl WriteTx {
         };
         self.insert_history(rid, ty, id, version, now, false, method, &content)
             .await?;
-        if let Some(ix) = indexer {
+        if self.indexer.is_some() {
             if current.is_some() {
-                self.run_deletes(ix, rid).await?;
+                self.run_deletes(rid).await?;
             }
-            for (sql, params) in ix.insert_statements(self.dialect(), rid, &resource) {
-                self.execute(&sql, &params).await?;
-            }
+            self.pending.push((rid, resource));
         }
         Ok(StoredResource {
             rid,
@@ -235,13 +240,7 @@ impl WriteTx {
     }
 
     /// Writes a deletion (a versioned tombstone) and drops the resource from every index.
-    pub async fn delete(
-        &mut self,
-        ty: &str,
-        id: &str,
-        current: &Current,
-        indexer: Option<&dyn Indexer>,
-    ) -> Result<i64> {
+    pub async fn delete(&mut self, ty: &str, id: &str, current: &Current) -> Result<i64> {
         let version = current.version + 1;
         let now = self.store.tick();
         let changed = on_tx!(&mut self.inner, |c| {
@@ -264,16 +263,37 @@ impl WriteTx {
         }
         self.insert_history(current.rid, ty, id, version, now, true, "DELETE", "")
             .await?;
-        if let Some(ix) = indexer {
-            self.run_deletes(ix, current.rid).await?;
+        if self.indexer.is_some() {
+            self.run_deletes(current.rid).await?;
         }
         Ok(version)
     }
 
-    /// Drops every search index row of `rid`.
-    async fn run_deletes(&mut self, ix: &dyn Indexer, rid: i64) -> Result<()> {
+    /// Drops every search index row of `rid` (pending rows of an earlier version in this
+    /// transaction included).
+    async fn run_deletes(&mut self, rid: i64) -> Result<()> {
+        self.pending.retain(|(r, _)| *r != rid);
+        let Some(ix) = self.indexer.clone() else {
+            return Ok(());
+        };
         for sql in ix.delete_statements(self.dialect()) {
-            self.execute(&sql, &[SqlValue::Int(rid)]).await?;
+            self.execute_now(&sql, &[SqlValue::Int(rid)]).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts the index rows of every version written since the last flush.
+    async fn flush_index(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(ix) = self.indexer.clone() else {
+            self.pending.clear();
+            return Ok(());
+        };
+        let pending = std::mem::take(&mut self.pending);
+        for (sql, params) in ix.insert_statements(self.dialect(), &pending) {
+            self.execute_now(&sql, &params).await?;
         }
         Ok(())
     }
@@ -309,8 +329,13 @@ impl WriteTx {
         })
     }
 
-    /// Runs a statement inside the transaction.
+    /// Runs a statement inside the transaction (after the pending index rows, so it sees them).
     pub async fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64> {
+        self.flush_index().await?;
+        self.execute_now(sql, params).await
+    }
+
+    async fn execute_now(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64> {
         // PostgreSQL: statements generated at run time are not kept prepared. sqlx caches a
         // prepared statement by SQL text with the parameter types of its first execution, and
         // the search planner binds the same text with different types (NULL vs text, int vs
@@ -330,6 +355,7 @@ impl WriteTx {
         sql: &str,
         params: &[SqlValue],
     ) -> Result<Vec<Vec<SqlValue>>> {
+        self.flush_index().await?;
         let persistent = self.dialect() == Dialect::Sqlite;
         on_tx!(&mut self.inner, |c| {
             let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params)
@@ -360,7 +386,8 @@ impl WriteTx {
         Ok(())
     }
 
-    pub async fn commit(self) -> Result<()> {
+    pub async fn commit(mut self) -> Result<()> {
+        self.flush_index().await?;
         match self.inner {
             Inner::Sqlite(t) => t.commit().await?,
             Inner::Postgres(t) => t.commit().await?,

@@ -372,9 +372,7 @@ async fn create_with_id(
     super::check_type(ty)?;
     super::check_body_type(&resource, ty)?;
     crate::validation::validate_for_write(&resource)?;
-    let stored = tx
-        .put(ty, id, resource, None, "POST", state.search.indexer())
-        .await?;
+    let stored = tx.put(ty, id, resource, None, "POST").await?;
     Ok(super::resource_response(
         state,
         &stored,

@@ -57,9 +57,7 @@ pub async fn create(
         obj.remove("id");
     }
     validate_for_write(&resource)?;
-    let stored = tx
-        .put(ty, &id, resource, None, "POST", state.search.indexer())
-        .await?;
+    let stored = tx.put(ty, &id, resource, None, "POST").await?;
     let response = resource_response(state, &stored, StatusCode::CREATED, ctx.prefer_return, true);
     Ok(Created { id, response })
 }

@@ -9,14 +9,9 @@ use crate::error::{FhirError, FhirResult};
 use crate::format::{Body, FhirResponse};
 use crate::state::AppState;
 
-async fn delete_one(
-    state: &AppState,
-    tx: &mut WriteTx,
-    ty: &str,
-    id: &str,
-) -> FhirResult<Option<i64>> {
+async fn delete_one(tx: &mut WriteTx, ty: &str, id: &str) -> FhirResult<Option<i64>> {
     match tx.current(ty, id).await? {
-        Some(c) if !c.deleted => Ok(Some(tx.delete(ty, id, &c, state.search.indexer()).await?)),
+        Some(c) if !c.deleted => Ok(Some(tx.delete(ty, id, &c).await?)),
         _ => Ok(None),
     }
 }
@@ -34,7 +29,7 @@ fn deleted_response(version: Option<i64>, message: String) -> FhirResponse {
 /// Deleting a resource that does not exist, or is already deleted, succeeds without a new
 /// version (http.html#delete).
 pub async fn delete(
-    state: &AppState,
+    _state: &AppState,
     tx: &mut WriteTx,
     ty: &str,
     id: &str,
@@ -42,7 +37,7 @@ pub async fn delete(
 ) -> FhirResult<FhirResponse> {
     check_type(ty)?;
     check_id(id)?;
-    let v = delete_one(state, tx, ty, id).await?;
+    let v = delete_one(tx, ty, id).await?;
     let msg = match v {
         Some(v) => format!("deleted {ty}/{id} (version {v})"),
         None => format!("{ty}/{id} did not exist or was already deleted"),
@@ -74,7 +69,7 @@ pub async fn conditional_delete(
     }
     let mut last = None;
     for id in &found {
-        last = delete_one(state, tx, ty, id).await?.or(last);
+        last = delete_one(tx, ty, id).await?.or(last);
     }
     let version = if found.len() == 1 { last } else { None };
     let mut r = deleted_response(

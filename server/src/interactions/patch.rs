@@ -87,16 +87,7 @@ pub async fn patch(
         ));
     }
     validate_for_write(&patched)?;
-    let stored = tx
-        .put(
-            ty,
-            id,
-            patched,
-            Some(&current),
-            "PATCH",
-            state.search.indexer(),
-        )
-        .await?;
+    let stored = tx.put(ty, id, patched, Some(&current), "PATCH").await?;
     Ok(resource_response(
         state,
         &stored,

@@ -74,9 +74,7 @@ async fn write_version(
             } else {
                 StatusCode::OK
             };
-            let stored = tx
-                .put(ty, id, resource, Some(&c), "PUT", state.search.indexer())
-                .await?;
+            let stored = tx.put(ty, id, resource, Some(&c), "PUT").await?;
             Ok(resource_response(
                 state,
                 &stored,
@@ -91,9 +89,7 @@ async fn write_version(
                     "{ty}/{id} does not exist and this server does not allow update-as-create"
                 )));
             }
-            let stored = tx
-                .put(ty, id, resource, None, "PUT", state.search.indexer())
-                .await?;
+            let stored = tx.put(ty, id, resource, None, "PUT").await?;
             Ok(resource_response(
                 state,
                 &stored,
