@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use kiln_server::config::{FileConfig, ServeArgs, StoreArgs, DEFAULT_LISTEN};
 use kiln_server::{AppState, Settings};
 
+// The server allocates many short-lived JSON trees per request; mimalloc beats glibc malloc
+// there (glibc's malloc/free were ~12 % of ingest CPU in profiles, docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Kiln: a FHIR R4 server")]
 struct Cli {
