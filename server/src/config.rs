@@ -12,7 +12,7 @@ use serde::Deserialize;
 /// Where the data lives (every subcommand that touches the store takes these).
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// Directory of the embedded SQLite database (created on first run).
+    /// Directory of the embedded SQLite database, created on first run (default: ./kiln-data).
     #[arg(long, env = "KILN_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Database URL: `postgres://user@host/db` selects PostgreSQL (default: embedded SQLite in
@@ -29,7 +29,7 @@ pub struct StoreArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on (default: 127.0.0.1:8080).
     #[arg(long, env = "KILN_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// The FHIR base URL advertised to clients (default: http://<listen>/fhir).
