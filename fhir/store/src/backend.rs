@@ -128,6 +128,7 @@ macro_rules! stored_from_row {
         }
     }};
 }
+pub(crate) use stored_from_row;
 
 impl Pools {
     pub(crate) async fn connect(config: &StoreConfig) -> Result<Pools> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite, Transaction};
 
-use crate::backend::{bind_values, decode_column, Pools};
+use crate::backend::{bind_values, decode_column, stored_from_row, Pools};
 use crate::{meta, Dialect, Result, SqlValue, Store, StoreError, StoredResource};
 
 /// What a write needs to know about the current version of a resource.
@@ -118,15 +118,7 @@ impl WriteTx {
                 .await?;
             Ok(match row {
                 None => None,
-                Some(r) => Some(StoredResource {
-                    rid: r.try_get(0)?,
-                    resource_type: r.try_get(1)?,
-                    id: r.try_get(2)?,
-                    version: r.try_get(3)?,
-                    last_updated: r.try_get(4)?,
-                    deleted: r.try_get::<i64, _>(5)? != 0,
-                    content: r.try_get(6)?,
-                }),
+                Some(r) => Some(stored_from_row!(&r)),
             })
         })
     }
@@ -148,15 +140,7 @@ impl WriteTx {
                 .await?;
             Ok(match row {
                 None => None,
-                Some(r) => Some(StoredResource {
-                    rid: r.try_get(0)?,
-                    resource_type: r.try_get(1)?,
-                    id: r.try_get(2)?,
-                    version: r.try_get(3)?,
-                    last_updated: r.try_get(4)?,
-                    deleted: r.try_get::<i64, _>(5)? != 0,
-                    content: r.try_get(6)?,
-                }),
+                Some(r) => Some(stored_from_row!(&r)),
             })
         })
     }
