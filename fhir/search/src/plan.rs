@@ -416,6 +416,15 @@ impl Builder {
                 }
                 let rc = self.rid_col(a);
                 let inner_sql = self.criterion(&t, inner);
+                if self.dialect == Dialect::Sqlite {
+                    // targets first (their criterion drives), then the references to them through
+                    // (param, ref_type, ref_id): a JOIN made SQLite walk every reference of the
+                    // parameter (measured: `Encounter?subject.name=X` 34 ms → under 1 ms)
+                    return format!(
+                        "{rc} IN (SELECT {x}.rid FROM search_reference {x} WHERE {x}.param = {rp} AND ({x}.ref_type, {x}.ref_id) IN (SELECT {t}.res_type, {t}.res_id FROM resources {t} WHERE {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql}))",
+                        types.join(", ")
+                    );
+                }
                 format!(
                     "{rc} IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql})",
                     types.join(", ")
@@ -436,6 +445,14 @@ impl Builder {
                 };
                 self.ctx_types.insert(s.clone(), source_type.clone());
                 let inner_sql = self.criterion(&s, inner);
+                if self.dialect == Dialect::Sqlite {
+                    // sources first (their criterion drives), then their references through
+                    // (rid, param): otherwise SQLite walks every reference of the parameter
+                    // (measured: `Patient?_has:Observation:patient:code=X` 21 ms → 1 ms)
+                    return format!(
+                        "{a}.res_id IN (SELECT {x}.ref_id FROM search_reference {x} INDEXED BY search_reference_rid WHERE {x}.param = {rp} AND {x}.ref_type = {outer_type} AND {x}.rid IN (SELECT {s}.rid FROM resources {s} WHERE {s}.res_type = {st} AND {s}.deleted = 0 AND {inner_sql}))"
+                    );
+                }
                 format!(
                     "{a}.res_id IN (SELECT {x}.ref_id FROM search_reference {x} JOIN resources {s} ON {s}.rid = {x}.rid WHERE {x}.param = {rp} AND {x}.ref_type = {outer_type} AND {s}.res_type = {st} AND {s}.deleted = 0 AND {inner_sql})"
                 )
@@ -588,10 +605,34 @@ impl Builder {
             .iter()
             .map(|v| self.value_cond(&x, c.param_type, &c.modifier, v))
             .collect();
+        if c.modifier == Modifier::Text && self.dialect == Dialect::Sqlite {
+            // `:text` matches words inside the display text (LIKE '% word%'), which no index
+            // serves: checked per candidate resource through (rid, param) instead of scanning
+            // every row of the parameter (measured: `Condition?code:text=X` 57 ms → 3 ms)
+            let cond = format!("{x}.param = {p} AND ({})", conds.join(" OR "));
+            return format!(
+                "EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.rid = {a}.rid AND {cond})"
+            );
+        }
         if c.modifier == Modifier::Not {
             // NOT IN: one materialised set (a correlated NOT EXISTS measured slower for `:not`)
             return format!(
                 "{a}.rid NOT IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
+                conds.join(" OR ")
+            );
+        }
+        if self.dialect == Dialect::Sqlite
+            && self.driven.contains(a)
+            && matches!(
+                c.param_type,
+                ParamType::String | ParamType::Date | ParamType::Number | ParamType::Quantity
+            )
+        {
+            // a more selective criterion already drives: this range is checked per candidate
+            // through (rid, param) instead of materialising every row of the parameter in range
+            // (measured: `Observation?code=X&value-quantity=gtN` 5.9 ms → 1.2 ms in SQL)
+            return format!(
+                "EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.rid = {a}.rid AND {x}.param = {p} AND ({}))",
                 conds.join(" OR ")
             );
         }
@@ -912,7 +953,14 @@ fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String
     } else {
         format!(" AND {}", conds.join(" AND "))
     };
-    if rev {
+    if rev && b.dialect == Dialect::Sqlite {
+        // from the page's resources to the references to them through (param, ref_type,
+        // ref_id), in that order (CROSS JOIN fixes SQLite's join order): otherwise SQLite walks
+        // every reference of the parameter (measured: 10 Patients' Observations 126 ms → 4 ms)
+        format!(
+            "SELECT DISTINCT s.rid AS rid FROM resources t CROSS JOIN search_reference x CROSS JOIN resources s WHERE t.rid IN ({rids}) AND x.ref_type = t.res_type AND x.ref_id = t.res_id AND s.rid = x.rid AND s.deleted = 0{extra}"
+        )
+    } else if rev {
         format!(
             "SELECT DISTINCT s.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}) AND s.deleted = 0{extra}"
         )
@@ -929,14 +977,14 @@ fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String
 /// (the `:iterate` directives). `None` when there is nothing to include.
 pub fn include_sql(
     query: &SearchQuery,
-    _dialect: Dialect,
+    dialect: Dialect,
     rids: &[i64],
     iterate_only: bool,
 ) -> Option<(String, Vec<SqlValue>)> {
     if rids.is_empty() {
         return None;
     }
-    let mut b = Builder::new(_dialect);
+    let mut b = Builder::new(dialect);
     let list = rid_list(rids);
     let mut parts = Vec::new();
     for inc in query.includes.iter().filter(|i| !iterate_only || i.iterate) {
@@ -1046,12 +1094,92 @@ mod tests {
             &page(),
         )
         .unwrap();
-        assert!(p.sql.contains("JOIN resources t"));
+        assert!(p.sql.contains("FROM resources t2"));
         assert!(
             !p.sql.contains(".ref_type = r.res_type"),
             "type known: no correlation"
         );
         assert!(p.explain.contains("subject references a Patient"));
+        // SQLite: chains drive from the targets, _has from the sources, :text per candidate
+        let p = plan(
+            &q(
+                "Encounter",
+                &[
+                    ("subject.name", "x"),
+                    ("_has:Observation:encounter:code", "1"),
+                ],
+            ),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql.contains(
+                "(x1.ref_type, x1.ref_id) IN (SELECT t2.res_type, t2.res_id FROM resources t2"
+            ),
+            "{}",
+            p.sql
+        );
+        assert!(
+            p.sql.contains("INDEXED BY search_reference_rid")
+                && p.sql.contains(".rid IN (SELECT s"),
+            "{}",
+            p.sql
+        );
+        let pg = plan(
+            &q("Encounter", &[("subject.name", "x")]),
+            Dialect::Postgres,
+            &page(),
+        )
+        .unwrap();
+        assert!(pg.sql.contains("JOIN resources t2"), "{}", pg.sql);
+        let p = plan(
+            &q("Condition", &[("code:text", "chron")]),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql.contains(
+                "EXISTS (SELECT 1 FROM search_token i1 WHERE i1.rid = r.rid AND i1.param = $2"
+            ),
+            "{}",
+            p.sql
+        );
+        // a range after a driving token: per-candidate EXISTS on SQLite, IN on PostgreSQL
+        let vq = q("Observation", &[("value-quantity", "gt5"), ("code", "1")]);
+        let p = plan(&vq, Dialect::Sqlite, &page()).unwrap();
+        assert!(
+            p.sql
+                .contains("r.rid IN (SELECT i1.rid FROM search_token i1"),
+            "{}",
+            p.sql
+        );
+        assert!(
+            p.sql
+                .contains("EXISTS (SELECT 1 FROM search_quantity i2 WHERE i2.rid = r.rid"),
+            "{}",
+            p.sql
+        );
+        let p = plan(&vq, Dialect::Postgres, &page()).unwrap();
+        assert!(
+            p.sql
+                .contains("r.rid IN (SELECT i2.rid FROM search_quantity i2"),
+            "{}",
+            p.sql
+        );
+        let p = plan(
+            &q("Observation", &[("date", "ge2020")]),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql
+                .contains("r.rid IN (SELECT i1.rid FROM search_date i1"),
+            "{}",
+            p.sql
+        );
         let query = q(
             "Observation",
             &[
@@ -1061,6 +1189,15 @@ mod tests {
         );
         let (sql, params) = include_sql(&query, Dialect::Sqlite, &[1, 2], false).unwrap();
         assert!(sql.contains("x.rid IN (1,2)") && sql.contains(" UNION "));
+        assert!(
+            sql.contains("FROM resources t CROSS JOIN search_reference x CROSS JOIN resources s WHERE t.rid IN (1,2)"),
+            "{sql}"
+        );
+        let (pg, _) = include_sql(&query, Dialect::Postgres, &[1, 2], false).unwrap();
+        assert!(
+            pg.contains("WHERE t.rid IN (1,2)") && !pg.contains("CROSS JOIN"),
+            "{pg}"
+        );
         assert_eq!(params.len(), 4);
         let (sql, _) = include_sql(&query, Dialect::Sqlite, &[3], true).unwrap();
         assert!(!sql.contains("UNION"));
