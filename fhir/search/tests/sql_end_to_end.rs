@@ -1,7 +1,7 @@
 //! End-to-end: index Synthea resources into a real database with the generated schema and
 //! INSERTs, run planned searches (all pages via keyset cursors) and compare the results with
 //! the in-memory matcher. SQLite in memory always; PostgreSQL when `KILN_TEST_DATABASE_URL` is set
-//! (schema `kiln_search_test`). Skips with a notice when `../shared` is absent.
+//! (a schema `kiln_search_test_<pid>` of its own, dropped afterwards). Skips with a notice when `../shared` is absent.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -810,14 +810,26 @@ async fn postgres_end_to_end() {
         return;
     };
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    // a schema of this run's own, so concurrent runs on one database cannot interfere
+    let schema = format!("kiln_search_test_{}", std::process::id());
     for s in [
-        "DROP SCHEMA IF EXISTS kiln_search_test CASCADE",
-        "CREATE SCHEMA kiln_search_test",
-        "SET search_path TO kiln_search_test",
+        format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+        format!("CREATE SCHEMA {schema}"),
+        format!("SET search_path TO {schema}"),
     ] {
-        sqlx::query(s).execute(&mut conn).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(s))
+            .execute(&mut conn)
+            .await
+            .unwrap();
     }
     scenario(Db::Pg(conn), corpus).await;
+    if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&mut c)
+        .await;
+    }
 }
 
 /// Patient bundles to load: 8 by default, `KILN_SEARCH_TEST_BUNDLES=100` for the whole corpus.
