@@ -1232,11 +1232,11 @@ async fn sql_store_backs_a_full_launch() {
     full_launch_over(std::sync::Arc::new(store)).await;
 }
 
-/// Runs against PostgreSQL when `KILN_TEST_POSTGRES_URL` is set (its `auth_*` tables are emptied).
+/// Runs against PostgreSQL when `KILN_TEST_DATABASE_URL` is set (its `auth_*` tables are emptied).
 #[tokio::test]
 async fn postgres_store_backs_a_full_launch() {
-    let Ok(url) = std::env::var("KILN_TEST_POSTGRES_URL") else {
-        eprintln!("skipping postgres_store_backs_a_full_launch: KILN_TEST_POSTGRES_URL not set");
+    let Ok(url) = std::env::var("KILN_TEST_DATABASE_URL") else {
+        eprintln!("skipping postgres_store_backs_a_full_launch: KILN_TEST_DATABASE_URL not set");
         return;
     };
     let pool = sqlx::postgres::PgPoolOptions::new()
