@@ -189,6 +189,37 @@ impl Access {
         }
     }
 
+    /// Conditional interactions match by search, which could reach outside a restricted grant's
+    /// compartment or granular filter: they need a grant not limited that way for the type.
+    pub fn require_unrestricted(&self, interaction: Interaction, ty: &str) -> FhirResult<()> {
+        self.check(interaction, ty)?;
+        if let Some(g) = &self.grant {
+            if g.requires_patient_compartment(interaction, ty)
+                || matches!(g.scope_filter(interaction, ty), ScopeFilter::AnyOf(_))
+            {
+                return Err(FhirError::from(AuthError::Forbidden(format!(
+                    "conditional {interaction:?} on {ty} needs a scope not limited to a patient or a granular filter"
+                ))));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the single resource of a read/vread response against the grant (404 otherwise).
+    pub fn require_visible_response(
+        &self,
+        state: &AppState,
+        interaction: Interaction,
+        r: crate::format::FhirResponse,
+    ) -> FhirResult<crate::format::FhirResponse> {
+        if self.grant.is_some() {
+            if let Some(body) = &r.body {
+                self.require_visible(state, interaction, &body.clone().into_value()?)?;
+            }
+        }
+        Ok(r)
+    }
+
     /// Removes every entry whose resource is not visible (search results, history, bundles).
     pub fn filter_bundle(&self, state: &AppState, interaction: Interaction, bundle: &mut Value) {
         if self.grant.is_none() {

@@ -240,7 +240,7 @@ async fn route(
             access.check(Interaction::Create, ty)?;
             if ctx.if_none_exist.is_some() {
                 // conditional create matches by search: could reveal resources outside the grant
-                unrestricted_for(access, Interaction::Create, ty)?;
+                access.require_unrestricted(Interaction::Create, ty)?;
             }
             access.require_writable(state, Interaction::Create, &resource)?;
             let ty = ty.to_string();
@@ -250,7 +250,7 @@ async fn route(
         }
         [ty] if m == Method::PUT => {
             let resource = parse_resource(headers, &body)?;
-            unrestricted_for(access, Interaction::Update, ty)?;
+            access.require_unrestricted(Interaction::Update, ty)?;
             let (ty, q) = (ty.to_string(), query_string(ctx));
             if q.is_empty() {
                 return Err(FhirError::method_not_allowed(
@@ -263,7 +263,7 @@ async fn route(
             .await?)
         }
         [ty] if m == Method::DELETE => {
-            unrestricted_for(access, Interaction::Delete, ty)?;
+            access.require_unrestricted(Interaction::Delete, ty)?;
             let (ty, q) = (ty.to_string(), query_string(ctx));
             in_tx!(state, |tx| delete::conditional_delete(
                 state, tx, &ty, &q, ctx
@@ -273,7 +273,7 @@ async fn route(
         [ty] if m == Method::PATCH => {
             let kind = format::body_kind(headers)?;
             let doc = format::parse_body(kind, &body)?;
-            unrestricted_for(access, Interaction::Patch, ty)?;
+            access.require_unrestricted(Interaction::Patch, ty)?;
             let (ty, q) = (ty.to_string(), query_string(ctx));
             in_tx!(state, |tx| patch::conditional_patch(
                 state, tx, &ty, &q, kind, &doc, ctx
@@ -308,7 +308,7 @@ async fn route(
         [ty, id] if get => {
             access.check(Interaction::Read, ty)?;
             let r = read::read(state, ty, id, ctx).await?;
-            visible_response(state, access, Interaction::Read, r)
+            access.require_visible_response(state, Interaction::Read, r)
         }
         [ty, id] if m == Method::PUT => {
             let resource = parse_resource(headers, &body)?;
@@ -349,7 +349,7 @@ async fn route(
             access.check(Interaction::VRead, ty)?;
             existing_visible(state, access, Interaction::VRead, ty, id).await?;
             let r = read::vread(state, ty, id, vid, ctx).await?;
-            visible_response(state, access, Interaction::VRead, r)
+            access.require_visible_response(state, Interaction::VRead, r)
         }
         [ty, id, op] if op.starts_with('$') => {
             access.check(Interaction::Read, ty)?;
@@ -396,25 +396,6 @@ async fn route(
     }
 }
 
-/// Conditional writes match by search, which could reach outside a restricted grant's
-/// compartment or granular filter: they need an unrestricted grant for the type.
-fn unrestricted_for(access: &Access, interaction: Interaction, ty: &str) -> FhirResult<()> {
-    access.check(interaction, ty)?;
-    if let Some(g) = access.grant() {
-        if g.requires_patient_compartment(interaction, ty)
-            || matches!(
-                g.scope_filter(interaction, ty),
-                kiln_smart_auth::ScopeFilter::AnyOf(_)
-            )
-        {
-            return Err(FhirError::from(kiln_smart_auth::AuthError::Forbidden(format!(
-                "conditional {interaction:?} on {ty} needs a scope not limited to a patient or a granular filter"
-            ))));
-        }
-    }
-    Ok(())
-}
-
 /// 404 when the current version of `ty/id` exists but is not visible to the grant.
 async fn existing_visible(
     state: &AppState,
@@ -437,23 +418,6 @@ async fn existing_visible(
         }
     }
     Ok(())
-}
-
-/// Checks the single resource of a read/vread response against the grant.
-fn visible_response(
-    state: &AppState,
-    access: &Access,
-    interaction: Interaction,
-    r: FhirResponse,
-) -> FhirResult<FhirResponse> {
-    if access.grant().is_none() {
-        return Ok(r);
-    }
-    if let Some(body) = &r.body {
-        let v = body.clone().into_value()?;
-        access.require_visible(state, interaction, &v)?;
-    }
-    Ok(r)
 }
 
 /// Drops the entries of a Bundle response the grant may not see.

@@ -3,7 +3,7 @@
 
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::backend::{on_read_pool, Pools};
+use crate::backend::{bind_values, on_read_pool, Pools};
 use crate::{Result, SqlValue};
 
 #[derive(Debug, Clone)]
@@ -107,15 +107,7 @@ pub(crate) async fn history(pools: &Pools, q: &HistoryQuery) -> Result<HistoryPa
             .unwrap_or(0)
     };
     let mut entries: Vec<HistoryEntry> = on_read_pool!(pools, |pool| {
-        let mut qy = sqlx::query(AssertSqlSafe(sql));
-        for v in &page_params {
-            qy = match v {
-                SqlValue::Int(i) => qy.bind(*i),
-                SqlValue::Text(s) => qy.bind(s.clone()),
-                SqlValue::Real(f) => qy.bind(*f),
-                SqlValue::Null => qy.bind(Option::<i64>::None),
-            };
-        }
+        let qy = bind_values!(sqlx::query(AssertSqlSafe(sql)), &page_params);
         let rows = qy.fetch_all(pool).await?;
         let mut v = Vec::with_capacity(rows.len());
         for r in &rows {

@@ -329,7 +329,7 @@ pub async fn run_transaction(
                         .and_then(Value::as_str)
                         .unwrap_or_default()
                         .to_string();
-                    create_with_id(state, tx, ty, &id, res, &r.ctx)
+                    create::create_with_id(state, tx, ty, &id, res, &r.ctx)
                         .await
                         .map_err(|e| at_entry(e, i))?
                 }
@@ -358,28 +358,6 @@ pub async fn run_transaction(
         out.push(response_entry(resp)?);
     }
     Ok(out)
-}
-
-/// Creates `ty/id` where the transaction assigned the id up front.
-async fn create_with_id(
-    state: &AppState,
-    tx: &mut WriteTx,
-    ty: &str,
-    id: &str,
-    resource: Value,
-    ctx: &RequestContext,
-) -> FhirResult<FhirResponse> {
-    super::check_type(ty)?;
-    super::check_body_type(&resource, ty)?;
-    crate::validation::validate_for_write(&resource)?;
-    let stored = tx.put(ty, id, resource, None, "POST").await?;
-    Ok(super::resource_response(
-        state,
-        &stored,
-        StatusCode::CREATED,
-        ctx.prefer_return,
-        true,
-    ))
 }
 
 fn at_entry(mut e: FhirError, i: usize) -> FhirError {
@@ -428,11 +406,11 @@ async fn execute(
         }
         (&Method::GET | &Method::HEAD, [ty, id]) => {
             let r = read::read_in_tx(state, tx, ty, id, &r.ctx).await?;
-            entry_visible(state, access, Interaction::Read, r)
+            access.require_visible_response(state, Interaction::Read, r)
         }
         (&Method::GET | &Method::HEAD, [ty, id, "_history", vid]) => {
             let r = read::vread_in_tx(state, tx, ty, id, vid, &r.ctx).await?;
-            entry_visible(state, access, Interaction::VRead, r)
+            access.require_visible_response(state, Interaction::VRead, r)
         }
         (&Method::GET | &Method::HEAD, [ty]) => {
             state
@@ -450,21 +428,6 @@ async fn execute(
     }
 }
 
-/// A read entry's resource must be visible to the grant (404 otherwise).
-fn entry_visible(
-    state: &AppState,
-    access: &Access,
-    interaction: Interaction,
-    r: FhirResponse,
-) -> FhirResult<FhirResponse> {
-    if access.grant().is_some() {
-        if let Some(b) = &r.body {
-            access.require_visible(state, interaction, &b.clone().into_value()?)?;
-        }
-    }
-    Ok(r)
-}
-
 /// SMART enforcement for one entry: the interaction must be granted on the type, written
 /// resources must lie within the grant, and existing resources touched must be visible to it.
 async fn check_entry_access(
@@ -473,9 +436,9 @@ async fn check_entry_access(
     access: &Access,
     r: &EntryRequest,
 ) -> FhirResult<()> {
-    let Some(grant) = access.grant() else {
+    if access.grant().is_none() {
         return Ok(());
-    };
+    }
     let Some(ty) = r.path.first() else {
         return access.check_any(Interaction::Search);
     };
@@ -487,16 +450,8 @@ async fn check_entry_access(
         && r.method != Method::HEAD
         && r.method != Method::POST)
         || (r.method == Method::POST && r.ctx.if_none_exist.is_some());
-    if conditional
-        && (grant.requires_patient_compartment(interaction, ty)
-            || matches!(
-                grant.scope_filter(interaction, ty),
-                kiln_smart_auth::ScopeFilter::AnyOf(_)
-            ))
-    {
-        return Err(FhirError::from(kiln_smart_auth::AuthError::Forbidden(format!(
-            "conditional {interaction:?} on {ty} needs a scope not limited to a patient or a granular filter"
-        ))));
+    if conditional {
+        access.require_unrestricted(interaction, ty)?;
     }
     if let (Some(res), true) = (&r.resource, matches!(r.method, Method::POST | Method::PUT)) {
         access.require_writable(state, interaction, res)?;

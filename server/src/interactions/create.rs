@@ -56,8 +56,29 @@ pub async fn create(
     if let Some(obj) = resource.as_object_mut() {
         obj.remove("id");
     }
-    validate_for_write(&resource)?;
-    let stored = tx.put(ty, &id, resource, None, "POST").await?;
-    let response = resource_response(state, &stored, StatusCode::CREATED, ctx.prefer_return, true);
+    let response = create_with_id(state, tx, ty, &id, resource, ctx).await?;
     Ok(Created { id, response })
+}
+
+/// Validates and stores a new resource under an id already chosen (by `create`, or by a
+/// transaction that assigns ids up front to rewrite `urn:uuid:` references).
+pub async fn create_with_id(
+    state: &AppState,
+    tx: &mut WriteTx,
+    ty: &str,
+    id: &str,
+    resource: Value,
+    ctx: &RequestContext,
+) -> FhirResult<FhirResponse> {
+    check_type(ty)?;
+    check_body_type(&resource, ty)?;
+    validate_for_write(&resource)?;
+    let stored = tx.put(ty, id, resource, None, "POST").await?;
+    Ok(resource_response(
+        state,
+        &stored,
+        StatusCode::CREATED,
+        ctx.prefer_return,
+        true,
+    ))
 }
