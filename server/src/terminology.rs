@@ -26,6 +26,12 @@ pub fn load_saved_systems(tx: &mut Terminology, dir: &Path) -> anyhow::Result<us
             .load(&id)
             .map_err(|e| anyhow::anyhow!("cannot load code system {id}: {e}"))?
         {
+            // companion resources of the release (SNOMED CT `?fhir_cm=` ConceptMaps)
+            for r in &table.resources {
+                tx.add_resource(r.clone()).map_err(|e| {
+                    anyhow::anyhow!("invalid resource in code system {id}: {:?}", e.issues)
+                })?;
+            }
             tx.add_code_system(Arc::new(table));
             n += 1;
         }

@@ -1,8 +1,10 @@
 //! Kiln terminology service library: UCUM, code system providers (FHIR CodeSystem resources,
 //! ICD-10-CM, LOINC, SNOMED CT), and the FHIR terminology operations on `serde_json::Value`.
 
+pub mod ecl;
 pub mod gem;
 pub mod icd10cm;
+pub mod implicit;
 pub mod loinc;
 pub mod provider;
 pub mod resource;

@@ -1,6 +1,16 @@
-//! LOINC loader: `LoincTable/Loinc.csv` (or `LoincTableCore/LoincTableCore.csv`) read by header
-//! name, plus the optional multiaxial hierarchy
-//! `AccessoryFiles/ComponentHierarchyBySystem/ComponentHierarchyBySystem.csv` for is-a.
+//! LOINC loader. Every file is read by header name, never by column position:
+//! - `LoincTable/Loinc.csv` (or `LoincTableCore/LoincTableCore.csv`): the terms, with display
+//!   LONG_COMMON_NAME, designations SHORTNAME/CONSUMER_NAME/DisplayName, properties COMPONENT,
+//!   PROPERTY, TIME_ASPCT, SYSTEM, SCALE_TYP, METHOD_TYP, CLASS, CLASSTYPE, STATUS, ORDER_OBS;
+//!   STATUS DEPRECATED = inactive;
+//! - `AccessoryFiles/PartFile/Part.csv`: the LP parts as concepts;
+//! - `AccessoryFiles/PartFile/LoincPartLink_Primary.csv`: a term's axis property becomes a
+//!   Coding to its part (`COMPONENT = LP14635-4 |Glucose|`);
+//! - `AccessoryFiles/AnswerFile/AnswerList.csv` and `LoincAnswerListLink.csv`: LL answer lists
+//!   and LA answers as concepts, the list → answers set (implicit value set
+//!   `http://loinc.org/vs/LL…`, filter `LIST = LL…`) and the term's `answer-list` property;
+//! - `AccessoryFiles/ComponentHierarchyBySystem/ComponentHierarchyBySystem.csv`: the
+//!   multiaxial hierarchy as parent/child links (is-a, `$subsumes`, `http://loinc.org/vs/LP…`).
 
 use std::path::Path;
 
@@ -26,7 +36,18 @@ const PROPERTY_COLUMNS: &[&str] = &[
     "VersionLastChanged",
 ];
 
-/// Loads a LOINC release directory.
+/// The texts of a LOINC release: (file text, file name) per file; only the main table is required.
+#[derive(Debug, Default, Clone)]
+pub struct LoincTexts {
+    pub table: (String, String),
+    pub parts: Option<(String, String)>,
+    pub part_links: Option<(String, String)>,
+    pub answer_lists: Option<(String, String)>,
+    pub answer_list_links: Option<(String, String)>,
+    pub hierarchy: Option<(String, String)>,
+}
+
+/// Loads a LOINC release directory (files found by their standard names anywhere below it).
 pub fn load_loinc_dir(dir: &Path, version: Option<&str>) -> Result<ConceptTable, FileError> {
     let main = find_file(dir, "Loinc.csv")
         .or_else(|| find_file(dir, "LoincTableCore.csv"))
@@ -36,18 +57,21 @@ pub fn load_loinc_dir(dir: &Path, version: Option<&str>) -> Result<ConceptTable,
             column: 0,
             message: "no Loinc.csv or LoincTableCore.csv in the release directory".into(),
         })?;
-    let hierarchy = find_file(dir, "ComponentHierarchyBySystem.csv");
-    let main_text = read_file(&main)?;
-    let hier_text = match &hierarchy {
-        Some(p) => Some((read_file(p)?, p.display().to_string())),
-        None => None,
+    let opt = |name: &str| -> Result<Option<(String, String)>, FileError> {
+        match find_file(dir, name) {
+            Some(p) => Ok(Some((read_file(&p)?, p.display().to_string()))),
+            None => Ok(None),
+        }
     };
-    load_loinc(
-        &main_text,
-        &main.display().to_string(),
-        hier_text.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
-        version,
-    )
+    let texts = LoincTexts {
+        table: (read_file(&main)?, main.display().to_string()),
+        parts: opt("Part.csv")?,
+        part_links: opt("LoincPartLink_Primary.csv")?,
+        answer_lists: opt("AnswerList.csv")?,
+        answer_list_links: opt("LoincAnswerListLink.csv")?,
+        hierarchy: opt("ComponentHierarchyBySystem.csv")?,
+    };
+    load_loinc_texts(&texts, version)
 }
 
 /// Loads LOINC from the text of Loinc.csv (and optionally ComponentHierarchyBySystem.csv).
@@ -57,7 +81,25 @@ pub fn load_loinc(
     hierarchy: Option<(&str, &str)>,
     version: Option<&str>,
 ) -> Result<ConceptTable, FileError> {
-    let t = parse_csv(loinc_csv, file)?;
+    let texts = LoincTexts {
+        table: (loinc_csv.to_string(), file.to_string()),
+        hierarchy: hierarchy.map(|(t, f)| (t.to_string(), f.to_string())),
+        ..Default::default()
+    };
+    load_loinc_texts(&texts, version)
+}
+
+fn coding(code: &str, display: Option<String>) -> PropertyValue {
+    PropertyValue::Coding {
+        system: Some(LOINC_URL.into()),
+        code: code.to_string(),
+        display,
+    }
+}
+
+/// Loads LOINC from the texts of its release files.
+pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<ConceptTable, FileError> {
+    let t = parse_csv(&x.table.0, &x.table.1)?;
     let c_num = t.col("LOINC_NUM")?;
     let c_long = t.col("LONG_COMMON_NAME")?;
     let c_status = t.opt_col("STATUS");
@@ -81,11 +123,25 @@ pub fn load_loinc(
             description: None,
         })
         .collect();
-    let num_re =
-        regex::Regex::new(r"^\d{1,7}-\d$").map_err(|e| t.error(&t.rows[0], 0, e.to_string()))?;
+    for (code, kind) in [("answer-list", "Coding"), ("PartTypeName", "string")] {
+        table.property_defs.push(PropertyDef {
+            code: code.into(),
+            kind: kind.into(),
+            ..Default::default()
+        });
+    }
+    let is_loinc_num = |code: &str| {
+        let Some((a, b)) = code.split_once('-') else {
+            return false;
+        };
+        (1..=7).contains(&a.len())
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.len() == 1
+            && b.bytes().all(|c| c.is_ascii_digit())
+    };
     for row in &t.rows {
         let code = row.fields[c_num].trim();
-        if !num_re.is_match(code) {
+        if !is_loinc_num(code) {
             return Err(t.error(row, c_num, format!("invalid LOINC_NUM '{code}'")));
         }
         let long = row.fields[c_long].trim();
@@ -127,7 +183,144 @@ pub fn load_loinc(
         }
         table.add(c);
     }
-    if let Some((text, hfile)) = hierarchy {
+    drop(t);
+
+    // parts
+    if let Some((text, file)) = &x.parts {
+        let p = parse_csv(text, file)?;
+        let (c_num, c_type, c_name) = (
+            p.col("PartNumber")?,
+            p.col("PartTypeName")?,
+            p.col("PartName")?,
+        );
+        let (c_disp, c_stat) = (p.opt_col("PartDisplayName"), p.opt_col("Status"));
+        for row in &p.rows {
+            let code = row.fields[c_num].trim();
+            if !code.starts_with("LP") {
+                return Err(p.error(row, c_num, format!("invalid PartNumber '{code}'")));
+            }
+            let display = c_disp
+                .map(|i| row.fields[i].trim())
+                .filter(|d| !d.is_empty())
+                .unwrap_or(row.fields[c_name].trim());
+            let mut c = Concept::new(code, Some(display.to_string()));
+            c.not_selectable = true;
+            c.inactive = match c_stat.map(|i| row.fields[i].trim()).unwrap_or("") {
+                "ACTIVE" | "" => false,
+                "DEPRECATED" | "INACTIVE" => true,
+                other => {
+                    return Err(p.error(
+                        row,
+                        c_stat.unwrap_or(0),
+                        format!("unknown part Status '{other}'"),
+                    ))
+                }
+            };
+            c.properties.push((
+                "PartTypeName".into(),
+                PropertyValue::String(row.fields[c_type].trim().to_string()),
+            ));
+            table.add(c);
+        }
+    }
+
+    // primary part links: the term's axis property becomes a Coding to the part
+    if let Some((text, file)) = &x.part_links {
+        let l = parse_csv(text, file)?;
+        let (c_loinc, c_part, c_name, c_prop) = (
+            l.col("LoincNumber")?,
+            l.col("PartNumber")?,
+            l.col("PartName")?,
+            l.col("Property")?,
+        );
+        for row in &l.rows {
+            let code = row.fields[c_loinc].trim();
+            let Some(ci) = table.index_of(code) else {
+                return Err(l.error(
+                    row,
+                    c_loinc,
+                    format!("link for unknown LOINC term '{code}'"),
+                ));
+            };
+            let part = row.fields[c_part].trim();
+            if !part.starts_with("LP") {
+                return Err(l.error(row, c_part, format!("invalid PartNumber '{part}'")));
+            }
+            let prop_uri = row.fields[c_prop].trim();
+            let name = prop_uri.rsplit('/').next().unwrap_or(prop_uri).to_string();
+            if name.is_empty() {
+                return Err(l.error(row, c_prop, "empty Property"));
+            }
+            let v = coding(part, Some(row.fields[c_name].trim().to_string()));
+            let c = &mut table.concepts[ci as usize];
+            match c.properties.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = v,
+                None => c.properties.push((name, v)),
+            }
+        }
+    }
+
+    // answer lists: LL and LA concepts, LL → answers
+    if let Some((text, file)) = &x.answer_lists {
+        let a = parse_csv(text, file)?;
+        let (c_ll, c_name, c_la, c_text) = (
+            a.col("AnswerListId")?,
+            a.col("AnswerListName")?,
+            a.col("AnswerStringId")?,
+            a.col("DisplayText")?,
+        );
+        for row in &a.rows {
+            let ll = row.fields[c_ll].trim();
+            if !ll.starts_with("LL") {
+                return Err(a.error(row, c_ll, format!("invalid AnswerListId '{ll}'")));
+            }
+            if table.index_of(ll).is_none() {
+                table.add(Concept::new(
+                    ll,
+                    Some(row.fields[c_name].trim().to_string()),
+                ));
+            }
+            let la = row.fields[c_la].trim();
+            if la.is_empty() {
+                continue; // an externally defined list has no LA rows
+            }
+            if !la.starts_with("LA") {
+                return Err(a.error(row, c_la, format!("invalid AnswerStringId '{la}'")));
+            }
+            let ai = match table.index_of(la) {
+                Some(i) => i,
+                None => table.add(Concept::new(
+                    la,
+                    Some(row.fields[c_text].trim().to_string()),
+                )),
+            };
+            table.sets.entry(ll.to_string()).or_default().push(ai);
+        }
+    }
+    if let Some((text, file)) = &x.answer_list_links {
+        let a = parse_csv(text, file)?;
+        let (c_loinc, c_ll) = (a.col("LoincNumber")?, a.col("AnswerListId")?);
+        for row in &a.rows {
+            let code = row.fields[c_loinc].trim();
+            let Some(ci) = table.index_of(code) else {
+                return Err(a.error(
+                    row,
+                    c_loinc,
+                    format!("link for unknown LOINC term '{code}'"),
+                ));
+            };
+            let ll = row.fields[c_ll].trim();
+            let display = table.get(ll).and_then(|c| c.display.clone());
+            if display.is_none() && !table.sets.contains_key(ll) && table.index_of(ll).is_none() {
+                return Err(a.error(row, c_ll, format!("unknown answer list '{ll}'")));
+            }
+            table.concepts[ci as usize]
+                .properties
+                .push(("answer-list".into(), coding(ll, display)));
+        }
+    }
+
+    if let Some((text, hfile)) = &x.hierarchy {
         let h = parse_csv(text, hfile)?;
         let c_parent = h.col("IMMEDIATE_PARENT")?;
         let c_code = h.col("CODE")?;
@@ -148,8 +341,15 @@ pub fn load_loinc(
             };
             let parent = row.fields[c_parent].trim();
             if !parent.is_empty() {
-                if let Some(p) = table.index_of(parent) {
-                    table.link(p, child);
+                match table.index_of(parent) {
+                    Some(p) => table.link(p, child),
+                    None => {
+                        return Err(h.error(
+                            row,
+                            c_parent,
+                            format!("IMMEDIATE_PARENT '{parent}' is not defined on an earlier row"),
+                        ))
+                    }
                 }
             }
         }
@@ -174,13 +374,26 @@ mod tests {
             c.display.as_deref(),
             Some("Glucose [Mass/volume] in Serum or Plasma")
         );
+        // the primary part link makes COMPONENT a Coding to the part
         assert_eq!(
-            c.property("COMPONENT")
+            c.property("COMPONENT").next(),
+            Some(&PropertyValue::Coding {
+                system: Some(LOINC_URL.into()),
+                code: "LP14635-4".into(),
+                display: Some("Glucose".into())
+            })
+        );
+        assert_eq!(
+            t.lookup("718-7")
+                .unwrap()
+                .property("COMPONENT")
                 .next()
                 .map(|v| v.as_text())
                 .as_deref(),
-            Some("Glucose")
+            Some("Hemoglobin")
         );
+        assert_eq!(t.set_members("LL2201-3").len(), 4);
+        assert!(t.lookup("LP31755-9").unwrap().inactive);
         assert!(c
             .designations
             .iter()

@@ -1,7 +1,7 @@
 //! The storage-agnostic core: `CodeSystemProvider`, and `ConceptTable`, the in-memory
 //! (serde-serialisable) implementation every loader produces.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -288,6 +288,15 @@ pub struct ConceptTable {
     pub language: Option<String>,
     pub property_defs: Vec<PropertyDef>,
     pub concepts: Vec<Concept>,
+    /// Named member sets over the concepts: SNOMED CT reference sets (refset id → members),
+    /// LOINC answer lists (LL… → LA… answers, in sequence order).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sets: BTreeMap<String, Vec<u32>>,
+    /// Resources loaded with the code system from the same release (SNOMED CT implicit concept
+    /// maps `?fhir_cm=…`: historical associations, the ICD-10 map), kept in the same snapshot so
+    /// they are replaced together with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<serde_json::Value>,
     #[serde(skip)]
     index: HashMap<String, u32>,
     #[serde(skip)]
@@ -374,6 +383,14 @@ impl ConceptTable {
         }
     }
 
+    /// Members of the named set (reference set, answer list), sorted; empty when unknown.
+    pub fn set_members(&self, id: &str) -> Vec<u32> {
+        let mut v = self.sets.get(id).cloned().unwrap_or_default();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     pub fn get(&self, code: &str) -> Option<&Concept> {
         self.index_of(code).map(|i| &self.concepts[i as usize])
     }
@@ -426,7 +443,21 @@ impl ConceptTable {
                 .iter()
                 .map(|p| self.concepts[*p as usize].code.clone())
                 .collect(),
-            _ => c.property(property).map(|v| v.as_text()).collect(),
+            _ => {
+                let mut out = Vec::new();
+                for v in c.property(property) {
+                    out.push(v.as_text());
+                    // a Coding matches by its code or its display (LOINC parts: `COMPONENT =
+                    // LP14635-4` or `COMPONENT = Glucose`)
+                    if let PropertyValue::Coding {
+                        display: Some(d), ..
+                    } = v
+                    {
+                        out.push(d.clone());
+                    }
+                }
+                out
+            }
         }
     }
 
@@ -445,6 +476,33 @@ impl ConceptTable {
         op: &str,
         value: &str,
     ) -> Result<Vec<u32>, ProviderError> {
+        match (property, op) {
+            // SNOMED CT `constraint =` / `expression =`: an ECL expression
+            ("constraint" | "expression", "=") => {
+                return crate::ecl::evaluate(self, value).map_err(|e| ProviderError(e.to_string()))
+            }
+            // `concept in {refset}`: members of a reference set / answer list
+            ("concept", "in") if self.sets.contains_key(value.trim()) => {
+                return Ok(self.set_members(value.trim()));
+            }
+            // LOINC `LIST = LL…`: the answers of an answer list
+            ("LIST", "=") if self.url == crate::loinc::LOINC_URL => {
+                return Ok(self.set_members(value.trim()))
+            }
+            // the concepts that are reference sets (`?fhir_vs=refset`)
+            ("refset", "exists") if self.url == crate::snomed::SNOMED_URL => {
+                let mut v: Vec<u32> = self.sets.keys().filter_map(|k| self.index_of(k)).collect();
+                if value == "false" {
+                    let set: HashSet<u32> = v.into_iter().collect();
+                    v = (0..self.concepts.len() as u32)
+                        .filter(|i| !set.contains(i))
+                        .collect();
+                }
+                v.sort_unstable();
+                return Ok(v);
+            }
+            _ => {}
+        }
         let hier = matches!(property, "concept" | "code")
             || matches!(
                 op,

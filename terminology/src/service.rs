@@ -710,15 +710,9 @@ impl<'a> Ctx<'a> {
     /// `{system}?fhir_vs=isa/{code}` = the code and its descendants), as SNOMED CT, LOINC and
     /// ICD servers offer them.
     fn implicit_vs(&self, url: &str) -> Option<Value> {
-        let (system, query) = url.split_once("?fhir_vs")?;
-        self.find_cs(system, None)?;
-        let include = match query.strip_prefix('=') {
-            None | Some("") => json!({"system": system}),
-            Some(q) => {
-                let code = q.strip_prefix("isa/")?;
-                json!({"system": system, "filter": [{"property": "concept", "op": "is-a", "value": code}]})
-            }
-        };
+        // the URL → compose mapping (SNOMED CT isa/refset/ecl, LOINC vs/LL…/LP…) is in implicit.rs
+        let (system, include) = crate::implicit::implicit_include(url)?;
+        self.find_cs(&system, None)?;
         Some(json!({
             "resourceType": "ValueSet",
             "url": url,
@@ -2238,10 +2232,14 @@ impl<'a> Ctx<'a> {
                 Some(s) if s != "inactive" => format!("{s} and inactive"),
                 _ => "inactive".to_string(),
             };
-            let m = format!(
+            let mut m = format!(
                 "The concept '{}' has a status of {st} and its use should be reviewed",
                 concept.code
             );
+            // SNOMED CT historical associations: name the replacement
+            if let Some(note) = crate::snomed::history_note(&concept) {
+                m.push_str(&note);
+            }
             r.issues.push(issue_json(
                 "warning",
                 "business-rule",

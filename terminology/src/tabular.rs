@@ -122,6 +122,109 @@ pub fn parse_tsv(text: &str, file: &str) -> Result<Table, FileError> {
     })
 }
 
+/// The header of a streamed file: column names → index.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub file: String,
+    pub columns: HashMap<String, usize>,
+    pub width: usize,
+}
+
+impl Header {
+    /// Index of a required column (error at line 1 when absent).
+    pub fn col(&self, name: &str) -> Result<usize, FileError> {
+        self.columns.get(name).copied().ok_or_else(|| FileError {
+            file: self.file.clone(),
+            line: 1,
+            column: 1,
+            message: format!("required column '{name}' is missing from the header"),
+        })
+    }
+    pub fn opt_col(&self, name: &str) -> Option<usize> {
+        self.columns.get(name).copied()
+    }
+    pub fn error(&self, line: usize, col: usize, message: impl Into<String>) -> FileError {
+        FileError {
+            file: self.file.clone(),
+            line,
+            column: col + 1,
+            message: message.into(),
+        }
+    }
+}
+
+/// A streaming reader of a tab-separated (RF2) text: rows are borrowed slices of the text, so a
+/// 1.5 M-row description file is never held as millions of `String`s.
+pub struct TsvRows<'a> {
+    lines: std::iter::Enumerate<std::str::Split<'a, char>>,
+    header: Header,
+    fields: Vec<&'a str>,
+}
+
+impl<'a> TsvRows<'a> {
+    pub fn new(text: &'a str, file: &str) -> Result<Self, FileError> {
+        let text = text.trim_start_matches('\u{feff}');
+        let mut lines = text.split('\n').enumerate();
+        let header = match lines.next() {
+            Some((_, h)) if !h.trim().is_empty() => h.trim_end_matches('\r'),
+            _ => {
+                return Err(FileError {
+                    file: file.into(),
+                    line: 1,
+                    column: 1,
+                    message: "empty file: no header row".into(),
+                })
+            }
+        };
+        let names: Vec<&str> = header.split('\t').collect();
+        let header = Header {
+            file: file.into(),
+            width: names.len(),
+            columns: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.trim().to_string(), i))
+                .collect(),
+        };
+        Ok(TsvRows {
+            lines,
+            header,
+            fields: Vec::with_capacity(16),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The next data row as (1-based line number, fields); `None` at the end of the file.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<Result<(usize, &[&'a str]), FileError>> {
+        for (i, l) in self.lines.by_ref() {
+            let l = l.trim_end_matches('\r');
+            if l.is_empty() {
+                continue;
+            }
+            self.fields.clear();
+            self.fields.extend(l.split('\t'));
+            if self.fields.len() != self.header.width {
+                return Some(Err(FileError {
+                    file: self.header.file.clone(),
+                    line: i + 1,
+                    column: self.fields.len().min(self.header.width) + 1,
+                    message: format!(
+                        "expected {} tab-separated fields, found {}",
+                        self.header.width,
+                        self.fields.len()
+                    ),
+                }));
+            }
+            return Some(Ok((i + 1, &self.fields)));
+        }
+        None
+    }
+}
+
 /// Comma-separated with RFC 4180 quoting (`"…"`, `""` escapes, quoted newlines), header row.
 pub fn parse_csv(text: &str, file: &str) -> Result<Table, FileError> {
     let text = text.trim_start_matches('\u{feff}');
@@ -252,8 +355,8 @@ pub fn parse_csv(text: &str, file: &str) -> Result<Table, FileError> {
     })
 }
 
-/// Finds the first file under `dir` (recursively) whose name starts with `prefix`.
-pub fn find_file(dir: &Path, prefix: &str) -> Option<std::path::PathBuf> {
+/// Every file under `dir` (recursively) whose name starts with `prefix`, sorted by path.
+pub fn find_files(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
     let mut stack = vec![dir.to_path_buf()];
     let mut found: Vec<std::path::PathBuf> = Vec::new();
     while let Some(d) = stack.pop() {
@@ -274,7 +377,12 @@ pub fn find_file(dir: &Path, prefix: &str) -> Option<std::path::PathBuf> {
         }
     }
     found.sort();
-    found.into_iter().next()
+    found
+}
+
+/// Finds the first file under `dir` (recursively) whose name starts with `prefix`.
+pub fn find_file(dir: &Path, prefix: &str) -> Option<std::path::PathBuf> {
+    find_files(dir, prefix).into_iter().next()
 }
 
 #[cfg(test)]
