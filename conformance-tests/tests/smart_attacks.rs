@@ -14,6 +14,7 @@
 
 mod smart_support;
 
+use kiln_conformance_tests::Backend;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use smart_support::*;
@@ -73,12 +74,38 @@ async fn b_unchanged(k: &Kiln, path: &str, field: &str, expected: &Value) -> Res
     )
 }
 
+/// Every attack on SQLite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smart_attack_suite() {
-    let k = match start().await {
-        Ok(k) => k,
+async fn smart_attacks_sqlite() {
+    let k = match start_on(Backend::Sqlite).await {
+        Ok(Some(k)) => k,
+        Ok(None) => unreachable!("SQLite is always available"),
         Err(e) => panic!("cannot start Kiln with SMART: {e}"),
     };
+    let names = smart_attack_suite(&k).await;
+    k.finish().await;
+    assert_eq!(names.len(), ATTACK_COUNT, "attacks run: {names:?}");
+}
+
+/// The same attacks on PostgreSQL, with identical results: the same named attacks, 0 leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smart_attacks_postgres() {
+    let k = match start_on(Backend::Postgres).await {
+        Ok(Some(k)) => k,
+        Ok(None) => return,
+        Err(e) => panic!("cannot start Kiln with SMART on PostgreSQL: {e}"),
+    };
+    let names = smart_attack_suite(&k).await;
+    k.finish().await;
+    assert_eq!(names.len(), ATTACK_COUNT, "attacks run: {names:?}");
+}
+
+/// How many named attacks [`smart_attack_suite`] records (both backends must run all of them).
+const ATTACK_COUNT: usize = 109;
+
+/// Runs every attack against `k`; fails on any leak; returns the attack names.
+async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
+    println!("backend: {:?}", k.backend);
     let t = match k
         .patient_token("launch/patient openid fhirUser offline_access patient/*.cruds")
         .await
@@ -751,8 +778,12 @@ async fn smart_attack_suite() {
 
     rep.print("SMART attack suite (token for Patient A; target Patient B)");
     let (p, f) = (rep.passed(), rep.failed());
-    println!("SMART attack suite: {p} passed, {f} failed");
+    println!(
+        "SMART attack suite ({:?}): {p} passed, {f} failed",
+        k.backend
+    );
     assert_eq!(f, 0, "SMART attack suite: {p} passed, {f} failed");
+    rep.rows.into_iter().map(|(n, _)| n).collect()
 }
 
 /// The refreshed token response must not name another patient.

@@ -11,6 +11,7 @@ mod smart_support;
 
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use kiln_conformance_tests::Backend;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use smart_support::*;
@@ -111,8 +112,38 @@ async fn introspect(k: &Kiln, token: &str, bearer: &str) -> Resp {
     .await
 }
 
+/// Every check on SQLite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smart_inferno_checks() {
+async fn smart_inferno_sqlite() {
+    let k = match start_on(Backend::Sqlite).await {
+        Ok(Some(k)) => k,
+        Ok(None) => unreachable!("SQLite is always available"),
+        Err(e) => panic!("cannot start Kiln with SMART: {e}"),
+    };
+    let names = smart_inferno_checks(&k).await;
+    k.finish().await;
+    assert_eq!(names.len(), INFERNO_CHECK_COUNT, "checks run: {names:?}");
+}
+
+/// The same checks on PostgreSQL (`SqlAuthStore` on PostgreSQL), with identical results: the same
+/// named checks run, all pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smart_inferno_postgres() {
+    let k = match start_on(Backend::Postgres).await {
+        Ok(Some(k)) => k,
+        Ok(None) => return,
+        Err(e) => panic!("cannot start Kiln with SMART on PostgreSQL: {e}"),
+    };
+    let names = smart_inferno_checks(&k).await;
+    k.finish().await;
+    assert_eq!(names.len(), INFERNO_CHECK_COUNT, "checks run: {names:?}");
+}
+
+/// How many named checks [`smart_inferno_checks`] records (both backends must run all of them).
+const INFERNO_CHECK_COUNT: usize = 59;
+
+/// Runs every check against `k`; fails if any failed; returns the check names.
+async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
     if let Some(dir) =
         std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/inferno"))
             .is_dir()
@@ -133,10 +164,7 @@ async fn smart_inferno_checks() {
         );
     }
 
-    let k = match start().await {
-        Ok(k) => k,
-        Err(e) => panic!("cannot start Kiln with SMART: {e}"),
-    };
+    println!("backend: {:?}", k.backend);
     let mut rep = Report::default();
     let origin = "https://app.example.org";
     let base = k.base.clone();
@@ -1240,8 +1268,9 @@ async fn smart_inferno_checks() {
 
     rep.print("SMART App Launch STU2.2 / ONC g10 authorization checks");
     let (p, f) = (rep.passed(), rep.failed());
-    println!("SMART checks: {p} passed, {f} failed");
+    println!("SMART checks ({:?}): {p} passed, {f} failed", k.backend);
     assert_eq!(f, 0, "SMART checks: {p} passed, {f} failed");
+    rep.rows.into_iter().map(|(n, _)| n).collect()
 }
 
 fn basic(id: &str, secret: &str) -> String {

@@ -1,6 +1,7 @@
 #![allow(dead_code)]
-//! Support for the SMART end-to-end suites (`smart_inferno.rs`, `smart_attacks.rs`): a Kiln server
-//! with `--auth on` started in-process (SQLite in a temp dir), users and clients, seed data for two
+//! Support for the SMART end-to-end suites (`smart_inferno.rs`, `smart_attacks.rs`,
+//! `smart_clients.rs`): a Kiln server with `--auth on` started in-process (SQLite in a temp dir, or
+//! PostgreSQL in a fresh database when `KILN_TEST_DATABASE_URL` is set), users and clients, seed data for two
 //! patients, an HTTP client that does not follow redirects (the authorization flow is driven step by
 //! step: authorize → login → consent → code), PKCE, client keys for JWT assertions, and a check
 //! recorder that prints a `<check>: passed/failed` table.
@@ -10,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kiln_conformance_tests::{Backend, PgDatabase, PG_ENV};
 use kiln_server::{open_auth, open_store, serve, AppState, Settings};
 use kiln_smart_auth::{add_client, add_user, AuthState, ClientAuthMethod, NewClient, NewUser};
 use kiln_store::StoreConfig;
@@ -199,14 +201,43 @@ pub struct Kiln {
     pub backend_key: ClientKey,
     pub backend_ec_client: String,
     pub backend_ec_key: ClientKey,
-    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    pub backend: Backend,
+    store: kiln_store::Store,
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    // dropped after the store is closed (field order = drop order)
+    _pg: Option<PgDatabase>,
     _dir: tempfile::TempDir,
 }
 
+/// Starts Kiln with SMART on SQLite.
 pub async fn start() -> Result<Kiln, String> {
+    start_on(Backend::Sqlite)
+        .await?
+        .ok_or_else(|| "SQLite is always available".to_string())
+}
+
+/// Starts Kiln with SMART on `backend`; `Ok(None)` (with a printed notice) for PostgreSQL when
+/// `KILN_TEST_DATABASE_URL` is not set.
+pub async fn start_on(backend: Backend) -> Result<Option<Kiln>, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => match std::env::var(PG_ENV) {
+            Ok(url) if !url.trim().is_empty() => Some(
+                PgDatabase::create(url.trim())
+                    .await
+                    .map_err(|e| format!("{PG_ENV} is set but unusable: {e}"))?,
+            ),
+            _ => {
+                eprintln!("notice: {PG_ENV} is not set: skipping the PostgreSQL variant");
+                return Ok(None);
+            }
+        },
+    };
     let store = open_store(&StoreConfig {
         data_dir: dir.path().to_path_buf(),
+        database: pg.as_ref().map(|p| p.url.clone()),
+        max_connections: 8,
         ..Default::default()
     })
     .await
@@ -234,7 +265,7 @@ pub async fn start() -> Result<Kiln, String> {
         Settings::default(),
         Some(auth.clone()),
     );
-    let admin_state = AppState::new(store, admin_base.clone(), Settings::default());
+    let admin_state = AppState::new(store.clone(), admin_base.clone(), Settings::default());
     let mut stops = Vec::new();
     for (l, st) in [(listener, state), (admin_listener, admin_state)] {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -247,9 +278,9 @@ pub async fn start() -> Result<Kiln, String> {
         });
     }
 
-    let store = auth.store();
+    let auth_store = auth.store();
     add_user(
-        store,
+        auth_store,
         NewUser {
             username: "alice".into(),
             password: "alice-password-1".into(),
@@ -261,7 +292,7 @@ pub async fn start() -> Result<Kiln, String> {
     .await
     .map_err(|e| e.to_string())?;
     add_user(
-        store,
+        auth_store,
         NewUser {
             username: "doc".into(),
             password: "doctor-password-1".into(),
@@ -280,18 +311,18 @@ pub async fn start() -> Result<Kiln, String> {
         auth_method: Some(method),
         ..Default::default()
     };
-    let public = add_client(store, client("public-app", ClientAuthMethod::None))
+    let public = add_client(auth_store, client("public-app", ClientAuthMethod::None))
         .await
         .map_err(|e| e.to_string())?;
     let secret = add_client(
-        store,
+        auth_store,
         client("secret-app", ClientAuthMethod::ClientSecretBasic),
     )
     .await
     .map_err(|e| e.to_string())?;
     let asym_key = rsa_client_key("asym-key-1");
     let asym = add_client(
-        store,
+        auth_store,
         NewClient {
             jwks: Some(json!({"keys": [asym_key.jwk.clone()]})),
             ..client("asym-app", ClientAuthMethod::PrivateKeyJwt)
@@ -300,7 +331,7 @@ pub async fn start() -> Result<Kiln, String> {
     .await
     .map_err(|e| e.to_string())?;
     let ehr = add_client(
-        store,
+        auth_store,
         NewClient {
             launch_uri: Some(LAUNCH_URI.into()),
             ..client("ehr-app", ClientAuthMethod::None)
@@ -310,7 +341,7 @@ pub async fn start() -> Result<Kiln, String> {
     .map_err(|e| e.to_string())?;
     let backend_key = rsa_client_key("backend-rs384");
     let backend_ec_key = ec_client_key("backend-es384");
-    let backend = |id: &str, key: &ClientKey| NewClient {
+    let backend_client = |id: &str, key: &ClientKey| NewClient {
         client_id: Some(id.into()),
         client_name: id.into(),
         jwks: Some(json!({"keys": [key.jwk.clone()]})),
@@ -319,10 +350,10 @@ pub async fn start() -> Result<Kiln, String> {
         scope: Some("system/*.rs".into()),
         ..Default::default()
     };
-    let b1 = add_client(store, backend("backend-rs", &backend_key))
+    let b1 = add_client(auth_store, backend_client("backend-rs", &backend_key))
         .await
         .map_err(|e| e.to_string())?;
-    let b2 = add_client(store, backend("backend-es", &backend_ec_key))
+    let b2 = add_client(auth_store, backend_client("backend-es", &backend_ec_key))
         .await
         .map_err(|e| e.to_string())?;
 
@@ -345,11 +376,14 @@ pub async fn start() -> Result<Kiln, String> {
         backend_key,
         backend_ec_client: b2.client.client_id,
         backend_ec_key,
-        _stop: stops,
+        backend,
+        store,
+        stop: stops,
+        _pg: pg,
         _dir: dir,
     };
     k.seed().await?;
-    Ok(k)
+    Ok(Some(k))
 }
 
 fn patient(id: &str, family: &str, given: &str) -> Value {
@@ -422,6 +456,14 @@ impl Kiln {
         } else {
             format!("{}/{}", self.base, path.trim_start_matches('/'))
         }
+    }
+
+    /// Stops both listeners and closes the store (before a PostgreSQL database is dropped).
+    pub async fn finish(mut self) {
+        for tx in self.stop.drain(..) {
+            let _ = tx.send(());
+        }
+        self.store.close().await;
     }
 
     pub fn token_endpoint(&self) -> String {
