@@ -341,7 +341,7 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
     let r = k.fhir_send(&tok, Method::POST, "", &tx_put).await;
     let res = refused_write(&r, &tx_put.to_string());
     let unchanged = b_unchanged(
-        &k,
+        k,
         &format!("Patient/{PATIENT_B}"),
         "/name/0/family",
         &json!(NAME_B),
@@ -368,7 +368,7 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
     let r = k.fhir_send(&tok, Method::POST, "", &batch_write).await;
     let res = no_leak(&r, &batch_write.to_string());
     let unchanged = b_unchanged(
-        &k,
+        k,
         "Condition/bbbb-cond",
         "/subject/reference",
         &json!(format!("Patient/{PATIENT_B}")),
@@ -409,7 +409,7 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
         .await;
     let res = refused_write(&r, &steal.to_string());
     let unchanged = b_unchanged(
-        &k,
+        k,
         "Observation/bbbb-obs-lab",
         "/subject/reference",
         &json!(format!("Patient/{PATIENT_B}")),
@@ -429,7 +429,7 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
         .await;
     let res = refused_write(&r, "");
     let unchanged = b_unchanged(
-        &k,
+        k,
         &format!("Patient/{PATIENT_B}"),
         "/name/0/family",
         &json!(NAME_B),
@@ -449,7 +449,7 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
         )
         .await;
     let res = refused_write(&r, "Observation/bbbb-obs-lab");
-    let unchanged = b_unchanged(&k, "Observation/bbbb-obs-lab", "/status", &json!("final")).await;
+    let unchanged = b_unchanged(k, "Observation/bbbb-obs-lab", "/status", &json!("final")).await;
     rep.record("PATCH of B's Observation", res.and(unchanged));
     let r = k
         .send(
@@ -471,7 +471,7 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
     let r = k.fhir_send(&tok, Method::PUT, &q, &cond_put).await;
     let res = refused_write(&r, &q);
     let unchanged = b_unchanged(
-        &k,
+        k,
         "Observation/bbbb-obs-lab",
         "/subject/reference",
         &json!(format!("Patient/{PATIENT_B}")),

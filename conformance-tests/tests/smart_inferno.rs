@@ -478,7 +478,7 @@ async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
     );
     let claims: Result<Value, String> = async {
         let h = header.clone()?;
-        let key = jwks_key(&k, h.kid.as_deref().unwrap_or_default()).await?;
+        let key = jwks_key(k, h.kid.as_deref().unwrap_or_default()).await?;
         let mut v = Validation::new(Algorithm::RS256);
         v.set_audience(&[&k.public_client]);
         v.set_issuer(&[cfg["issuer"].as_str().unwrap_or_default()]);
@@ -519,7 +519,7 @@ async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
     rep.record("cors_openid_fhir_user_claim", cors_ok(&r, origin));
 
     // ---------------------------------------------------------------- introspection
-    let r = introspect(&k, &access, &access).await;
+    let r = introspect(k, &access, &access).await;
     rep.record(
         "token_introspection: active token → active, scope, client_id, exp, patient",
         ok_status(&r, 200).and_then(|_| {
@@ -534,7 +534,7 @@ async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
             ensure(i["patient"] == PATIENT_A, "patient")
         }),
     );
-    let r = introspect(&k, "not-a-token", &access).await;
+    let r = introspect(k, "not-a-token", &access).await;
     rep.record(
         "token_introspection: invalid token → {active: false}",
         ok_status(&r, 200).and_then(|_| ensure(r.json() == json!({"active": false}), r.short())),
@@ -878,7 +878,7 @@ async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
         let code = query_param(&cb, "code").ok_or("no code")?;
         let stranger = ec_client_key("asym-key-1");
         let r = exchange_with_assertion(
-            &k,
+            k,
             &code,
             &verifier,
             sign(
@@ -892,7 +892,7 @@ async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
             format!("foreign key accepted: {}", r.short()),
         )?;
         let r = exchange_with_assertion(
-            &k,
+            k,
             &code,
             &verifier,
             sign(
@@ -1114,7 +1114,7 @@ async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
             r.status == StatusCode::UNAUTHORIZED,
             format!("after revocation: {}", r.short()),
         )?;
-        let i = introspect(&k, &tok, &access).await.json();
+        let i = introspect(k, &tok, &access).await.json();
         ensure(
             i["active"] == false,
             format!("introspection after revocation: {i}"),

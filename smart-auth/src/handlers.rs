@@ -764,11 +764,14 @@ async fn pending_for(
 // ---------------------------------------------------------------------------------------------
 
 async fn picker_candidates(state: &AuthState, user: &User, q: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = user
-        .patients
-        .iter()
-        .map(|p| (p.clone(), format!("Patient {p}")))
-        .collect();
+    let mut out: Vec<(String, String)> = Vec::with_capacity(user.patients.len());
+    for p in &user.patients {
+        let name = match state.patient_directory() {
+            Some(d) => d.display_name(p).await,
+            None => None,
+        };
+        out.push((p.clone(), name.unwrap_or_else(|| format!("Patient {p}"))));
+    }
     if patient_of_user(user).is_none() {
         if let Some(d) = state.patient_directory() {
             for (id, name) in d.search(q, 50).await {

@@ -159,6 +159,11 @@ impl SmartConfig {
 pub trait PatientDirectory: Send + Sync {
     /// Up to `limit` `(patient id, display name)` pairs matching `text` (empty = any).
     async fn search(&self, text: &str, limit: usize) -> Vec<(String, String)>;
+
+    /// The display name of one patient (the picker lists a user's linked patients by name).
+    async fn display_name(&self, _id: &str) -> Option<String> {
+        None
+    }
 }
 
 type Limiter = DefaultKeyedRateLimiter<String>;

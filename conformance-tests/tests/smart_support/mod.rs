@@ -90,6 +90,8 @@ pub struct ClientKey {
     pub kid: String,
     pub encoding: EncodingKey,
     pub jwk: Value,
+    /// The private key as DER (PKCS#1 for RSA, PKCS#8 for EC), for clients in other languages.
+    pub der: Vec<u8>,
 }
 
 pub fn rsa_client_key(kid: &str) -> ClientKey {
@@ -104,6 +106,7 @@ pub fn rsa_client_key(kid: &str) -> ClientKey {
         jwk: json!({"kty": "RSA", "kid": kid, "alg": "RS384", "use": "sig",
                     "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
                     "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be())}),
+        der: der.as_bytes().to_vec(),
     }
 }
 
@@ -120,6 +123,7 @@ pub fn ec_client_key(kid: &str) -> ClientKey {
         jwk: json!({"kty": "EC", "crv": "P-384", "kid": kid, "alg": "ES384",
                     "x": URL_SAFE_NO_PAD.encode(point.x().map(|x| x.to_vec()).unwrap_or_default()),
                     "y": URL_SAFE_NO_PAD.encode(point.y().map(|y| y.to_vec()).unwrap_or_default())}),
+        der: der.as_bytes().to_vec(),
     }
 }
 
