@@ -5,7 +5,9 @@
 //
 // Usage: node smart_app_launch.mjs <config.json>
 // config: { chromium, kilnBase, appBase, flows: [{ name, clientId, scope, username, password,
-//           wrongPassword, pickPatient, untick, probes }] }
+//           wrongPassword, pickPatient, untick, probes, ehrLaunch }] }
+// A flow with `ehrLaunch` ({client_id, patient, encounter}) signs in at Kiln first and starts an
+// EHR launch from Kiln's /auth/ehr-launch (the app's registered launch_uri carries its settings).
 // Prints one JSON object (the observations of every flow) on stdout; the Rust test asserts on it.
 // Every request that leaves 127.0.0.1 is aborted and recorded.
 import { readFileSync } from "node:fs";
@@ -57,6 +59,12 @@ const isKiln = (u) => {
   }
 };
 
+async function signIn(page, flow) {
+  await page.getByLabel("User name").fill(flow.username);
+  await page.getByLabel("Password", { exact: true }).fill(flow.password);
+  await page.getByRole("button", { name: "Sign in" }).click();
+}
+
 async function runFlow(browser, flow, out) {
   const context = await browser.newContext();
   out.context = context;
@@ -76,6 +84,8 @@ async function runFlow(browser, flow, out) {
     if (r.isNavigationRequest()) {
       // the authorization request the app made (fhirclient builds it; PKCE parameters in it)
       if (isKiln(r.url()) && new URL(r.url()).pathname.endsWith("/auth/authorize")) out.authorizeRequest = r.url();
+      // the app's launch page as opened (an EHR launch adds iss and launch)
+      if (r.url().startsWith(cfg.appBase + "/launch.html")) out.launchRequest = r.url();
       return;
     }
     let frameUrl = "";
@@ -88,29 +98,43 @@ async function runFlow(browser, flow, out) {
     }
   });
 
-  const launch = new URL(cfg.appBase + "/launch.html");
-  launch.searchParams.set("app_client_id", flow.clientId);
-  launch.searchParams.set("app_scope", flow.scope);
-  launch.searchParams.set("app_iss", cfg.kilnBase);
-  launch.searchParams.set("app_probes", JSON.stringify(flow.probes || []));
-  await page.goto(launch.href);
-
-  // 1. Kiln's login page.
-  await page.waitForURL((u) => u.href.startsWith(cfg.kilnBase + "/auth/login"));
-  out.pages.login = await page.evaluate(audit);
-  if (flow.wrongPassword) {
-    await page.getByLabel("User name").fill(flow.username);
-    await page.getByLabel("Password", { exact: true }).fill(flow.password + "-wrong");
-    const [resp] = await Promise.all([
-      page.waitForResponse((r) => isKiln(r.url()) && r.request().method() === "POST"),
-      page.getByRole("button", { name: "Sign in" }).click(),
-    ]);
+  if (flow.ehrLaunch) {
+    // EHR launch: the user signs in to Kiln (the EHR) first and launches the app from there;
+    // Kiln redirects to the app's registered launch_uri with iss and launch.
+    await page.goto(cfg.kilnBase + "/auth/login");
+    out.pages.login = await page.evaluate(audit);
+    await signIn(page, flow);
     await page.waitForLoadState();
-    out.wrongPassword = { status: resp.status(), ...(await page.evaluate(audit)) };
+    out.signedIn = await page.evaluate(audit);
+    const ehr = new URL(cfg.kilnBase + "/auth/ehr-launch");
+    for (const [k, v] of Object.entries(flow.ehrLaunch)) ehr.searchParams.set(k, v);
+    await page.goto(ehr.href);
+    await page.waitForURL((u) => /\/auth\/(login|select-patient|consent)/.test(u.href));
+    if (page.url().includes("/auth/login")) throw new Error("the EHR launch asked to sign in again");
+  } else {
+    // Standalone launch: the user opens the app, which knows its FHIR server.
+    const launch = new URL(cfg.appBase + "/launch.html");
+    launch.searchParams.set("app_client_id", flow.clientId);
+    launch.searchParams.set("app_scope", flow.scope);
+    launch.searchParams.set("app_iss", cfg.kilnBase);
+    launch.searchParams.set("app_probes", JSON.stringify(flow.probes || []));
+    await page.goto(launch.href);
+
+    // 1. Kiln's login page.
+    await page.waitForURL((u) => u.href.startsWith(cfg.kilnBase + "/auth/login"));
+    out.pages.login = await page.evaluate(audit);
+    if (flow.wrongPassword) {
+      await page.getByLabel("User name").fill(flow.username);
+      await page.getByLabel("Password", { exact: true }).fill(flow.password + "-wrong");
+      const [resp] = await Promise.all([
+        page.waitForResponse((r) => isKiln(r.url()) && r.request().method() === "POST"),
+        page.getByRole("button", { name: "Sign in" }).click(),
+      ]);
+      await page.waitForLoadState();
+      out.wrongPassword = { status: resp.status(), ...(await page.evaluate(audit)) };
+    }
+    await signIn(page, flow);
   }
-  await page.getByLabel("User name").fill(flow.username);
-  await page.getByLabel("Password", { exact: true }).fill(flow.password);
-  await page.getByRole("button", { name: "Sign in" }).click();
 
   // 2. Patient picker, if Kiln shows one; then the consent page.
   await page.waitForURL((u) => /\/auth\/(select-patient|consent)/.test(u.href));

@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import uuid
+from datetime import datetime
 from html.parser import HTMLParser
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -172,6 +173,9 @@ def backend(cfg):
         ctx = smart.launch_context or {}
         out["token"] = ctx
         out["has_refresh_token"] = smart.server.auth.refresh_token is not None
+        # fhirclient turns expires_in into expires_at (and drops it from the context)
+        exp_at = smart.server.auth.expires_at
+        out["expires_in"] = round((exp_at - datetime.now()).total_seconds()) if exp_at else None
         access = smart.server.auth.access_token
         out["access_token_header"] = jwt.get_unverified_header(access)
         p = Patient.read(cfg["read_patient"], smart.server)

@@ -5,6 +5,8 @@
 //!   calls `FHIR.oauth2.authorize` (standalone, PKCE S256), a user types into Kiln's login page
 //!   (a wrong password first), picks a patient when the picker shows, un-ticks one scope on the
 //!   consent page, and the app's page calls `FHIR.oauth2.ready()` + `client.patient.read()`.
+//!   A third flow is an EHR launch: the user signs in to Kiln and launches the app from
+//!   `/auth/ehr-launch`, which opens the app's `launch_uri` with `iss` and `launch`.
 //!   The same run audits Kiln's pages: `lang`, labels tied to every control, no request leaving
 //!   Kiln's origin (and nothing leaving the machine).
 //! * **Python `fhirclient`** (PyPI 4.4.0, `conformance-tests/python/smart_clients.py`): a standalone
@@ -27,6 +29,8 @@ use serde_json::{json, Value};
 use smart_support::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// The client id of the EHR-launched JS app.
+const EHR_APP: &str = "js-ehr-app";
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -210,6 +214,31 @@ async fn js_fhirclient(backend: Backend) {
     .await
     .expect("register the JS app");
     let client_id = reg.client.client_id.clone();
+    // An EHR-launched app: Kiln opens its launch_uri (carrying the app's settings) with iss+launch.
+    let ehr_scope =
+        "launch openid fhirUser patient/Patient.read patient/Encounter.read patient/Condition.read";
+    let mut launch_uri = reqwest::Url::parse(&format!("{app_base}/launch.html")).expect("URL");
+    launch_uri
+        .query_pairs_mut()
+        .append_pair("app_client_id", EHR_APP)
+        .append_pair("app_scope", ehr_scope)
+        .append_pair(
+            "app_probes",
+            r#"["Encounter?patient={patient}","Condition?patient={patient}"]"#,
+        );
+    add_client(
+        k.auth.store(),
+        NewClient {
+            client_id: Some(EHR_APP.into()),
+            client_name: "Kiln JS EHR-launched app".into(),
+            redirect_uris: vec![format!("{app_base}/index.html")],
+            launch_uri: Some(launch_uri.to_string()),
+            auth_method: Some(ClientAuthMethod::None),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("register the EHR-launched JS app");
     let flows = json!([
         {
             // a practitioner: wrong password first, the patient picker, Observation un-ticked
@@ -232,6 +261,16 @@ async fn js_fhirclient(backend: Backend) {
             "untick": "offline_access",
             "probes": ["Observation?patient={patient}"],
         },
+        {
+            // EHR launch by the practitioner for Patient A in encounter aaaa-enc; Condition
+            // un-ticked
+            "name": "ehr",
+            "clientId": EHR_APP,
+            "scope": ehr_scope,
+            "username": "doc", "password": "doctor-password-1",
+            "ehrLaunch": {"client_id": EHR_APP, "patient": PATIENT_A, "encounter": "aaaa-enc"},
+            "untick": "patient/Condition.read",
+        },
     ]);
     let config =
         json!({"chromium": CHROMIUM, "kilnBase": k.base, "appBase": app_base, "flows": flows});
@@ -250,7 +289,7 @@ async fn js_fhirclient(backend: Backend) {
         out["chromium"].as_str().unwrap_or("?")
     );
     let flows = out["flows"].as_array().cloned().unwrap_or_default();
-    assert_eq!(flows.len(), 2, "{out}");
+    assert_eq!(flows.len(), 3, "{out}");
     for f in &flows {
         if let Some(failure) = f["failure"].as_str() {
             panic!(
@@ -259,9 +298,9 @@ async fn js_fhirclient(backend: Backend) {
             );
         }
     }
-    let (doc, alice) = (&flows[0], &flows[1]);
+    let (doc, alice, ehr) = (&flows[0], &flows[1], &flows[2]);
 
-    for f in [doc, alice] {
+    for f in [doc, alice, ehr] {
         let name = f["name"].as_str().unwrap_or("?");
         let app = &f["app"];
         rep.record(
@@ -278,7 +317,7 @@ async fn js_fhirclient(backend: Backend) {
                 query_param(auth_req, "code_challenge_method").as_deref() == Some("S256")
                     && query_param(auth_req, "code_challenge").is_some_and(|c| c.len() >= 43)
                     && query_param(auth_req, "aud").as_deref() == Some(k.base.as_str())
-                    && query_param(auth_req, "launch").is_none(),
+                    && (query_param(auth_req, "launch").is_some() == (name == "ehr")),
                 format!("authorize request {auth_req}"),
             ),
         );
@@ -438,6 +477,55 @@ async fn js_fhirclient(backend: Backend) {
         ),
     );
 
+    // EHR launch
+    let launch_req = ehr["launchRequest"].as_str().unwrap_or_default();
+    let launch_id = query_param(launch_req, "launch");
+    rep.record(
+        "ehr: Kiln opened the app's launch_uri with iss and launch; fhirclient sent that launch",
+        ensure(
+            query_param(launch_req, "iss").as_deref() == Some(k.base.as_str())
+                && launch_id.as_deref().is_some_and(|l| !l.is_empty())
+                && query_param(
+                    ehr["authorizeRequest"].as_str().unwrap_or_default(),
+                    "launch",
+                ) == launch_id,
+            format!(
+                "launch page {launch_req} authorize {}",
+                ehr["authorizeRequest"]
+            ),
+        ),
+    );
+    rep.record(
+        "ehr: the signed-in session is reused (no second login), no picker",
+        ensure(
+            ehr["pages"]["picker"].is_null()
+                && ehr["signedIn"]["title"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("Signed in")),
+            format!("{}", ehr["signedIn"]),
+        ),
+    );
+    let app = &ehr["app"];
+    let t = &app["tokenResponse"];
+    rep.record(
+        "ehr: launch context in the token (patient, encounter, need_patient_banner) and patient read",
+        ensure(
+            t["patient"] == PATIENT_A
+                && t["encounter"] == "aaaa-enc"
+                && t["need_patient_banner"] == true
+                && app["patient"]["name"][0]["family"] == NAME_A,
+            format!("{t} {}", app["patient"]),
+        ),
+    );
+    rep.record(
+        "ehr: un-ticked Condition.read refused (403), Encounter.read works",
+        ensure(
+            app["probes"]["Condition?patient={patient}"]["status"] == 403
+                && app["probes"]["Encounter?patient={patient}"]["entries"] == 1,
+            format!("{}", app["probes"]),
+        ),
+    );
+
     rep.print(&format!("JS fhirclient in headless Chromium ({backend:?})"));
     let (p, f) = (rep.passed(), rep.failed());
     println!("JS fhirclient checks ({backend:?}): {p} passed, {f} failed");
@@ -544,6 +632,7 @@ async fn python_fhirclient(backend: Backend) {
                         .as_str()
                         .is_some_and(|s| s.eq_ignore_ascii_case("bearer"))
                     && c["has_refresh_token"] == false
+                    && c["expires_in"].as_i64().is_some_and(|e| e > 0 && e <= 300)
                     && c["access_token_header"]["kid"].is_string(),
                 format!("{c}"),
             ),
