@@ -98,6 +98,19 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // custom SearchParameters stored earlier (or by another node) join the registry now, and
+    // are polled for so that every node sharing a database converges
+    if let Err(e) = state.search.refresh_custom_parameters(&state.store).await {
+        tracing::warn!("cannot load custom search parameters: {:?}", e.issues);
+    }
+    let weak = std::sync::Arc::downgrade(&state.inner);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(search::CUSTOM_PARAMETER_POLL).await;
+            let Some(inner) = weak.upgrade() else { break };
+            let _ = inner.search.refresh_custom_parameters(&inner.store).await;
+        }
+    });
     let app = routes::router(state);
     axum::serve(
         listener,

@@ -158,6 +158,16 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         &access,
     )
     .await;
+    if result.is_ok()
+        && !matches!(parts.method, Method::GET | Method::HEAD)
+        && segments.first().is_none_or(|s| s == "SearchParameter")
+    {
+        // a SearchParameter (or a Bundle that may hold one) was written: this node's registry
+        // follows at once (other nodes within the poll interval, see `serve`)
+        if let Err(e) = state.search.refresh_custom_parameters(&state.store).await {
+            tracing::warn!("cannot reload custom search parameters: {:?}", e.issues);
+        }
+    }
     let mut resp = match result {
         Ok(r) => format::render(r, &negotiated),
         Err(e) => format::render_error(e, &negotiated),

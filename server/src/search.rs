@@ -33,6 +33,9 @@ fn to_store_value(v: kiln_search::SqlValue) -> SqlValue {
     }
 }
 
+/// How often a node checks the stored SearchParameters for changes made through another node.
+pub const CUSTOM_PARAMETER_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Index-table DDL for the store's migrations.
 pub fn schema(d: Dialect) -> Vec<String> {
     kiln_search::schema(to_search_dialect(d))
@@ -73,6 +76,109 @@ impl Indexer for SearchIndexer {
 pub struct SearchEngine {
     registry: Arc<RwLock<Registry>>,
     indexer: Arc<SearchIndexer>,
+    /// The official parameters, the base every reload of the custom ones starts from.
+    official: Arc<Registry>,
+    /// (count, newest lastUpdated) of the stored SearchParameter resources the registry was
+    /// last built from.
+    custom_fingerprint: std::sync::Mutex<Option<(i64, i64)>>,
+    /// The terminology service and the server's base URL, for the token modifiers that need
+    /// them (set once by [`AppState`]).
+    terminology: std::sync::OnceLock<(Arc<crate::terminology::TerminologyService>, String)>,
+}
+
+/// Where stored resources are read from while resolving a search: the store's readers, or the
+/// write transaction a conditional interaction runs in (which holds SQLite's only writer).
+pub enum Reader<'a> {
+    Store(&'a kiln_store::Store),
+    Tx(&'a mut WriteTx),
+}
+
+impl Reader<'_> {
+    async fn query_rows(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+    ) -> FhirResult<Vec<Vec<SqlValue>>> {
+        Ok(match self {
+            Reader::Store(s) => s.query_rows(sql, params).await?,
+            Reader::Tx(t) => t.query_rows(sql, params).await?,
+        })
+    }
+
+    /// Current (non-deleted) resources of `ty` whose `url` is `url`.
+    async fn by_url(&mut self, ty: &str, url: &str) -> FhirResult<Vec<Value>> {
+        let rows = self
+            .query_rows(
+                "SELECT r.content FROM resources r WHERE r.res_type = $1 AND r.deleted = 0 AND r.rid IN (SELECT u.rid FROM search_uri u WHERE u.param = 'url' AND u.value = $2) ORDER BY r.rid",
+                &[SqlValue::Text(ty.to_string()), SqlValue::Text(url.to_string())],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.first().and_then(SqlValue::as_str))
+            .filter_map(|c| serde_json::from_str(c).ok())
+            .collect())
+    }
+
+    async fn by_id(&mut self, ty: &str, id: &str) -> FhirResult<Option<Value>> {
+        let rows = self
+            .query_rows(
+                "SELECT content FROM resources WHERE res_type = $1 AND res_id = $2 AND deleted = 0",
+                &[
+                    SqlValue::Text(ty.to_string()),
+                    SqlValue::Text(id.to_string()),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(SqlValue::as_str)
+            .and_then(|c| serde_json::from_str(c).ok()))
+    }
+}
+
+/// The (system, code) pairs of a `$expand` result (nested `contains` included).
+fn expansion_codes(vs: &Value) -> Vec<(String, String)> {
+    fn walk(items: &Value, out: &mut Vec<(String, String)>) {
+        for c in items.as_array().into_iter().flatten() {
+            if let (Some(s), Some(k)) = (
+                c.get("system").and_then(Value::as_str),
+                c.get("code").and_then(Value::as_str),
+            ) {
+                out.push((s.to_string(), k.to_string()));
+            }
+            if let Some(inner) = c.get("contains") {
+                walk(inner, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(c) = vs.pointer("/expansion/contains") {
+        walk(c, &mut out);
+    }
+    out
+}
+
+/// The diagnostics of an OperationOutcome, joined.
+fn outcome_text(oo: &Value) -> String {
+    let texts: Vec<String> = oo
+        .get("issue")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            i.get("diagnostics")
+                .or_else(|| i.pointer("/details/text"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect();
+    if texts.is_empty() {
+        "the terminology service could not resolve it".into()
+    } else {
+        texts.join("; ")
+    }
 }
 
 impl Default for SearchEngine {
@@ -85,13 +191,284 @@ impl SearchEngine {
     pub fn new() -> SearchEngine {
         // FHIRPath quantity comparisons use the full UCUM of the terminology crate
         kiln_fhirpath::units::set_ucum_canonicalizer(ucum_canonical);
-        let registry = Arc::new(RwLock::new(Registry::r4()));
+        let official = Arc::new(Registry::r4());
+        let registry = Arc::new(RwLock::new((*official).clone()));
         SearchEngine {
             indexer: Arc::new(SearchIndexer {
                 registry: registry.clone(),
             }),
             registry,
+            official,
+            custom_fingerprint: std::sync::Mutex::new(None),
+            terminology: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects the terminology service (`:in`, `:not-in`, `:above`, `:below` on tokens) and the
+    /// base URL literal ValueSet references are relative to.
+    pub fn set_terminology(
+        &self,
+        terminology: Arc<crate::terminology::TerminologyService>,
+        base_url: String,
+    ) {
+        let _ = self.terminology.set((terminology, base_url));
+    }
+
+    /// Rebuilds the registry from the official parameters plus every stored SearchParameter
+    /// resource, when those changed since the last call (a count + newest-`lastUpdated`
+    /// fingerprint, one indexed query). Runs at start, after writes that may touch
+    /// SearchParameters, before `$reindex`, and periodically so every node of a shared
+    /// PostgreSQL database converges. Returns whether the registry changed.
+    pub async fn refresh_custom_parameters(&self, store: &kiln_store::Store) -> FhirResult<bool> {
+        let rows = store
+            .query_rows(
+                "SELECT COUNT(*), MAX(last_updated) FROM resources WHERE res_type = 'SearchParameter'",
+                &[],
+            )
+            .await?;
+        let first = rows.first();
+        let fp = (
+            first
+                .and_then(|r| r.first())
+                .and_then(SqlValue::as_i64)
+                .unwrap_or(0),
+            first
+                .and_then(|r| r.get(1))
+                .and_then(SqlValue::as_i64)
+                .unwrap_or(0),
+        );
+        if *lock(&self.custom_fingerprint) == Some(fp) {
+            return Ok(false);
+        }
+        let rows = store
+            .query_rows(
+                "SELECT content FROM resources WHERE res_type = 'SearchParameter' AND deleted = 0 ORDER BY rid",
+                &[],
+            )
+            .await?;
+        let mut reg = (*self.official).clone();
+        let mut n = 0;
+        for content in rows
+            .iter()
+            .filter_map(|r| r.first().and_then(SqlValue::as_str))
+        {
+            let Ok(sp) = serde_json::from_str::<Value>(content) else {
+                continue;
+            };
+            match reg.add_custom(&sp) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    let url = sp.get("url").and_then(Value::as_str).unwrap_or("?");
+                    tracing::warn!("SearchParameter {url} not usable for search: {e}")
+                }
+            }
+        }
+        match self.registry.write() {
+            Ok(mut g) => *g = reg,
+            Err(p) => *p.into_inner() = reg,
+        }
+        *lock(&self.custom_fingerprint) = Some(fp);
+        tracing::info!(custom = n, "search parameter registry rebuilt");
+        Ok(true)
+    }
+
+    /// Re-computes the index rows of the current versions of `rids` in one transaction
+    /// (PostgreSQL locks the rows, so a concurrent update waits and then writes its own rows;
+    /// SQLite has a single writer). Returns how many were re-indexed (deleted ones are skipped).
+    pub async fn reindex_rids(&self, store: &kiln_store::Store, rids: &[i64]) -> FhirResult<usize> {
+        if rids.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = store.begin().await?;
+        let dialect = tx.dialect();
+        let list: Vec<String> = rids.iter().map(i64::to_string).collect();
+        let list = list.join(",");
+        let lock_rows = if dialect == Dialect::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        let rows = tx
+            .query_rows(
+                &format!(
+                    "SELECT rid, content FROM resources WHERE rid IN ({list}) AND deleted = 0 ORDER BY rid{lock_rows}"
+                ),
+                &[],
+            )
+            .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let (Some(rid), Some(content)) = (
+                r.first().and_then(SqlValue::as_i64),
+                r.get(1).and_then(SqlValue::as_str),
+            ) else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(content)
+                .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}")))?;
+            items.push((rid, v));
+        }
+        for t in kiln_search::index::TABLES {
+            tx.execute(&format!("DELETE FROM {t} WHERE rid IN ({list})"), &[])
+                .await?;
+        }
+        for (sql, params) in self.indexer.insert_statements(dialect, &items) {
+            tx.execute(&sql, &params).await?;
+        }
+        tx.commit().await?;
+        Ok(items.len())
+    }
+
+    /// Resolves the `:in` / `:not-in` / `:above` / `:below` token values of a query into code
+    /// lists through the terminology service (stored ValueSets and CodeSystems take part).
+    /// A value set or code that cannot be resolved is a 400 naming the parameter and value.
+    pub async fn resolve_code_sets(
+        &self,
+        reader: &mut Reader<'_>,
+        query: &mut kiln_search::SearchQuery,
+    ) -> FhirResult<()> {
+        let pending = query.code_set_requests();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let Some((terminology, base_url)) = self.terminology.get() else {
+            return Err(FhirError::not_supported(
+                "no terminology service: ':in', ':not-in', ':above' and ':below' on tokens are not available",
+            ));
+        };
+        let tx = terminology.get().await?;
+        let mut resolved: std::collections::HashMap<
+            kiln_search::CodeSetRequest,
+            Result<Vec<(String, String)>, String>,
+        > = Default::default();
+        for p in pending {
+            if resolved.contains_key(&p.request) {
+                continue;
+            }
+            let result = match Self::expansion_request(base_url, reader, &p.request).await? {
+                Err(why) => Err(why),
+                Ok(params) => {
+                    let tx = tx.clone();
+                    tokio::task::spawn_blocking(move || tx.expand(&params))
+                        .await
+                        .map_err(|e| FhirError::internal(format!("terminology task failed: {e}")))?
+                        .map(|vs| expansion_codes(&vs))
+                        .map_err(|e| outcome_text(&e.outcome))
+                }
+            };
+            resolved.insert(p.request, result);
+        }
+        query
+            .resolve_code_sets(&mut |r| {
+                resolved
+                    .get(r)
+                    .cloned()
+                    .unwrap_or_else(|| Err("not resolved".into()))
+            })
+            .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))
+    }
+
+    /// The `$expand` Parameters for one request, or why it cannot be made.
+    async fn expansion_request(
+        base_url: &str,
+        reader: &mut Reader<'_>,
+        request: &kiln_search::CodeSetRequest,
+    ) -> FhirResult<Result<Value, String>> {
+        use kiln_search::CodeSetRequest as R;
+        let mut params = vec![];
+        let mut systems: Vec<String> = Vec::new();
+        match request {
+            R::ValueSet(v) => {
+                let local = v
+                    .strip_prefix(&format!("{base_url}/"))
+                    .unwrap_or(v.as_str());
+                let literal = !local.contains("://") && !local.starts_with("urn:");
+                let vs = if literal {
+                    let Some(id) = local.strip_prefix("ValueSet/") else {
+                        return Ok(Err(
+                            "expected a value set canonical URL or a ValueSet/[id] reference"
+                                .into(),
+                        ));
+                    };
+                    let id = id.split('/').next().unwrap_or(id);
+                    match reader.by_id("ValueSet", id).await? {
+                        Some(vs) => Some(vs),
+                        None => return Ok(Err(format!("ValueSet/{id} does not exist"))),
+                    }
+                } else {
+                    let (url, version) = match v.split_once('|') {
+                        Some((u, ver)) => (u, Some(ver)),
+                        None => (v.as_str(), None),
+                    };
+                    let stored = reader.by_url("ValueSet", url).await?;
+                    let chosen = stored.into_iter().find(|r| {
+                        version
+                            .is_none_or(|ver| r.get("version").and_then(Value::as_str) == Some(ver))
+                    });
+                    if chosen.is_none() {
+                        params.push(json!({"name": "url", "valueUri": url}));
+                        if let Some(ver) = version {
+                            params.push(json!({"name": "valueSetVersion", "valueString": ver}));
+                        }
+                    }
+                    chosen
+                };
+                if let Some(vs) = vs {
+                    // the code systems and value sets it builds on may be stored too
+                    for inc in ["include", "exclude"] {
+                        for i in vs
+                            .pointer(&format!("/compose/{inc}"))
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            if let Some(s) = i.get("system").and_then(Value::as_str) {
+                                systems.push(s.to_string());
+                            }
+                            for u in i
+                                .get("valueSet")
+                                .and_then(Value::as_array)
+                                .into_iter()
+                                .flatten()
+                                .filter_map(Value::as_str)
+                            {
+                                let u = u.split('|').next().unwrap_or(u);
+                                for r in reader.by_url("ValueSet", u).await? {
+                                    params.push(json!({"name": "tx-resource", "resource": r}));
+                                }
+                            }
+                        }
+                    }
+                    params.push(json!({"name": "valueSet", "resource": vs}));
+                }
+            }
+            R::Below { system, code } | R::Above { system, code } => {
+                let op = if matches!(request, R::Below { .. }) {
+                    "is-a"
+                } else {
+                    "generalizes"
+                };
+                systems.push(system.clone());
+                params.push(json!({"name": "valueSet", "resource": {
+                    "resourceType": "ValueSet",
+                    "status": "active",
+                    "compose": {"include": [{
+                        "system": system,
+                        "filter": [{"property": "concept", "op": op, "value": code}]
+                    }]}
+                }}));
+            }
+        }
+        systems.sort();
+        systems.dedup();
+        for s in systems {
+            for r in reader.by_url("CodeSystem", &s).await? {
+                params.push(json!({"name": "tx-resource", "resource": r}));
+            }
+        }
+        Ok(Ok(
+            json!({"resourceType": "Parameters", "parameter": params}),
+        ))
     }
 
     /// The indexer the store runs on every write.
@@ -169,6 +546,8 @@ impl SearchEngine {
     ) -> FhirResult<Vec<String>> {
         let pairs = crate::interactions::bundle::form_urlencoded_pairs(query);
         let mut parsed = self.parse(Some(ty), &pairs, true)?;
+        self.resolve_code_sets(&mut Reader::Tx(tx), &mut parsed)
+            .await?;
         if parsed.criteria.is_empty() {
             return Err(FhirError::precondition_failed(format!(
                 "conditional criteria `{query}` select nothing specific"
@@ -284,6 +663,8 @@ impl SearchEngine {
                     .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))?;
             }
         }
+        self.resolve_code_sets(&mut Reader::Store(&state.store), &mut parsed)
+            .await?;
         let path = ty.unwrap_or("").to_string();
         self.execute(state, parsed, &path, ctx, access).await
     }
@@ -307,9 +688,11 @@ impl SearchEngine {
             access.check_any(Interaction::Search)?;
         }
         let parsed = self.parse(target, &ctx.query, ctx.strict)?;
-        let parsed = parsed
+        let mut parsed = parsed
             .with_compartment(&self.registry(), cty, cid)
             .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))?;
+        self.resolve_code_sets(&mut Reader::Store(&state.store), &mut parsed)
+            .await?;
         self.execute(state, parsed, &format!("{cty}/{cid}/{ty}"), ctx, access)
             .await
     }
@@ -492,6 +875,13 @@ impl SearchEngine {
 /// UCUM canonical form of one unit (`mg/dL` → (10, `g.m-3`)), for FHIRPath quantity comparison.
 fn ucum_canonical(unit: &str) -> Option<(f64, String)> {
     kiln_terminology::ucum::canonicalize(1.0, unit).ok()
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 fn to_search_value(v: SqlValue) -> kiln_search::SqlValue {

@@ -47,7 +47,7 @@ pub struct Inner {
     pub settings: Settings,
     pub search: SearchEngine,
     pub operations: OperationRegistry,
-    pub terminology: crate::terminology::TerminologyService,
+    pub terminology: Arc<crate::terminology::TerminologyService>,
     /// The SMART authorization server, when `--auth on`.
     pub auth: Option<kiln_smart_auth::AuthState>,
 }
@@ -72,14 +72,17 @@ impl AppState {
     ) -> AppState {
         let search = SearchEngine::new();
         store.set_indexer(search.indexer());
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let terminology = Arc::new(crate::terminology::TerminologyService::new(
+            settings.terminology_dir.clone(),
+        ));
+        search.set_terminology(terminology.clone(), base_url.clone());
         AppState {
             inner: Arc::new(Inner {
                 search,
                 store,
-                base_url: base_url.trim_end_matches('/').to_string(),
-                terminology: crate::terminology::TerminologyService::new(
-                    settings.terminology_dir.clone(),
-                ),
+                base_url,
+                terminology,
                 settings,
                 operations: crate::operations::registry(),
                 auth,

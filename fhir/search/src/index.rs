@@ -536,6 +536,26 @@ fn strip_tags(html: &str) -> String {
 pub fn index_param(p: &BoundParam, resource: &Value, out: &mut IndexEntries) {
     let Some(path) = &p.path else { return };
     let nodes = path.evaluate(resource);
+    if p.param_type() == ParamType::Special {
+        if p.code() == "near" {
+            // Location.position: latitude and longitude as two number rows of one group
+            for (k, n) in nodes.iter().enumerate() {
+                if let (Some(lat), Some(lon)) = (
+                    n.value.get("latitude").and_then(num),
+                    n.value.get("longitude").and_then(num),
+                ) {
+                    for (param, value) in [("near$latitude", lat), ("near$longitude", lon)] {
+                        out.numbers.push(NumberRow {
+                            param: param.into(),
+                            grp: (k + 1) as i64,
+                            value,
+                        });
+                    }
+                }
+            }
+        }
+        return;
+    }
     if p.param_type() == ParamType::Composite {
         for (k, node) in nodes.iter().enumerate() {
             for (j, comp) in p.def.components.iter().enumerate() {
@@ -549,7 +569,17 @@ pub fn index_param(p: &BoundParam, resource: &Value, out: &mut IndexEntries) {
         return;
     }
     for n in nodes {
+        let before = out.tokens.len();
         convert(p.param_type(), p.code(), 0, n, out);
+        if let (Some(map), Value::String(code)) = (&p.implied_systems, n.value) {
+            if let Some(system) = map.get(code) {
+                for r in &mut out.tokens[before..] {
+                    if r.system.is_none() {
+                        r.system = Some(system.clone());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -937,6 +967,35 @@ mod tests {
         assert_eq!(e.dates.len(), 1);
         assert_eq!(e.references[0].ref_type.as_deref(), Some("Practitioner"));
         assert_eq!(e.references[0].ref_id.as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn code_elements_get_their_implied_system() {
+        let r = Registry::r4();
+        let p = json!({"resourceType":"Patient","gender":"male",
+            "contact":[{"gender":"female"}],"communication":[{"language":{"coding":[{"code":"de"}]}}]});
+        let e = index_resource(&r, &p);
+        let g: Vec<_> = e.tokens.iter().filter(|t| t.param == "gender").collect();
+        assert_eq!(g.len(), 1);
+        assert_eq!(
+            g[0].system.as_deref(),
+            Some("http://hl7.org/fhir/administrative-gender")
+        );
+        assert_eq!(g[0].code.as_deref(), Some("male"));
+        // a code outside the required value set keeps no system
+        let p = json!({"resourceType":"Patient","gender":"martian"});
+        let e = index_resource(&r, &p);
+        assert_eq!(
+            e.tokens
+                .iter()
+                .find(|t| t.param == "gender")
+                .unwrap()
+                .system,
+            None
+        );
+        // a Coding without system is not given one
+        let l = e.tokens.iter().find(|t| t.param == "language");
+        assert!(l.is_none_or(|t| t.system.is_none()));
     }
 
     #[test]

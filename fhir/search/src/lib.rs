@@ -18,6 +18,7 @@
 //!    the new rids and `iterate_only = true` until nothing new.
 //! 5. Conditional operations / subscriptions: [`matches`].
 
+pub mod codes;
 pub mod filter;
 pub mod index;
 pub mod matcher;
@@ -27,6 +28,7 @@ pub mod query;
 pub mod registry;
 pub mod value;
 
+pub use codes::{CodeSetRequest, PendingCodeSet};
 pub use index::{delete_statements, index_resource, insert_batch, schema, IndexEntries};
 pub use matcher::matches;
 pub use plan::{include_sql, plan, KeyKind, PageRequest, SqlPlan};

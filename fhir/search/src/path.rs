@@ -293,6 +293,32 @@ impl PathExpr {
         }
     }
 
+    /// The plain member paths of the expression: for each union term rooted at a type and made
+    /// of field steps only (`[n]`, `first()` and `where(f='x')` filters allowed), the root type
+    /// and the field names (`Patient.contact.gender` → `("Patient", ["contact", "gender"])`).
+    /// Terms with casts or `resolve()` are left out.
+    pub fn member_paths(&self) -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        if let PathExpr::Union(terms) = self {
+            for t in terms {
+                let Base::Type(root) = &t.base else { continue };
+                let mut fields = Vec::new();
+                let mut plain = true;
+                for st in &t.steps {
+                    match st {
+                        Step::Field(f) => fields.push(f.clone()),
+                        Step::Index(_) | Step::WhereFieldEq(..) => {}
+                        Step::As(_) | Step::WhereResolveIs(_) => plain = false,
+                    }
+                }
+                if plain && !fields.is_empty() {
+                    out.push((root.clone(), fields));
+                }
+            }
+        }
+        out
+    }
+
     /// The resource types this expression is rooted at.
     pub fn root_types(&self, out: &mut Vec<String>) {
         match self {

@@ -273,6 +273,29 @@ impl Builder {
                     format!("({})", parts.join(" AND "))
                 }
             }
+            (ParamType::Token, SearchValue::Codes(codes)) => {
+                // one `code IN (…)` per code system: served by the (param, code, system) index
+                let mut by_system: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+                for (sys, code) in codes {
+                    by_system
+                        .entry(sys.as_str())
+                        .or_default()
+                        .push(code.as_str());
+                }
+                if by_system.is_empty() {
+                    return "1=0".into();
+                }
+                let mut ors = Vec::new();
+                for (sys, list) in by_system {
+                    let s = self.text(sys);
+                    let cs: Vec<String> = list.into_iter().map(|c| self.text(c)).collect();
+                    ors.push(format!(
+                        "({x}.system = {s} AND {x}.code IN ({}))",
+                        cs.join(", ")
+                    ));
+                }
+                format!("({})", ors.join(" OR "))
+            }
             (
                 ParamType::Token,
                 SearchValue::OfType {
@@ -458,6 +481,41 @@ impl Builder {
                 )
             }
             Criterion::Filter(f) => self.filter(a, f),
+            Criterion::List(ids) => {
+                let ids: Vec<String> = ids.iter().map(|i| self.text(i)).collect();
+                let l = self.alias("l");
+                let x = self.alias("x");
+                format!(
+                    "({a}.res_type, {a}.res_id) IN (SELECT {x}.ref_type, {x}.ref_id FROM search_reference {x} WHERE {x}.param = 'item' AND {x}.rid IN (SELECT {l}.rid FROM resources {l} WHERE {l}.res_type = 'List' AND {l}.res_id IN ({}) AND {l}.deleted = 0))",
+                    ids.join(", ")
+                )
+            }
+            Criterion::Near {
+                latitude,
+                longitude,
+                km,
+            } => {
+                let n = crate::value::NearBox::new(*latitude, *longitude, *km);
+                let la = self.alias("n");
+                let lo = self.alias("n");
+                let lat = self.bind(SqlValue::Real(*latitude));
+                let lon = self.bind(SqlValue::Real(*longitude));
+                let (a1, a2) = (
+                    self.bind(SqlValue::Real(n.lat_min)),
+                    self.bind(SqlValue::Real(n.lat_max)),
+                );
+                let (o1, o2) = (
+                    self.bind(SqlValue::Real(n.lon_min)),
+                    self.bind(SqlValue::Real(n.lon_max)),
+                );
+                let ky = self.bind(SqlValue::Real(crate::value::KM_PER_DEGREE));
+                let kx = self.bind(SqlValue::Real(n.km_per_degree_longitude));
+                let d2 = self.bind(SqlValue::Real(km * km));
+                let rc = self.rid_col(a);
+                format!(
+                    "{rc} IN (SELECT {la}.rid FROM search_number {la} JOIN search_number {lo} ON {lo}.rid = {la}.rid AND {lo}.grp = {la}.grp AND {lo}.param = 'near$longitude' WHERE {la}.param = 'near$latitude' AND {la}.value >= {a1} AND {la}.value <= {a2} AND {lo}.value >= {o1} AND {lo}.value <= {o2} AND (({la}.value - {lat}) * {ky}) * (({la}.value - {lat}) * {ky}) + (({lo}.value - {lon}) * {kx}) * (({lo}.value - {lon}) * {kx}) <= {d2})"
+                )
+            }
         }
     }
 
@@ -614,7 +672,7 @@ impl Builder {
                 "EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.rid = {a}.rid AND {cond})"
             );
         }
-        if c.modifier == Modifier::Not {
+        if matches!(c.modifier, Modifier::Not | Modifier::NotIn) {
             // NOT IN: one materialised set (a correlated NOT EXISTS measured slower for `:not`)
             return format!(
                 "{a}.rid NOT IN (SELECT {x}.rid FROM {table} {x} WHERE {x}.param = {p} AND ({}))",
@@ -667,7 +725,7 @@ fn selectivity(c: &Criterion) -> u8 {
             if p.values
                 .iter()
                 .any(|v| matches!(v, SearchValue::Missing(_)))
-                || p.modifier == Modifier::Not
+                || matches!(p.modifier, Modifier::Not | Modifier::NotIn)
             {
                 return 8;
             }
@@ -677,7 +735,13 @@ fn selectivity(c: &Criterion) -> u8 {
                 (
                     _,
                     ParamType::Token | ParamType::Reference,
-                    Modifier::None | Modifier::Type(_) | Modifier::Identifier | Modifier::OfType,
+                    Modifier::None
+                    | Modifier::Type(_)
+                    | Modifier::Identifier
+                    | Modifier::OfType
+                    | Modifier::In
+                    | Modifier::Above
+                    | Modifier::Below,
                 ) => 1,
                 (_, ParamType::String, Modifier::Exact) | (_, ParamType::Uri, Modifier::None) => 2,
                 (_, ParamType::Composite, _) => 2,
@@ -689,6 +753,8 @@ fn selectivity(c: &Criterion) -> u8 {
         Criterion::Chain { .. } => 5,
         Criterion::Has { .. } => 6,
         Criterion::Filter(_) => 7,
+        Criterion::List(_) => 1,
+        Criterion::Near { .. } => 4,
     }
 }
 
@@ -730,6 +796,12 @@ fn describe(c: &Criterion) -> String {
             )
         }
         Criterion::Filter(_) => "_filter expression".into(),
+        Criterion::List(ids) => format!("entry of List {}", ids.join("|")),
+        Criterion::Near {
+            latitude,
+            longitude,
+            km,
+        } => format!("position within {km} km of ({latitude}, {longitude})"),
     }
 }
 
@@ -767,6 +839,16 @@ fn sort_expr(b: &mut Builder, key: &crate::query::SortKey) -> (String, KeyKind) 
 
 /// Plans a search.
 pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result<SqlPlan, Issue> {
+    if let Some(pending) = query.code_set_requests().into_iter().next() {
+        return Err(Issue::error(
+            "not-supported",
+            format!(
+                "Search parameter '{}' needs a terminology service to resolve '{}'",
+                pending.parameter, pending.value
+            ),
+        )
+        .at(pending.parameter));
+    }
     let mut b = Builder::new(dialect);
     if let Some(t) = &query.resource_type {
         b.ctx_types.insert("r".into(), t.clone());

@@ -109,6 +109,9 @@ pub enum SearchValue {
         code: String,
         value: String,
     },
+    /// A token value resolved through the terminology service (`:in`, `:not-in`, `:above`,
+    /// `:below`): the (system, code) pairs it stands for. See [`crate::codes`].
+    Codes(Vec<(String, String)>),
 }
 
 /// A parameter with its OR-ed values.
@@ -141,6 +144,59 @@ pub enum Criterion {
         inner: Box<Criterion>,
     },
     Filter(FilterNode),
+    /// `_list=42`: resources that are an `entry.item` of one of these List resources.
+    List(Vec<String>),
+    /// `near=lat|long|distance|unit` on `Location.position`: within `km` kilometres.
+    Near {
+        latitude: f64,
+        longitude: f64,
+        km: f64,
+    },
+}
+
+/// Distance assumed when `near` gives none (the spec leaves it to the server).
+pub const NEAR_DEFAULT_KM: f64 = 10.0;
+
+fn parse_near(value: &str) -> Result<Criterion, String> {
+    let parts: Vec<&str> = value.split('|').collect();
+    if parts.len() < 2 || parts.len() > 4 {
+        return Err("expected latitude|longitude[|distance[|units]]".into());
+    }
+    let num = |s: &str, what: &str| -> Result<f64, String> {
+        s.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| format!("{what} '{s}' is not a number"))
+    };
+    let latitude = num(parts[0], "latitude")?;
+    let longitude = num(parts[1], "longitude")?;
+    if !(-90.0..=90.0).contains(&latitude) || !(-180.0..=180.0).contains(&longitude) {
+        return Err("latitude must be within ±90 and longitude within ±180".into());
+    }
+    let distance = match parts.get(2).filter(|d| !d.is_empty()) {
+        Some(d) => num(d, "distance")?,
+        None => NEAR_DEFAULT_KM,
+    };
+    if distance < 0.0 {
+        return Err("distance must not be negative".into());
+    }
+    let factor = match parts.get(3).copied().unwrap_or("km") {
+        "" | "km" => 1.0,
+        "m" => 0.001,
+        "mi" | "[mi_i]" | "[mi_us]" => 1.609344,
+        "[nmi_i]" => 1.852,
+        u => {
+            return Err(format!(
+                "unknown distance unit '{u}' (km, m, [mi_i] or [nmi_i])"
+            ))
+        }
+    };
+    Ok(Criterion::Near {
+        latitude,
+        longitude,
+        km: distance * factor,
+    })
 }
 
 /// `_sort` key.
@@ -544,6 +600,32 @@ pub(crate) fn parse_criterion(
     name: &str,
     value: &str,
 ) -> Result<Criterion, CritError> {
+    if name == "_list" {
+        let mut ids = Vec::new();
+        for id in value.split(',').map(str::trim) {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !ok {
+                return Err(CritError::Invalid(invalid(
+                    name,
+                    value,
+                    "expected the id of a List resource (functional lists such as $current-problems are not supported)",
+                )));
+            }
+            ids.push(id.to_string());
+        }
+        return Ok(Criterion::List(ids));
+    }
+    if let Some(m) = name.strip_prefix("_list:") {
+        return Err(CritError::Invalid(invalid(
+            name,
+            value,
+            format!("'_list' takes no modifier ':{m}'"),
+        )));
+    }
     if let Some(rest) = name.strip_prefix("_has:") {
         // _has:Type:refParam:rest
         let mut it = rest.splitn(3, ':');
@@ -615,6 +697,16 @@ pub(crate) fn parse_criterion(
     };
     let p = resolve_param(registry, types, code)
         .ok_or_else(|| CritError::Unknown(format!("Unknown search parameter '{code}'")))?;
+    if code == "near" && p.param_type() == ParamType::Special && p.path.is_some() {
+        if let Some(m) = modifier {
+            return Err(CritError::Invalid(invalid(
+                name,
+                value,
+                format!("'near' takes no modifier ':{m}'"),
+            )));
+        }
+        return parse_near(value).map_err(|why| CritError::Invalid(invalid(name, value, why)));
+    }
     let answered_without_index = matches!(code, "_id" | "_lastUpdated" | "_content" | "_text");
     if (p.path.is_none() && !answered_without_index) || p.param_type() == ParamType::Special {
         // e.g. `_query`, `_list`, `near`: known, but nothing indexes them
@@ -648,15 +740,12 @@ fn parse_modifier(p: &BoundParam, m: Option<&str>) -> Result<Modifier, String> {
         "contains" if matches!(t, ParamType::String | ParamType::Uri) => Modifier::Contains,
         "text" if t == ParamType::Token => Modifier::Text,
         "not" if t == ParamType::Token => Modifier::Not,
-        "above" if t == ParamType::Uri => Modifier::Above,
-        "below" if t == ParamType::Uri => Modifier::Below,
+        "above" if matches!(t, ParamType::Uri | ParamType::Token) => Modifier::Above,
+        "below" if matches!(t, ParamType::Uri | ParamType::Token) => Modifier::Below,
+        "in" if t == ParamType::Token => Modifier::In,
+        "not-in" if t == ParamType::Token => Modifier::NotIn,
         "of-type" if t == ParamType::Token => Modifier::OfType,
         "identifier" if t == ParamType::Reference => Modifier::Identifier,
-        "above" | "below" | "in" | "not-in" if t == ParamType::Token => {
-            return Err(format!(
-                "modifier ':{m}' needs terminology support and is not supported"
-            ));
-        }
         "above" | "below" if t == ParamType::Reference => {
             return Err(format!(
                 "modifier ':{m}' is not supported on reference parameters"
@@ -737,6 +826,10 @@ pub(crate) fn parse_value(
             if *modifier == Modifier::Text {
                 return Ok(SearchValue::String(unescape(raw)));
             }
+            if matches!(modifier, Modifier::In | Modifier::NotIn) {
+                // a value set: canonical URL or literal reference, resolved before planning
+                return Ok(SearchValue::Uri(unescape(raw)));
+            }
             if p.code() == "_id" || is_resource_column_param(p.code()) {
                 return Ok(SearchValue::Token {
                     system: None,
@@ -744,6 +837,20 @@ pub(crate) fn parse_value(
                 });
             }
             let parts = split_unescaped(raw, '|');
+            if matches!(modifier, Modifier::Above | Modifier::Below) {
+                return match parts.as_slice() {
+                    [system, code] if !system.is_empty() && !code.is_empty() => {
+                        Ok(SearchValue::Token {
+                            system: Some(Some(unescape(system))),
+                            code: Some(unescape(code)),
+                        })
+                    }
+                    _ => Err(
+                        "':above' / ':below' on a token need system|code (the code system decides the hierarchy)"
+                            .into(),
+                    ),
+                };
+            }
             if *modifier == Modifier::OfType {
                 if parts.len() != 3 {
                     return Err("':of-type' expects system|code|value".into());
@@ -961,10 +1068,11 @@ pub(crate) mod tests {
             false
         )
         .is_err());
+        assert!(parse(&R4, Some("Patient"), &p(&[("gender:below", "male")]), false).is_err());
         assert!(parse(
             &R4,
             Some("Patient"),
-            &p(&[("gender:in", "http://vs")]),
+            &p(&[("birthdate:in", "http://vs")]),
             false
         )
         .is_err());
@@ -1051,8 +1159,37 @@ pub(crate) mod tests {
             c => panic!("{c:?}"),
         }
         assert!(parse(&R4, Some("Observation"), &p(&[("subject:Foo", "1")]), true).is_err());
-        let e = parse(&R4, Some("Location"), &p(&[("near", "1|2|3|km")]), false).unwrap_err();
-        assert_eq!(e[0].code, "not-supported");
+        assert_eq!(
+            one("Location", "near", "52.5|13.4|2|[mi_i]"),
+            Criterion::Near {
+                latitude: 52.5,
+                longitude: 13.4,
+                km: 2.0 * 1.609344
+            }
+        );
+        assert_eq!(
+            one("Location", "near", "52.5|13.4"),
+            Criterion::Near {
+                latitude: 52.5,
+                longitude: 13.4,
+                km: NEAR_DEFAULT_KM
+            }
+        );
+        for bad in ["1", "x|2", "95|2|1", "1|2|3|parsec", "1|2|-1"] {
+            let e = parse(&R4, Some("Location"), &p(&[("near", bad)]), false).unwrap_err();
+            assert!(e[0].diagnostics.contains("near"), "{e:?}");
+        }
+        assert_eq!(
+            one("Patient", "_list", "42,a-b"),
+            Criterion::List(vec!["42".into(), "a-b".into()])
+        );
+        assert!(parse(
+            &R4,
+            Some("Patient"),
+            &p(&[("_list", "$current-allergies")]),
+            false
+        )
+        .is_err());
         let e = parse(&R4, Some("Patient"), &p(&[("_query", "x")]), false).unwrap_err();
         assert_eq!(e[0].code, "not-supported");
     }

@@ -84,6 +84,44 @@ pub struct BoundParam {
     /// The expression restricted to this resource type; `None` when not indexable
     /// (no expression, or outside the supported subset).
     pub path: Option<PathExpr>,
+    /// Token parameters on `code`-typed elements with a required binding: code → the code
+    /// system it implicitly belongs to (`male` → `http://hl7.org/fhir/administrative-gender`),
+    /// indexed as the row's system so `gender=http://hl7.org/fhir/administrative-gender|male`
+    /// matches (search.html#token: "the system is implied").
+    pub implied_systems: Option<Arc<HashMap<String, String>>>,
+}
+
+/// Code → system for the `code`-typed elements a token expression reaches, from the required
+/// bindings of the R4 model (`None` when it reaches none).
+fn implied_systems(path: &PathExpr) -> Option<Arc<HashMap<String, String>>> {
+    let model = kiln_fhir::model::r4();
+    let mut map = HashMap::new();
+    'terms: for (root, fields) in path.member_paths() {
+        let mut ty = root;
+        let mut last = None;
+        for f in &fields {
+            let Some(e) = model.element_by_name(&ty, f) else {
+                continue 'terms;
+            };
+            last = Some(e);
+            match e.child_type_name() {
+                Some(t) => ty = t.to_string(),
+                None => continue 'terms,
+            }
+        }
+        let Some(e) = last else { continue };
+        let is_code = matches!(e.types.as_slice(), [t] if t.code == "code");
+        let Some(b) = e.binding.as_ref().filter(|b| b.strength == "required") else {
+            continue;
+        };
+        if !is_code {
+            continue;
+        }
+        for (system, code) in model.required_value_set(&b.value_set).unwrap_or(&[]) {
+            map.entry(code.clone()).or_insert_with(|| system.clone());
+        }
+    }
+    (!map.is_empty()).then(|| Arc::new(map))
 }
 
 impl BoundParam {
@@ -198,6 +236,16 @@ impl Registry {
         Ok(())
     }
 
+    /// Adds a SearchParameter resource stored at run time. Like the official ones it is
+    /// registered even when its expression is outside the indexable subset (then searching it is
+    /// a "not supported" error and the reason is in [`Registry::unsupported`]); `Err` when it
+    /// is not a usable definition at all (no code, type or base).
+    pub fn add_custom(&mut self, sp: &Value) -> Result<(), RegistryError> {
+        self.add_lenient(sp)?;
+        self.resolve_components();
+        Ok(())
+    }
+
     fn add_lenient(&mut self, sp: &Value) -> Result<(), RegistryError> {
         let def = Self::parse_def(sp)?;
         if let Some(e) = &def.expression {
@@ -289,11 +337,16 @@ impl Registry {
         }
         for b in &def.base {
             let path = compiled.as_ref().and_then(|c| c.for_type(b));
+            let implied = match (&path, def.param_type) {
+                (Some(p), ParamType::Token) => implied_systems(p),
+                _ => None,
+            };
             self.by_type.entry(b.clone()).or_default().insert(
                 def.code.clone(),
                 BoundParam {
                     def: def.clone(),
                     path,
+                    implied_systems: implied,
                 },
             );
         }
@@ -490,6 +543,35 @@ mod tests {
         );
         // every official expression is inside the supported subset
         assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
+    }
+
+    #[test]
+    fn implied_systems_of_code_elements() {
+        let r = Registry::r4();
+        let g = r.get(Some("Patient"), "gender").unwrap();
+        assert_eq!(
+            g.implied_systems
+                .as_ref()
+                .unwrap()
+                .get("male")
+                .map(String::as_str),
+            Some("http://hl7.org/fhir/administrative-gender")
+        );
+        let s = r.get(Some("Observation"), "status").unwrap();
+        assert_eq!(
+            s.implied_systems
+                .as_ref()
+                .unwrap()
+                .get("final")
+                .map(String::as_str),
+            Some("http://hl7.org/fhir/observation-status")
+        );
+        // CodeableConcepts carry their own systems
+        assert!(r
+            .get(Some("Observation"), "code")
+            .unwrap()
+            .implied_systems
+            .is_none());
     }
 
     #[test]

@@ -378,3 +378,67 @@ mod tests {
         assert!(canonical_quantity(5.0, Some("http://other"), Some("mg")).is_none());
     }
 }
+
+/// Kilometres per degree of latitude (mean Earth radius 6371.0088 km).
+pub const KM_PER_DEGREE: f64 = 6371.0088 * std::f64::consts::PI / 180.0;
+
+/// The `near` test: an equirectangular distance (degrees scaled to km, longitude by the cosine of
+/// the searched latitude), which SQL evaluates with arithmetic only, plus the bounding box that
+/// lets the index narrow first. Within 0.5 % of the great-circle distance for distances up to a
+/// few hundred km away from the poles; longitudes do not wrap at ±180°.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NearBox {
+    pub latitude: f64,
+    pub longitude: f64,
+    pub km: f64,
+    pub km_per_degree_longitude: f64,
+    pub lat_min: f64,
+    pub lat_max: f64,
+    pub lon_min: f64,
+    pub lon_max: f64,
+}
+
+impl NearBox {
+    pub fn new(latitude: f64, longitude: f64, km: f64) -> NearBox {
+        let kx = (KM_PER_DEGREE * latitude.to_radians().cos()).max(1e-6);
+        let dlat = km / KM_PER_DEGREE;
+        let dlon = (km / kx).min(360.0);
+        NearBox {
+            latitude,
+            longitude,
+            km,
+            km_per_degree_longitude: kx,
+            lat_min: latitude - dlat,
+            lat_max: latitude + dlat,
+            lon_min: longitude - dlon,
+            lon_max: longitude + dlon,
+        }
+    }
+
+    /// Whether a position is within the distance (the same arithmetic as the SQL).
+    pub fn contains(&self, lat: f64, lon: f64) -> bool {
+        if lat < self.lat_min || lat > self.lat_max || lon < self.lon_min || lon > self.lon_max {
+            return false;
+        }
+        let dy = (lat - self.latitude) * KM_PER_DEGREE;
+        let dx = (lon - self.longitude) * self.km_per_degree_longitude;
+        dy * dy + dx * dx <= self.km * self.km
+    }
+}
+
+#[cfg(test)]
+mod near_tests {
+    use super::*;
+
+    #[test]
+    fn near_distances() {
+        // Brandenburg Gate → Alexanderplatz: 2.48 km great-circle
+        let b = NearBox::new(52.5163, 13.3777, 3.0);
+        assert!(b.contains(52.5219, 13.4132));
+        assert!(!NearBox::new(52.5163, 13.3777, 2.4).contains(52.5219, 13.4132));
+        // Berlin → Potsdam: 25.4 km great-circle
+        assert!(!b.contains(52.3906, 13.0645));
+        assert!(NearBox::new(52.5163, 13.3777, 25.6).contains(52.3906, 13.0645));
+        assert!(!NearBox::new(52.5163, 13.3777, 25.2).contains(52.3906, 13.0645));
+    }
+}

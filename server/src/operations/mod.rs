@@ -1,6 +1,7 @@
 //! FHIR operations (`$name`). Each operation is one file implementing [`Operation`] plus one line
 //! in [`registry`]; the CapabilityStatement lists whatever is registered here.
 
+mod reindex;
 mod terminology;
 mod validate;
 
@@ -78,6 +79,7 @@ pub fn registry() -> OperationRegistry {
     for op in terminology::all() {
         r.register(Arc::new(op));
     }
+    reindex::all().into_iter().for_each(|op| r.register(op));
     r
 }
 
