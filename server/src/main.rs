@@ -43,7 +43,7 @@ enum Command {
         #[command(subcommand)]
         action: ClientsAction,
     },
-    /// Load a code system release (icd10cm, loinc, snomed, icd10cm-gem) into the terminology
+    /// Load a code system release (icd10cm, loinc, snomed, ucum, icd10cm-gem) into the terminology
     /// store under <data-dir>/terminology.
     Terminology {
         #[command(subcommand)]
@@ -61,7 +61,8 @@ enum Command {
 #[derive(Subcommand)]
 enum TerminologyAction {
     /// `kiln terminology load <system> <path>`: icd10cm (CMS tabular XML), loinc (release
-    /// directory), snomed (RF2 snapshot directory), icd10cm-gem (GEM CSV). UCUM is built in.
+    /// directory), snomed (RF2 snapshot directory), ucum (ucum-essence.xml; UCUM 2.2 is built
+    /// in), icd10cm-gem (GEM CSV). A failed load leaves the previous version in place.
     Load {
         system: String,
         path: PathBuf,
@@ -195,6 +196,26 @@ async fn admin_auth(
     Ok((st, auth))
 }
 
+/// Installs the UCUM table loaded with `kiln terminology load ucum` (if any) before anything
+/// uses UCUM, so quantity search and unit validation use it instead of the vendored UCUM 2.2.
+fn install_loaded_ucum(dir: &std::path::Path) -> anyhow::Result<()> {
+    if !dir.join("ucum-essence.xml.gz").exists() {
+        return Ok(());
+    }
+    let ts = kiln_terminology::TerminologyStore::open(dir)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?;
+    if let Some(essence) = ts
+        .load_ucum()
+        .map_err(|e| anyhow::anyhow!("cannot read the loaded UCUM table: {e}"))?
+    {
+        let version = essence.version.clone();
+        kiln_terminology::ucum::install(essence)
+            .map_err(|e| anyhow::anyhow!("cannot install the loaded UCUM table: {e}"))?;
+        tracing::info!(version = %version, "UCUM table loaded from the terminology store");
+    }
+    Ok(())
+}
+
 async fn terminology(action: TerminologyAction) -> anyhow::Result<()> {
     let TerminologyAction::Load {
         system,
@@ -208,51 +229,72 @@ async fn terminology(action: TerminologyAction) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message(format!("loading {system} from {}", path.display()));
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let progress_bar = bar.clone();
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let ts = kiln_terminology::TerminologyStore::open(&dir)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?;
-        let summary = match system.as_str() {
-            "icd10cm" => {
-                let t = ts
-                    .import_icd10cm(&path)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                format!("ICD-10-CM: {} concepts", t.len())
+        // one progress line per release file read (name, rows), above the spinner
+        let sink = move |line: &str| {
+            if progress_bar.is_hidden() {
+                eprintln!("  {line}");
+            } else {
+                progress_bar.println(format!("  {line}"));
             }
-            "loinc" => {
-                let t = ts
-                    .import_loinc(&path, version.as_deref())
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                format!("LOINC: {} concepts", t.len())
-            }
-            "snomed" => {
-                let t = ts
-                    .import_snomed(&path, version.as_deref())
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                format!("SNOMED CT: {} concepts", t.len())
-            }
-            "icd10cm-gem" | "gem" => {
-                let cm = ts.import_gem(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let n = cm["group"]
-                    .as_array()
-                    .map(|g| {
-                        g.iter()
-                            .map(|x| x["element"].as_array().map_or(0, Vec::len))
-                            .sum::<usize>()
-                    })
-                    .unwrap_or(0);
-                format!("ICD-10-CM→ICD-9-CM GEM: {n} source codes")
-            }
-            "ucum" => {
-                anyhow::bail!("UCUM is built in (ucum-essence 2.2 is vendored); nothing to load")
-            }
-            other => anyhow::bail!("unknown system `{other}`: icd10cm, loinc, snomed, icd10cm-gem"),
         };
-        Ok(summary)
+        kiln_terminology::tabular::with_progress(sink, || {
+            let ts = kiln_terminology::TerminologyStore::open(&dir)
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?;
+            let summary = match system.as_str() {
+                "icd10cm" => {
+                    let t = ts
+                        .import_icd10cm(&path)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    kiln_terminology::store::summary(&t)
+                }
+                "loinc" => {
+                    let t = ts
+                        .import_loinc(&path, version.as_deref())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    kiln_terminology::store::summary(&t)
+                }
+                "snomed" => {
+                    let t = ts
+                        .import_snomed(&path, version.as_deref())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    kiln_terminology::store::summary(&t)
+                }
+                "icd10cm-gem" | "gem" => {
+                    let cm = ts.import_gem(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let n = cm["group"]
+                        .as_array()
+                        .map(|g| {
+                            g.iter()
+                                .map(|x| x["element"].as_array().map_or(0, Vec::len))
+                                .sum::<usize>()
+                        })
+                        .unwrap_or(0);
+                    format!("ICD-10-CM→ICD-9-CM GEM: {n} source codes")
+                }
+                "ucum" => {
+                    let e = ts.import_ucum(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    format!(
+                        "UCUM {} ({}): {} prefixes, {} units (used from the next server start)",
+                        e.version,
+                        e.revision_date,
+                        e.prefixes.len(),
+                        e.units.len()
+                    )
+                }
+                other => anyhow::bail!(
+                    "unknown system `{other}`: icd10cm, loinc, snomed, ucum, icd10cm-gem"
+                ),
+            };
+            Ok(summary)
+        })
     })
-    .await??;
+    .await?;
     bar.finish_and_clear();
+    let result = result?;
     println!(
-        "{result} loaded in {:.1} s",
+        "{result}; loaded in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -365,6 +407,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let store_config = args.store.store_config(&file);
     settings.terminology_dir = Some(store_config.data_dir.join("terminology"));
+    install_loaded_ucum(&store_config.data_dir.join("terminology"))?;
     let mode = kiln_server::auth::resolve_mode(args.auth, listen, args.insecure_no_auth)
         .map_err(|e| anyhow::anyhow!(e))?;
     let store = kiln_server::open_store(&store_config).await?;

@@ -48,19 +48,25 @@ struct Node {
 
 /// A loader error with its location.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{file}: {message} (byte {position})")]
+#[error("{file}:{line}:{column}: {message}")]
 pub struct LoadError {
     pub file: String,
+    /// Byte offset in the file.
     pub position: u64,
+    /// 1-based line and column.
+    pub line: usize,
+    pub column: usize,
     pub message: String,
 }
 
 /// Loads the tabular XML from a file.
 pub fn load_tabular_file(path: &Path) -> Result<ConceptTable, LoadError> {
-    let xml = std::fs::read_to_string(path).map_err(|e| LoadError {
-        file: path.display().to_string(),
+    let xml = crate::tabular::read_file(path).map_err(|e| LoadError {
+        file: e.file,
         position: 0,
-        message: e.to_string(),
+        line: e.line,
+        column: e.column,
+        message: e.message,
     })?;
     load_tabular(&xml, &path.display().to_string())
 }
@@ -91,10 +97,15 @@ pub fn load_tabular(xml: &str, file: &str) -> Result<ConceptTable, LoadError> {
     let mut text = String::new();
     let mut capturing = false;
     let mut ext_char = String::new();
-    let err = |pos: u64, m: String| LoadError {
-        file: file.to_string(),
-        position: pos,
-        message: m,
+    let err = |pos: u64, m: String| {
+        let (line, column) = crate::tabular::line_col(xml, pos as usize);
+        LoadError {
+            file: file.to_string(),
+            position: pos,
+            line,
+            column,
+            message: m,
+        }
     };
     loop {
         let pos = reader.buffer_position();
@@ -310,6 +321,12 @@ pub fn load_tabular(xml: &str, file: &str) -> Result<ConceptTable, LoadError> {
             });
         }
     }
+    crate::tabular::progress(&format!(
+        "{}: FY{} tabular, {} concepts incl. generated 7th-character codes",
+        file.rsplit('/').next().unwrap_or(file),
+        table.version.as_deref().unwrap_or("?"),
+        table.len()
+    ));
     Ok(table)
 }
 
@@ -363,6 +380,15 @@ mod tests {
     fn garbage_is_an_error() {
         assert!(load_tabular("<nothing/>", "x.xml").is_err());
         assert!(load_tabular("<a><b></a>", "x.xml").is_err());
+        // a mismatched end tag is located by line and column
+        let xml = "<ICD10CM.tabular>\n<version>2026</version>\n<chapter><name>1</name>\n  <desc>x</chapter>\n</ICD10CM.tabular>\n";
+        let e = load_tabular(xml, "tab.xml").unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.line, e.column),
+            ("tab.xml", 4, 10),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("tab.xml:4:10: "), "{e}");
     }
 
     #[test]

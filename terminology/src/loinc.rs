@@ -110,7 +110,18 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
         .iter()
         .filter_map(|n| t.opt_col(n).map(|i| (*n, i)))
         .collect();
-    let mut table = ConceptTable::new(LOINC_URL, version.map(str::to_string));
+    // without an explicit version: the release's version is the highest VersionLastChanged
+    let version = version.map(str::to_string).or_else(|| {
+        let c = t.opt_col("VersionLastChanged")?;
+        let key = |v: &str| -> Vec<u32> { v.split('.').filter_map(|x| x.parse().ok()).collect() };
+        t.rows
+            .iter()
+            .map(|r| r.fields[c].trim())
+            .filter(|v| !v.is_empty())
+            .max_by_key(|v| key(v))
+            .map(str::to_string)
+    });
+    let mut table = ConceptTable::new(LOINC_URL, version);
     table.name = Some("LOINC".into());
     table.title = Some("Logical Observation Identifiers, Names and Codes (LOINC)".into());
     table.case_sensitive = false;

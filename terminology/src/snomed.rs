@@ -165,7 +165,39 @@ pub fn load_rf2_dir(dir: &Path, version: Option<&str>) -> Result<ConceptTable, F
         associations: read_all(&assoc)?,
         extended_maps: read_all(&files["extended_maps"])?,
     };
+    let derived;
+    let version = match version {
+        Some(v) => Some(v),
+        None => {
+            derived = edition_version(&files["concepts"][0], &texts.concepts.0);
+            derived.as_deref()
+        }
+    };
     load_rf2_texts(&texts, version)
+}
+
+/// The SNOMED CT version URI of a release without an explicit version:
+/// `http://snomed.info/sct/{module of the root concept}/version/{date in the file name}`.
+fn edition_version(concept_file: &Path, text: &str) -> Option<String> {
+    let name = concept_file.file_name()?.to_string_lossy().to_string();
+    let date = name.strip_suffix(".txt")?.rsplit('_').next()?.to_string();
+    if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut rows = TsvRows::new(text, &name).ok()?;
+    let (c_id, c_mod) = (
+        rows.header().opt_col("id")?,
+        rows.header().opt_col("moduleId")?,
+    );
+    let mut module = None;
+    while let Some(Ok((_, f))) = rows.next() {
+        if f[c_id] == "138875005" {
+            module = Some(f[c_mod].to_string());
+            break;
+        }
+    }
+    let module = module.unwrap_or_else(|| "900000000000207008".to_string());
+    Some(format!("{SNOMED_URL}/{module}/version/{date}"))
 }
 
 /// Loads SNOMED CT from the texts of the three core RF2 snapshot files and an optional language

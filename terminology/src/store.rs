@@ -62,6 +62,7 @@ impl TerminologyStore {
     /// Writes `table` as the snapshot of `id`, atomically replacing any previous one.
     pub fn save(&self, id: &str, table: &ConceptTable) -> Result<(), StoreError> {
         Self::check_id(id)?;
+        crate::tabular::progress(&format!("writing the {id} snapshot"));
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -237,6 +238,60 @@ impl TerminologyStore {
             .map_err(StoreError::Load)
     }
 
+    /// Checks a `ucum-essence.xml` (grammar of the file, every unit resolves to base units) and
+    /// saves it as the store's UCUM table (`ucum-essence.xml.gz`, replaced atomically), which
+    /// the server installs at start-up instead of the vendored UCUM 2.2. Returns the parsed
+    /// essence.
+    pub fn import_ucum(&self, path: &Path) -> Result<crate::ucum::essence::Essence, StoreError> {
+        let xml = crate::tabular::read_file(path).map_err(|e| StoreError::Load(e.to_string()))?;
+        let essence = crate::ucum::essence::parse_named(&xml, &path.display().to_string())
+            .map_err(|e| StoreError::Load(e.to_string()))?;
+        crate::ucum::Ucum::new(essence.clone())
+            .map_err(|e| StoreError::Load(format!("{}: {e}", path.display())))?;
+        crate::tabular::progress(&format!(
+            "UCUM {}: {} prefixes, {} units resolved",
+            essence.version,
+            essence.prefixes.len(),
+            essence.units.len()
+        ));
+        let dest = self.ucum_path();
+        let tmp = self
+            .dir
+            .join(format!(".tmp-ucum-{}.xml.gz", std::process::id()));
+        let result = (|| {
+            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+            gz.write_all(xml.as_bytes()).map_err(io(&tmp))?;
+            let f = gz.finish().map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &dest).map_err(io(&dest))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map(|_| essence)
+    }
+
+    fn ucum_path(&self) -> PathBuf {
+        self.dir.join("ucum-essence.xml.gz")
+    }
+
+    /// The UCUM essence saved by `import_ucum`, if any.
+    pub fn load_ucum(&self) -> Result<Option<crate::ucum::essence::Essence>, StoreError> {
+        let path = self.ucum_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let f = std::fs::File::open(&path).map_err(io(&path))?;
+        let mut xml = String::new();
+        flate2::read::GzDecoder::new(std::io::BufReader::new(f))
+            .read_to_string(&mut xml)
+            .map_err(io(&path))?;
+        crate::ucum::essence::parse_named(&xml, &path.display().to_string())
+            .map(Some)
+            .map_err(|e| StoreError::Load(e.to_string()))
+    }
+
     /// Loads an ICD-10-CM tabular XML file and saves it as `icd10cm`
     /// (what `kiln terminology load icd10cm <path>` runs). On a parse error nothing is replaced.
     pub fn import_icd10cm(&self, path: &Path) -> Result<ConceptTable, StoreError> {
@@ -245,6 +300,33 @@ impl TerminologyStore {
         self.save("icd10cm", &t)?;
         Ok(t)
     }
+}
+
+/// A one-line summary of a loaded code system for `kiln terminology load`.
+pub fn summary(t: &ConceptTable) -> String {
+    let inactive = t.concepts.iter().filter(|c| c.inactive).count();
+    let designations: usize = t.concepts.iter().map(|c| c.designations.len()).sum();
+    let links: usize = t.concepts.iter().map(|c| c.parents.len()).sum();
+    let members: usize = t.sets.values().map(Vec::len).sum();
+    let mut s = format!(
+        "{} {}: {} concepts ({} inactive), {} designations, {} is-a links",
+        t.name.as_deref().unwrap_or(&t.url),
+        t.version.as_deref().unwrap_or("(no version)"),
+        t.concepts.len(),
+        inactive,
+        designations,
+        links
+    );
+    if !t.sets.is_empty() {
+        s.push_str(&format!(
+            ", {} member sets ({members} members)",
+            t.sets.len()
+        ));
+    }
+    if !t.resources.is_empty() {
+        s.push_str(&format!(", {} concept maps", t.resources.len()));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -256,6 +338,53 @@ mod tests {
         let d = std::env::temp_dir().join(format!("kiln-tx-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn ucum_import_checks_the_file_and_keeps_the_previous_one() {
+        let dir = tmpdir("ucum");
+        let store = TerminologyStore::open(&dir).unwrap();
+        assert!(store.load_ucum().unwrap().is_none());
+        let mut xml = String::new();
+        flate2::read::GzDecoder::new(
+            &include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/data/ucum-essence.xml.gz"
+            ))[..],
+        )
+        .read_to_string(&mut xml)
+        .unwrap();
+        let good = dir.join("ucum-essence.xml");
+        std::fs::write(&good, &xml).unwrap();
+        let e = store.import_ucum(&good).unwrap();
+        assert_eq!(e.version, "2.2");
+        assert!(e.units.len() > 300);
+        // a unit value that is not a number: file, line and column
+        let bad_xml = xml.replacen("value=\"1e3\"", "value=\"1eX\"", 1);
+        assert_ne!(bad_xml, xml);
+        let bad = dir.join("bad-essence.xml");
+        std::fs::write(&bad, &bad_xml).unwrap();
+        let err = store.import_ucum(&bad).unwrap_err().to_string();
+        let at = bad_xml.find("value=\"1eX\"").unwrap();
+        let (line, _) = crate::tabular::line_col(&bad_xml, at);
+        assert!(err.contains(&format!("bad-essence.xml:{line}:")), "{err}");
+        assert!(err.contains("value=\"1eX\" is not a number"), "{err}");
+        // a unit defined in terms of an unknown unit does not resolve
+        let unresolved = xml.replacen("Unit=\"dm3\"", "Unit=\"dmX3\"", 1);
+        assert_ne!(unresolved, xml);
+        std::fs::write(&bad, &unresolved).unwrap();
+        let err = store.import_ucum(&bad).unwrap_err().to_string();
+        assert!(err.contains("failed to resolve"), "{err}");
+        // not UCUM at all
+        std::fs::write(&bad, "<html>\n<body/></html>").unwrap();
+        let err = store.import_ucum(&bad).unwrap_err().to_string();
+        assert!(err.contains("no <root> element"), "{err}");
+        // the good file is still the saved one
+        assert_eq!(
+            store.load_ucum().unwrap().unwrap().units.len(),
+            e.units.len()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -52,6 +52,18 @@ impl Table {
     }
 }
 
+/// The 1-based (line, column) of byte offset `pos` in `text` (column counted in characters).
+pub fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let mut pos = pos.min(text.len());
+    while !text.is_char_boundary(pos) {
+        pos -= 1;
+    }
+    let before = &text[..pos];
+    let line = 1 + before.bytes().filter(|b| *b == b'\n').count();
+    let start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, 1 + before[start..].chars().count())
+}
+
 pub fn read_file(path: &Path) -> Result<String, FileError> {
     let bytes = std::fs::read(path).map_err(|e| FileError {
         file: path.display().to_string(),
@@ -122,6 +134,40 @@ pub fn parse_tsv(text: &str, file: &str) -> Result<Table, FileError> {
     })
 }
 
+/// Where progress lines go (see `with_progress`).
+type ProgressSink = Option<Box<dyn Fn(&str)>>;
+
+thread_local! {
+    static PROGRESS: std::cell::RefCell<ProgressSink> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `body` with `sink` receiving progress lines from the readers on this thread (one line
+/// per release file read: its name and row count). Used by `kiln terminology load`.
+pub fn with_progress<R>(sink: impl Fn(&str) + 'static, body: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PROGRESS.with(|p| *p.borrow_mut() = None);
+        }
+    }
+    PROGRESS.with(|p| *p.borrow_mut() = Some(Box::new(sink)));
+    let _reset = Reset;
+    body()
+}
+
+/// Sends a progress line to the sink installed by `with_progress`, if any.
+pub fn progress(line: &str) {
+    PROGRESS.with(|p| {
+        if let Some(f) = p.borrow().as_ref() {
+            f(line)
+        }
+    });
+}
+
+fn short_name(file: &str) -> &str {
+    file.rsplit(['/', '\\']).next().unwrap_or(file)
+}
+
 /// The header of a streamed file: column names → index.
 #[derive(Debug, Clone)]
 pub struct Header {
@@ -159,6 +205,8 @@ pub struct TsvRows<'a> {
     lines: std::iter::Enumerate<std::str::Split<'a, char>>,
     header: Header,
     fields: Vec<&'a str>,
+    rows: usize,
+    done: bool,
 }
 
 impl<'a> TsvRows<'a> {
@@ -190,6 +238,8 @@ impl<'a> TsvRows<'a> {
             lines,
             header,
             fields: Vec::with_capacity(16),
+            rows: 0,
+            done: false,
         })
     }
 
@@ -219,7 +269,16 @@ impl<'a> TsvRows<'a> {
                     ),
                 }));
             }
+            self.rows += 1;
             return Some(Ok((i + 1, &self.fields)));
+        }
+        if !self.done {
+            self.done = true;
+            progress(&format!(
+                "{}: {} rows",
+                short_name(&self.header.file),
+                self.rows
+            ));
         }
         None
     }
@@ -348,6 +407,7 @@ pub fn parse_csv(text: &str, file: &str) -> Result<Table, FileError> {
         }
         rows.push(r);
     }
+    progress(&format!("{}: {} rows", short_name(file), rows.len()));
     Ok(Table {
         file: file.into(),
         columns,

@@ -172,3 +172,198 @@ fn icd10cm_text_index() {
     );
     let _ = std::fs::remove_dir_all(&store_dir);
 }
+
+/// Expected size of `is-a {root}`, computed from the XML text independently of the loader: a
+/// plain scan of `<diag>`/`</diag>`/`<name>`/`<sevenChrDef>`/`<extension>` tags. Every `<diag>`
+/// below the root is one code; a leaf `<diag>` under a `sevenChrDef` (its own or its nearest
+/// ancestor's) has one more code per 7th-character extension.
+fn expected_isa_count(xml: &str, root: &str) -> usize {
+    struct D {
+        name: String,
+        exts: Option<usize>,
+        children: Vec<usize>,
+        top: bool,
+    }
+    let mut ds: Vec<D> = Vec::new();
+    let mut open: Vec<usize> = Vec::new();
+    let mut i = 0;
+    let mut in_seven: Option<usize> = None;
+    while let Some(off) = xml[i..].find('<') {
+        let at = i + off;
+        let rest = &xml[at..];
+        // `<diag>` or `<diag placeholder="true">`
+        if rest.starts_with("<diag>") || rest.starts_with("<diag ") {
+            let idx = ds.len();
+            ds.push(D {
+                name: String::new(),
+                exts: None,
+                children: Vec::new(),
+                top: open.is_empty(),
+            });
+            if let Some(&p) = open.last() {
+                ds[p].children.push(idx);
+            }
+            open.push(idx);
+        } else if rest.starts_with("</diag>") {
+            open.pop();
+        } else if rest.starts_with("<name>") {
+            if let Some(&d) = open.last() {
+                if ds[d].name.is_empty() {
+                    let end = rest.find("</name>").unwrap();
+                    ds[d].name = rest[6..end].trim().to_string();
+                }
+            }
+        } else if rest.starts_with("<sevenChrDef>") {
+            in_seven = open.last().copied();
+            if let Some(d) = in_seven {
+                ds[d].exts = Some(0);
+            }
+        } else if rest.starts_with("</sevenChrDef>") {
+            in_seven = None;
+        } else if rest.starts_with("<extension ") {
+            if let Some(d) = in_seven {
+                *ds[d].exts.as_mut().unwrap() += 1;
+            }
+        }
+        i = at + 1;
+    }
+    fn count(ds: &[D], i: usize, inherited: Option<usize>) -> usize {
+        let exts = ds[i].exts.or(inherited);
+        if ds[i].children.is_empty() {
+            return 1 + exts.unwrap_or(0);
+        }
+        1 + ds[i]
+            .children
+            .iter()
+            .map(|&c| count(ds, c, exts))
+            .sum::<usize>()
+    }
+    // the root's own sevenChrDef may be inherited from an ancestor: find its chain
+    fn find(ds: &[D], i: usize, root: &str, inherited: Option<usize>) -> Option<usize> {
+        let exts = ds[i].exts.or(inherited);
+        if ds[i].name == root {
+            return Some(count(ds, i, inherited));
+        }
+        ds[i].children.iter().find_map(|&c| find(ds, c, root, exts))
+    }
+    let tops: Vec<usize> = (0..ds.len()).filter(|&i| ds[i].top).collect();
+    tops.into_iter()
+        .find_map(|t| find(&ds, t, root, None))
+        .unwrap_or_else(|| panic!("{root} not in the XML"))
+}
+
+#[test]
+fn icd10cm_done_when_through_the_operations() {
+    use kiln_terminology::Terminology;
+    use serde_json::json;
+    use std::sync::Arc;
+    let Some(dir) = shared() else { return };
+    let xml = std::fs::read_to_string(dir.join("icd10cm-tabular-2026.xml")).unwrap();
+    let table = kiln_terminology::icd10cm::load_tabular(&xml, "icd10cm-tabular-2026.xml").unwrap();
+    let present: Vec<String> = table.concepts.iter().map(|c| c.code.clone()).collect();
+    let mut tx = Terminology::new();
+    tx.add_code_system(Arc::new(table));
+    let sys = "http://hl7.org/fhir/sid/icd-10-cm";
+    let p = |ps: serde_json::Value| json!({"resourceType": "Parameters", "parameter": ps});
+    let param = |r: &serde_json::Value, n: &str| -> serde_json::Value {
+        r["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .cloned()
+            .unwrap_or(json!(null))
+    };
+
+    // $subsumes A00 vs A00.0
+    let r = tx
+        .subsumes(&p(json!([{"name": "system", "valueUri": sys},
+            {"name": "codeA", "valueCode": "A00"}, {"name": "codeB", "valueCode": "A00.0"}])))
+        .unwrap();
+    assert_eq!(param(&r, "outcome")["valueCode"], "subsumes");
+    let r = tx
+        .subsumes(&p(json!([{"name": "system", "valueUri": sys},
+            {"name": "codeA", "valueCode": "A00.0"}, {"name": "codeB", "valueCode": "A00"}])))
+        .unwrap();
+    assert_eq!(param(&r, "outcome")["valueCode"], "subsumed-by");
+
+    // $expand of is-a value sets: the total equals the count computed from the XML text
+    for root in ["A00", "E11", "S72", "T36", "O30"] {
+        let expected = expected_isa_count(&xml, root);
+        let vs = json!({"resourceType": "ValueSet", "status": "active", "compose": {"include": [
+            {"system": sys, "filter": [{"property": "concept", "op": "is-a", "value": root}]}]}});
+        let e = tx
+            .expand(&p(json!([{"name": "valueSet", "resource": vs},
+                {"name": "count", "valueInteger": 1}])))
+            .unwrap();
+        println!(
+            "$expand is-a {root}: total {} (expected from the XML: {expected})",
+            e["expansion"]["total"]
+        );
+        assert_eq!(e["expansion"]["total"], expected, "is-a {root}");
+    }
+
+    // every FY2024 billable code still in the FY2026 tabular validates with $validate-code
+    let codes = std::fs::read_to_string(dir.join("icd10cm-codes-2024.txt")).unwrap();
+    let present: HashSet<String> = present.into_iter().collect();
+    let (mut valid, mut absent) = (0usize, Vec::new());
+    let t0 = Instant::now();
+    for line in codes.lines() {
+        let code = line.get(..7).unwrap_or(line).trim();
+        if code.is_empty() {
+            continue;
+        }
+        let d = dotted(code);
+        if !present.contains(&d) {
+            absent.push(d);
+            continue;
+        }
+        let r = tx
+            .validate_code_cs(&p(json!([{"name": "url", "valueUri": sys},
+                {"name": "code", "valueCode": d}])))
+            .unwrap();
+        assert_eq!(param(&r, "result")["valueBoolean"], true, "{d}: {r}");
+        valid += 1;
+    }
+    // why the others are gone: their stem was subdivided into more specific codes (so the
+    // placeholder/leaf code no longer exists), or they were deleted outright
+    let (mut subdivided, mut deleted) = (Vec::new(), Vec::new());
+    for a in &absent {
+        // the stem of a 7th-character code is the code without its 7th character and `X`
+        // placeholders (`S30.1XXA` → `S30.1`)
+        let stem = if a.len() == 8 {
+            a[..7].trim_end_matches('X').to_string()
+        } else {
+            a.clone()
+        };
+        if present.iter().any(|c| {
+            c.starts_with(stem.as_str())
+                && c.len() > stem.len()
+                && !c[stem.len()..].starts_with('X')
+        }) {
+            subdivided.push(a.clone());
+        } else {
+            deleted.push(a.clone());
+        }
+    }
+    println!(
+        "FY2024 billable codes: {} validate in FY2026 ({:?}); {} not in FY2026: {} subdivided into more specific codes {:?}, {} deleted {:?}",
+        valid,
+        t0.elapsed(),
+        absent.len(),
+        subdivided.len(),
+        subdivided,
+        deleted.len(),
+        deleted
+    );
+    assert_eq!(valid + absent.len(), 74_044);
+    assert!(valid > 74_000, "{valid}");
+    // and a code that is not in FY2026 is reported invalid
+    if let Some(a) = absent.first() {
+        let r = tx
+            .validate_code_cs(&p(json!([{"name": "url", "valueUri": sys},
+                {"name": "code", "valueCode": a}])))
+            .unwrap();
+        assert_eq!(param(&r, "result")["valueBoolean"], false);
+    }
+}

@@ -421,3 +421,16 @@ fn malformed_snomed_release_is_located_and_leaves_the_previous_version() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn release_versions_are_derived_when_not_given() {
+    let s = snomed::load_rf2_dir(&fixture("snomed"), None).unwrap();
+    assert_eq!(
+        s.version.as_deref(),
+        Some("http://snomed.info/sct/900000000000207008/version/20250101")
+    );
+    let l = loinc::load_loinc_dir(&fixture("loinc"), None).unwrap();
+    assert_eq!(l.version.as_deref(), Some("2.80"));
+    let l = loinc::load_loinc_dir(&fixture("loinc"), Some("2.81")).unwrap();
+    assert_eq!(l.version.as_deref(), Some("2.81"));
+}

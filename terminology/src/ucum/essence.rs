@@ -73,7 +73,22 @@ pub(crate) fn ref_text(r: &BytesRef) -> String {
 }
 
 pub fn parse(xml: &str) -> Result<Essence, String> {
+    parse_named(xml, "ucum-essence.xml").map_err(|e| e.to_string())
+}
+
+/// Parses a `ucum-essence.xml` text; errors name the file, line and column.
+pub fn parse_named(xml: &str, file: &str) -> Result<Essence, crate::tabular::FileError> {
+    let fail = |pos: usize, message: String| {
+        let (line, column) = crate::tabular::line_col(xml, pos);
+        crate::tabular::FileError {
+            file: file.to_string(),
+            line,
+            column,
+            message,
+        }
+    };
     let mut reader = Reader::from_str(xml);
+    let mut seen_root = false;
     let mut essence = Essence::default();
     let mut cur_unit: Option<UnitDef> = None;
     let mut cur_prefix: Option<PrefixDef> = None;
@@ -81,9 +96,8 @@ pub fn parse(xml: &str) -> Result<Essence, String> {
     let mut text = String::new();
     let mut depth_value = false;
     loop {
-        let ev = reader
-            .read_event()
-            .map_err(|e| format!("ucum-essence.xml at {}: {e}", reader.buffer_position()))?;
+        let pos = reader.buffer_position() as usize;
+        let ev = reader.read_event().map_err(|e| fail(pos, e.to_string()))?;
         match ev {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(ev, Event::Empty(_));
@@ -100,8 +114,18 @@ pub fn parse(xml: &str) -> Result<Essence, String> {
                 let get = |k: &str| attrs.get(k).cloned().unwrap_or_default();
                 match name.as_slice() {
                     b"root" => {
+                        seen_root = true;
                         essence.version = get("version");
                         essence.revision_date = get("revision-date");
+                    }
+                    b"prefix" | b"base-unit" | b"unit" if get("Code").is_empty() => {
+                        return Err(fail(
+                            pos,
+                            format!(
+                                "<{}> without a Code attribute",
+                                String::from_utf8_lossy(&name)
+                            ),
+                        ));
                     }
                     b"prefix" => {
                         cur_prefix = Some(PrefixDef {
@@ -128,10 +152,13 @@ pub fn parse(xml: &str) -> Result<Essence, String> {
                         })
                     }
                     b"value" => {
-                        let v: f64 = attrs
-                            .get("value")
-                            .map(|s| s.parse().unwrap_or(1.0))
-                            .unwrap_or(1.0);
+                        let v: f64 = match attrs.get("value") {
+                            None => 1.0,
+                            Some(s) => s
+                                .trim()
+                                .parse()
+                                .map_err(|_| fail(pos, format!("value=\"{s}\" is not a number")))?,
+                        };
                         if let Some(p) = cur_prefix.as_mut() {
                             p.value = v;
                         } else if let Some(u) = cur_unit.as_mut() {
@@ -205,8 +232,11 @@ pub fn parse(xml: &str) -> Result<Essence, String> {
             _ => {}
         }
     }
+    if !seen_root {
+        return Err(fail(0, "not a UCUM essence file: no <root> element".into()));
+    }
     if essence.units.is_empty() {
-        return Err("ucum-essence.xml: no units found".into());
+        return Err(fail(xml.len(), "no units found".into()));
     }
     // Longest prefix first, so that "da" is tried before "d".
     essence

@@ -11,7 +11,7 @@ pub mod essence;
 
 use std::collections::{BTreeMap, HashMap};
 
-use once_cell::sync::Lazy;
+use once_cell::sync::OnceCell;
 
 pub use essence::{Essence, UnitDef};
 
@@ -120,14 +120,25 @@ pub struct Ucum {
     resolved: HashMap<String, Canonical>,
 }
 
-static UCUM: Lazy<Result<Ucum, String>> = Lazy::new(|| {
-    let essence = essence::load_vendored()?;
-    Ucum::new(essence)
-});
+static UCUM: OnceCell<Result<Ucum, String>> = OnceCell::new();
 
-/// The process-wide UCUM table (vendored essence file).
+/// The process-wide UCUM table: the essence file an operator loaded with
+/// `kiln terminology load ucum` (see `install`), else the vendored one.
 pub fn ucum() -> Result<&'static Ucum, UcumError> {
-    UCUM.as_ref().map_err(|e| UcumError { message: e.clone() })
+    UCUM.get_or_init(|| {
+        let essence = essence::load_vendored()?;
+        Ucum::new(essence)
+    })
+    .as_ref()
+    .map_err(|e| UcumError { message: e.clone() })
+}
+
+/// Makes `essence` the process-wide UCUM table. Must run before the first use of `ucum()`
+/// (server start); fails when the table is already in use or a unit does not resolve.
+pub fn install(essence: essence::Essence) -> Result<(), String> {
+    let u = Ucum::new(essence)?;
+    UCUM.set(Ok(u))
+        .map_err(|_| "the UCUM table is already in use; install it at start-up".to_string())
 }
 
 /// Validates a UCUM expression by the grammar and the unit table.
