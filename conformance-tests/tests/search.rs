@@ -1,6 +1,22 @@
 //! search.html over HTTP: type, system and compartment search, paging, `_include`/`_revinclude`,
 //! `_summary=count`, `POST _search`, strict handling of unknown parameters.
 
+//!
+//! The complete suite over a hand-made fixture (exact expected result sets, run on SQLite and
+//! PostgreSQL) lives in `search/`: `fixture.rs` (the data and the checking helpers),
+//! `params.rs` (parameter types, prefixes, modifiers, OR/AND, escaping), `graph.rs` (chains,
+//! `_has`, `_filter`, includes, system and compartment search), `results.rs` (`_sort`, paging,
+//! `_summary`/`_elements`/`_total`, `POST _search`, errors).
+
+#[path = "search/fixture.rs"]
+mod fixture;
+#[path = "search/graph.rs"]
+mod graph;
+#[path = "search/params.rs"]
+mod params;
+#[path = "search/results.rs"]
+mod results;
+
 use kiln_conformance_tests::{backend_tests, entries, link, send, Method, TestServer};
 use serde_json::{json, Value};
 

@@ -535,6 +535,43 @@ impl SearchEngine {
             .map_err(|issues| FhirError::with_issues(axum::http::StatusCode::BAD_REQUEST, issues))
     }
 
+    /// Absolute references on this server's own base are the local references they name
+    /// (`subject=http://host/fhir/Patient/1` = `subject=Patient/1`): the base is stripped from
+    /// every alternative of a reference parameter's value.
+    fn localize_references(
+        &self,
+        ty: Option<&str>,
+        mut query: Vec<(String, String)>,
+        base_url: &str,
+    ) -> Vec<(String, String)> {
+        let prefix = format!("{}/", base_url.trim_end_matches('/'));
+        if !query.iter().any(|(_, v)| v.contains(&prefix)) {
+            return query;
+        }
+        let reg = self.registry();
+        for (name, value) in query.iter_mut() {
+            if name.contains('.') || name.starts_with('_') {
+                continue;
+            }
+            let code = name.split(':').next().unwrap_or(name);
+            let is_reference = reg
+                .get(ty, code)
+                .is_some_and(|p| p.param_type() == kiln_search::ParamType::Reference);
+            if !is_reference || name.ends_with(":identifier") {
+                continue;
+            }
+            *value = kiln_search::query::split_unescaped(value, ',')
+                .into_iter()
+                .map(|alt| match alt.strip_prefix(&prefix) {
+                    Some(rest) if rest.starts_with(|c: char| c.is_ascii_uppercase()) => rest,
+                    _ => alt,
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        query
+    }
+
     /// Ids of the current resources of `ty` matching `query` (a URL query string), seen from
     /// inside the write transaction `tx` (conditional create/update/delete/patch, conditional
     /// references in transactions).
@@ -639,6 +676,7 @@ impl SearchEngine {
                 }
             }
         }
+        let query = self.localize_references(ty, query, &state.base_url);
         let mut parsed = self.parse(ty, &query, ctx.strict)?;
         // patient-context grants search inside their patient's compartment
         let compartment_patient = match ty {
@@ -687,7 +725,8 @@ impl SearchEngine {
         } else {
             access.check_any(Interaction::Search)?;
         }
-        let parsed = self.parse(target, &ctx.query, ctx.strict)?;
+        let query = self.localize_references(target, ctx.query.clone(), &state.base_url);
+        let parsed = self.parse(target, &query, ctx.strict)?;
         let mut parsed = parsed
             .with_compartment(&self.registry(), cty, cid)
             .map_err(|issues| FhirError::with_issues(StatusCode::BAD_REQUEST, issues))?;
@@ -736,14 +775,29 @@ impl SearchEngine {
         } else {
             state.store.query_rows(&plan.sql, &params).await?
         };
-        let mut next = None;
-        if rows.len() > count {
-            rows.truncate(count);
+        // keyset paging both ways: a forward page fetched one extra row (there is a next page);
+        // a backward page (a `previous` link) came nearest-first, its extra row meaning there
+        // is a page before it
+        let row_key = |row: &Vec<SqlValue>| -> (Vec<kiln_search::SqlValue>, i64) {
+            let rid = row.first().and_then(SqlValue::as_i64).unwrap_or(0);
+            (row[1..].iter().cloned().map(to_search_value).collect(), rid)
+        };
+        let more = rows.len() > count;
+        rows.truncate(count);
+        if plan.backward {
+            rows.reverse();
+        }
+        let (mut next, mut previous) = (None, None);
+        if more || plan.backward {
             if let Some(last) = rows.last() {
-                let rid = last.first().and_then(SqlValue::as_i64).unwrap_or(0);
-                let keys: Vec<kiln_search::SqlValue> =
-                    last[1..].iter().cloned().map(to_search_value).collect();
+                let (keys, rid) = row_key(last);
                 next = Some(plan.next_cursor(&keys, rid));
+            }
+        }
+        if (plan.backward && more) || (!plan.backward && page.cursor.is_some()) {
+            if let Some(first) = rows.first() {
+                let (keys, rid) = row_key(first);
+                previous = Some(plan.previous_cursor(&keys, rid));
             }
         }
         let rids: Vec<i64> = rows
@@ -811,6 +865,9 @@ impl SearchEngine {
             json!({"relation": "self", "url": link(page.cursor.as_deref())}),
             json!({"relation": "first", "url": link(None)}),
         ];
+        if let Some(p) = &previous {
+            links.push(json!({"relation": "previous", "url": link(Some(p))}));
+        }
         if let Some(n) = &next {
             links.push(json!({"relation": "next", "url": link(Some(n))}));
         }

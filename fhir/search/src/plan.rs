@@ -17,7 +17,7 @@ use crate::{Dialect, SqlValue};
 pub struct PageRequest {
     /// Page size (`_count`, defaulted and capped by the server).
     pub count: usize,
-    /// The opaque cursor from the previous page's `next` link.
+    /// The opaque cursor from the `next` or `previous` link of the page before.
     pub cursor: Option<String>,
 }
 
@@ -43,6 +43,9 @@ pub struct SqlPlan {
     /// Kinds of the sort key columns `k0..` following `rid` in `sql`'s result.
     pub sort_keys: Vec<KeyKind>,
     pub page_size: usize,
+    /// The cursor was a `previous` cursor: `sql` returns the rows *before* it, nearest first
+    /// (reverse them for the page; an extra row means there is a page before this one).
+    pub backward: bool,
     /// Human-readable description of the plan (`_explain`).
     pub explain: String,
 }
@@ -50,6 +53,17 @@ pub struct SqlPlan {
 impl SqlPlan {
     /// Opaque cursor continuing after a row (its sort keys, in `k0..` order, and rid).
     pub fn next_cursor(&self, keys: &[SqlValue], rid: i64) -> String {
+        encode_cursor(keys, rid, false)
+    }
+
+    /// Opaque cursor of the page ending just before a row (the `previous` link).
+    pub fn previous_cursor(&self, keys: &[SqlValue], rid: i64) -> String {
+        encode_cursor(keys, rid, true)
+    }
+}
+
+fn encode_cursor(keys: &[SqlValue], rid: i64, backward: bool) -> String {
+    {
         let mut arr: Vec<Value> = keys
             .iter()
             .map(|k| match k {
@@ -60,16 +74,25 @@ impl SqlPlan {
             })
             .collect();
         arr.push(json!(rid));
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Value::Array(arr).to_string())
+        let v = if backward {
+            json!({ "before": arr })
+        } else {
+            Value::Array(arr)
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
     }
 }
 
-fn decode_cursor(c: &str, n_keys: usize) -> Option<(Vec<SqlValue>, i64)> {
+/// (sort keys, rid, backward) of a cursor.
+fn decode_cursor(c: &str, n_keys: usize) -> Option<(Vec<SqlValue>, i64, bool)> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(c)
         .ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
-    let arr = v.as_array()?;
+    let (arr, backward) = match v.get("before") {
+        Some(b) => (b.as_array()?, true),
+        None => (v.as_array()?, false),
+    };
     if arr.len() != n_keys + 1 {
         return None;
     }
@@ -90,7 +113,7 @@ fn decode_cursor(c: &str, n_keys: usize) -> Option<(Vec<SqlValue>, i64)> {
             _ => return None,
         });
     }
-    Some((keys, rid))
+    Some((keys, rid, backward))
 }
 
 pub(crate) struct Builder {
@@ -929,14 +952,19 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
         })?),
         None => None,
     };
+    let backward = cursor.as_ref().is_some_and(|(_, _, back)| *back);
     let sql = if keys.is_empty() {
         let mut w = where_sql.clone();
-        if let Some((_, rid)) = &cursor {
+        if let Some((_, rid, _)) = &cursor {
             let p = b.bind(SqlValue::Int(*rid));
-            w.push_str(&format!(" AND r.rid > {p}"));
+            w.push_str(&format!(
+                " AND r.rid {} {p}",
+                if backward { "<" } else { ">" }
+            ));
         }
         format!(
-            "SELECT r.rid FROM resources r WHERE {w} ORDER BY r.rid LIMIT {}",
+            "SELECT r.rid FROM resources r WHERE {w} ORDER BY r.rid{} LIMIT {}",
+            if backward { " DESC" } else { "" },
             page_size + 1
         )
     } else {
@@ -949,18 +977,38 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
             "SELECT r.rid AS rid, {} FROM resources r WHERE {where_sql}",
             cols.join(", ")
         );
+        // backward pages read the same order reversed, nearest to the cursor first
         let order: Vec<String> = keys
             .iter()
             .enumerate()
             .map(|(i, (_, _, desc))| {
                 format!(
-                    "(q.k{i} IS NULL), q.k{i}{}",
-                    if *desc { " DESC" } else { "" }
+                    "(q.k{i} IS NULL){}, q.k{i}{}",
+                    if backward { " DESC" } else { "" },
+                    if *desc != backward { " DESC" } else { "" }
                 )
             })
             .collect();
         let mut outer_where = String::new();
-        if let Some((vals, rid)) = &cursor {
+        if let Some((vals, rid, true)) = &cursor {
+            // lexicographic "before (vals, rid)" with missing values last
+            let mut before = {
+                let p = b.bind(SqlValue::Int(*rid));
+                format!("q.rid < {p}")
+            };
+            for (i, ((_, _, desc), v)) in keys.iter().zip(vals).enumerate().rev() {
+                let k = format!("q.k{i}");
+                let (strict, equal) = if *v == SqlValue::Null {
+                    (format!("{k} IS NOT NULL"), format!("{k} IS NULL"))
+                } else {
+                    let p = b.bind(v.clone());
+                    let op = if *desc { ">" } else { "<" };
+                    (format!("{k} {op} {p}"), format!("{k} = {p}"))
+                };
+                before = format!("({strict} OR ({equal} AND {before}))");
+            }
+            outer_where = format!(" WHERE {before}");
+        } else if let Some((vals, rid, false)) = &cursor {
             // lexicographic "after (vals, rid)" with missing values last
             let mut after = {
                 let p = b.bind(SqlValue::Int(*rid));
@@ -984,18 +1032,19 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
         }
         let cols_out: Vec<String> = (0..keys.len()).map(|i| format!("q.k{i}")).collect();
         format!(
-            "SELECT q.rid, {} FROM ({inner}) q{outer_where} ORDER BY {}, q.rid LIMIT {}",
+            "SELECT q.rid, {} FROM ({inner}) q{outer_where} ORDER BY {}, q.rid{} LIMIT {}",
             cols_out.join(", "),
             order.join(", "),
+            if backward { " DESC" } else { "" },
             page_size + 1
         )
     };
     explain.push(format!(
         "page of {page_size}{}",
-        if cursor.is_some() {
-            " after cursor"
-        } else {
-            ""
+        match &cursor {
+            Some((_, _, true)) => " before cursor",
+            Some(_) => " after cursor",
+            None => "",
         }
     ));
     Ok(SqlPlan {
@@ -1005,6 +1054,7 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
         count_params,
         sort_keys: keys.iter().map(|(_, k, _)| *k).collect(),
         page_size,
+        backward,
         explain: explain.join("; "),
     })
 }
@@ -1151,6 +1201,27 @@ mod tests {
         .unwrap();
         assert!(p2.sql.contains("q.rid >"), "{}", p2.sql);
         assert!(p2.params.contains(&SqlValue::Int(42)));
+        assert!(!p2.backward);
+        // a previous cursor reads the same order backwards from the row
+        let c = p.previous_cursor(&[SqlValue::Int(5), SqlValue::Text("x".into())], 42);
+        let p3 = plan(
+            &query,
+            Dialect::Postgres,
+            &PageRequest {
+                count: 10,
+                cursor: Some(c),
+            },
+        )
+        .unwrap();
+        assert!(p3.backward);
+        assert!(
+            p3.sql.contains(
+                "ORDER BY (q.k0 IS NULL) DESC, q.k0, (q.k1 IS NULL) DESC, q.k1 DESC, q.rid DESC LIMIT 11"
+            ),
+            "{}",
+            p3.sql
+        );
+        assert!(p3.sql.contains("q.rid <"), "{}", p3.sql);
         assert!(plan(
             &query,
             Dialect::Postgres,

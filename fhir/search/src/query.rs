@@ -320,7 +320,7 @@ impl SearchQuery {
 }
 
 /// Splits on an unescaped separator (`\,` stays in the segment, still escaped).
-pub(crate) fn split_unescaped(s: &str, sep: char) -> Vec<&str> {
+pub fn split_unescaped(s: &str, sep: char) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut escaped = false;

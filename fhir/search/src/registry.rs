@@ -8,6 +8,10 @@ use serde_json::Value;
 
 use crate::path::PathExpr;
 
+/// The R4 CompartmentDefinitions other than Patient (from the official examples package, CC0),
+/// reduced to `code` and `resource[].code/param`.
+static OTHER_COMPARTMENTS: &str = include_str!("../definitions/compartments.json");
+
 /// `SearchParameter.type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ParamType {
@@ -204,7 +208,7 @@ impl Registry {
         reg
     }
 
-    /// The official R4 parameters and the Patient compartment, from `kiln-fhir`'s vendored
+    /// The official R4 parameters and the R4 compartments, from `kiln-fhir`'s vendored
     /// definitions. Clone it to add custom parameters.
     pub fn r4() -> Registry {
         let model = kiln_fhir::model::r4();
@@ -218,6 +222,12 @@ impl Registry {
             }
         }
         reg.compartments.insert("Patient".to_string(), map);
+        // the other R4 CompartmentDefinitions (Encounter, Practitioner, RelatedPerson, Device)
+        if let Ok(Value::Array(defs)) = serde_json::from_str::<Value>(OTHER_COMPARTMENTS) {
+            for def in &defs {
+                reg.add_compartment(def);
+            }
+        }
         reg
     }
 
@@ -541,6 +551,17 @@ mod tests {
             r.compartment_params("Patient", "Observation").unwrap(),
             &["subject".to_string(), "performer".to_string()]
         );
+        assert_eq!(
+            r.compartment_params("Encounter", "Observation").unwrap(),
+            &["encounter".to_string()]
+        );
+        assert_eq!(
+            r.compartment_params("Practitioner", "Encounter").unwrap(),
+            &["practitioner".to_string(), "participant".to_string()]
+        );
+        for c in ["Device", "RelatedPerson"] {
+            assert!(!r.compartment_types(c).is_empty(), "{c}");
+        }
         // every official expression is inside the supported subset
         assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
     }

@@ -252,12 +252,28 @@ pub fn parse_decimal(s: &str) -> Option<Decimal> {
         .split_once('.')
         .map(|(_, f)| f.len() as i32)
         .unwrap_or(0);
-    let half = 0.5 * 10f64.powi(exp - decimals);
-    Some(Decimal {
-        value,
-        low: value - half,
-        high: value + half,
-    })
+    let (low, high) = precision_bounds(mantissa, exp, decimals).unwrap_or_else(|| {
+        let half = 0.5 * 10f64.powi(exp - decimals);
+        (value - half, value + half)
+    });
+    Some(Decimal { value, low, high })
+}
+
+/// The bounds of the precision range computed in decimal and rounded once: `5.4` →
+/// (`5.35`, `5.45`) as the nearest doubles of those decimals, so that a stored `5.35` is inside
+/// (`5.4 - 0.05` in binary floating point is 5.3500000000000005 and would leave it out).
+fn precision_bounds(mantissa: &str, exp: i32, decimals: i32) -> Option<(f64, f64)> {
+    let digits: String = mantissa
+        .chars()
+        .filter(|c| *c != '.' && *c != '+')
+        .collect();
+    if digits.trim_start_matches('-').len() > 30 {
+        return None;
+    }
+    let n: i128 = digits.parse().ok()?;
+    let scale = exp - decimals - 1;
+    let bound = |x: i128| -> Option<f64> { format!("{x}e{scale}").parse().ok() };
+    Some((bound(n * 10 - 5)?, bound(n * 10 + 5)?))
 }
 
 /// UCUM canonicalisation: (canonical code, factor). A small table of common clinical units;
@@ -348,6 +364,15 @@ mod tests {
         assert!((d.low - 1.495).abs() < 1e-12 && (d.high - 1.505).abs() < 1e-12);
         let d = parse_decimal("1e2").unwrap();
         assert_eq!((d.low, d.high), (50.0, 150.0));
+        // bounds are the exact decimals, so values written with them are inside the range
+        let d = parse_decimal("5.4").unwrap();
+        assert_eq!((d.low, d.high), (5.35, 5.45));
+        let d = parse_decimal("-5.4").unwrap();
+        assert_eq!((d.low, d.high), (-5.45, -5.35));
+        let d = parse_decimal("0.8").unwrap();
+        assert_eq!((d.low, d.high), (0.75, 0.85));
+        let d = parse_decimal("2.5e-3").unwrap();
+        assert_eq!((d.low, d.high), (0.00245, 0.00255));
         assert!(parse_decimal("abc").is_none());
         assert!(parse_decimal("1-2").is_none());
         assert_eq!(normalize_string("  Müller   José "), "muller jose");
