@@ -89,24 +89,54 @@ fn component_id(h: &Header, line: usize, f: &[&str], col: usize) -> Result<u64, 
         .map_err(|_| h.error(line, col, format!("invalid component id '{}'", f[col])))
 }
 
-/// The texts of an RF2 snapshot: (file text, file name) for each file kind.
+/// One RF2 file: its text (tests) or its path, read only when its turn comes so that a full
+/// release is never held in memory all at once.
+#[derive(Debug, Clone)]
+pub enum Rf2Source {
+    Text { text: String, name: String },
+    File(PathBuf),
+}
+
+impl Default for Rf2Source {
+    fn default() -> Self {
+        Rf2Source::Text {
+            text: String::new(),
+            name: String::new(),
+        }
+    }
+}
+
+impl Rf2Source {
+    pub fn text(text: &str, name: &str) -> Self {
+        Rf2Source::Text {
+            text: text.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The file's text and name.
+    fn load(&self) -> Result<(std::borrow::Cow<'_, str>, String), FileError> {
+        match self {
+            Rf2Source::Text { text, name } => Ok((text.as_str().into(), name.clone())),
+            Rf2Source::File(p) => Ok((read_file(p)?.into(), p.display().to_string())),
+        }
+    }
+}
+
+/// The files of an RF2 snapshot, by kind.
 #[derive(Debug, Default, Clone)]
 pub struct Rf2Texts {
-    pub concepts: (String, String),
-    pub descriptions: Vec<(String, String)>,
-    pub relationships: (String, String),
-    pub language: Vec<(String, String)>,
-    pub simple_refsets: Vec<(String, String)>,
-    pub associations: Vec<(String, String)>,
-    pub extended_maps: Vec<(String, String)>,
+    pub concepts: Vec<Rf2Source>,
+    pub descriptions: Vec<Rf2Source>,
+    pub relationships: Vec<Rf2Source>,
+    pub language: Vec<Rf2Source>,
+    pub simple_refsets: Vec<Rf2Source>,
+    pub associations: Vec<Rf2Source>,
+    pub extended_maps: Vec<Rf2Source>,
 }
 
-fn read(p: &Path) -> Result<(String, String), FileError> {
-    Ok((read_file(p)?, p.display().to_string()))
-}
-
-fn read_all(ps: &[PathBuf]) -> Result<Vec<(String, String)>, FileError> {
-    ps.iter().map(|p| read(p)).collect()
+fn files(ps: &[PathBuf]) -> Vec<Rf2Source> {
+    ps.iter().cloned().map(Rf2Source::File).collect()
 }
 
 /// The files of an RF2 release directory (searched recursively by their standard names;
@@ -153,23 +183,23 @@ pub fn rf2_files(dir: &Path) -> Result<BTreeMap<&'static str, Vec<PathBuf>>, Fil
 /// Loads an RF2 release directory.
 pub fn load_rf2_dir(dir: &Path, version: Option<&str>) -> Result<ConceptTable, FileError> {
     let files = rf2_files(dir)?;
-    let one = |k: &str| read(&files[k][0]);
     let mut assoc = files["associations"].clone();
     assoc.extend(files["associations_old"].iter().cloned());
     let texts = Rf2Texts {
-        concepts: one("concepts")?,
-        descriptions: read_all(&files["descriptions"])?,
-        relationships: one("relationships")?,
-        language: read_all(&files["language"])?,
-        simple_refsets: read_all(&files["simple_refsets"])?,
-        associations: read_all(&assoc)?,
-        extended_maps: read_all(&files["extended_maps"])?,
+        concepts: self::files(&files["concepts"]),
+        descriptions: self::files(&files["descriptions"]),
+        relationships: self::files(&files["relationships"]),
+        language: self::files(&files["language"]),
+        simple_refsets: self::files(&files["simple_refsets"]),
+        associations: self::files(&assoc),
+        extended_maps: self::files(&files["extended_maps"]),
     };
     let derived;
     let version = match version {
         Some(v) => Some(v),
         None => {
-            derived = edition_version(&files["concepts"][0], &texts.concepts.0);
+            let path = &files["concepts"][0];
+            derived = edition_version(path, &read_file(path)?);
             derived.as_deref()
         }
     };
@@ -209,11 +239,11 @@ pub fn load_rf2(
     language: Option<(&str, &str)>,
     version: Option<&str>,
 ) -> Result<ConceptTable, FileError> {
-    let own = |(t, f): (&str, &str)| (t.to_string(), f.to_string());
+    let own = |(t, f): (&str, &str)| Rf2Source::text(t, f);
     let texts = Rf2Texts {
-        concepts: own(concepts),
+        concepts: vec![own(concepts)],
         descriptions: vec![own(descriptions)],
-        relationships: own(relationships),
+        relationships: vec![own(relationships)],
         language: language.map(own).into_iter().collect(),
         ..Default::default()
     };
@@ -260,38 +290,43 @@ pub fn load_rf2_texts(x: &Rf2Texts, version: Option<&str>) -> Result<ConceptTabl
     table.property_defs = defs;
 
     // concepts
-    let mut rows = TsvRows::new(&x.concepts.0, &x.concepts.1)?;
-    let h = rows.header().clone();
-    let (c_id, c_eff, c_act, c_mod, c_def) = (
-        h.col("id")?,
-        h.col("effectiveTime")?,
-        h.col("active")?,
-        h.col("moduleId")?,
-        h.col("definitionStatusId")?,
-    );
-    while let Some(r) = rows.next() {
-        let (line, f) = r?;
-        let id = sctid(&h, line, f, c_id)?;
-        let mut c = Concept::new(id, None);
-        c.inactive = !active(&h, line, f, c_act)?;
-        c.properties = vec![
-            ("inactive".into(), PropertyValue::Boolean(c.inactive)),
-            (
-                "sufficientlyDefined".into(),
-                PropertyValue::Boolean(f[c_def] == FULLY_DEFINED),
-            ),
-            ("moduleId".into(), PropertyValue::Code(f[c_mod].to_string())),
-            (
-                "effectiveTime".into(),
-                PropertyValue::String(f[c_eff].to_string()),
-            ),
-        ];
-        table.add(c);
+    for src in &x.concepts {
+        let (text, file) = src.load()?;
+        let mut rows = TsvRows::new(&text, &file)?;
+        let h = rows.header().clone();
+        let (c_id, c_eff, c_act, c_mod, c_def) = (
+            h.col("id")?,
+            h.col("effectiveTime")?,
+            h.col("active")?,
+            h.col("moduleId")?,
+            h.col("definitionStatusId")?,
+        );
+        while let Some(r) = rows.next() {
+            let (line, f) = r?;
+            let id = sctid(&h, line, f, c_id)?;
+            let mut c = Concept::new(id, None);
+            c.inactive = !active(&h, line, f, c_act)?;
+            c.properties = vec![
+                ("inactive".into(), PropertyValue::Boolean(c.inactive)),
+                (
+                    "sufficientlyDefined".into(),
+                    PropertyValue::Boolean(f[c_def] == FULLY_DEFINED),
+                ),
+                ("moduleId".into(), PropertyValue::Code(f[c_mod].to_string())),
+                (
+                    "effectiveTime".into(),
+                    PropertyValue::String(f[c_eff].to_string()),
+                ),
+            ];
+            table.add(c);
+        }
     }
 
     // language refsets: description id → (preferred in US, preferred in GB)
     let mut preferred: HashMap<u64, (bool, bool)> = HashMap::new();
-    for (text, file) in &x.language {
+    for src in &x.language {
+        let (text, file) = src.load()?;
+        let (text, file) = (&*text, &file);
         let mut rows = TsvRows::new(text, file)?;
         let h = rows.header().clone();
         let (l_act, l_ref, l_comp, l_acc) = (
@@ -322,7 +357,9 @@ pub fn load_rf2_texts(x: &Rf2Texts, version: Option<&str>) -> Result<ConceptTabl
     // descriptions
     let mut fsn: HashMap<u32, String> = HashMap::new();
     let mut gb_display: HashMap<u32, String> = HashMap::new();
-    for (text, file) in &x.descriptions {
+    for src in &x.descriptions {
+        let (text, file) = src.load()?;
+        let (text, file) = (&*text, &file);
         let mut rows = TsvRows::new(text, file)?;
         let h = rows.header().clone();
         let (d_id, d_act, d_con, d_lang, d_type, d_term) = (
@@ -410,36 +447,41 @@ pub fn load_rf2_texts(x: &Rf2Texts, version: Option<&str>) -> Result<ConceptTabl
     drop(preferred);
 
     // relationships: active inferred IS-A
-    let mut rows = TsvRows::new(&x.relationships.0, &x.relationships.1)?;
-    let h = rows.header().clone();
-    let (r_act, r_src, r_dst, r_type, r_char) = (
-        h.col("active")?,
-        h.col("sourceId")?,
-        h.col("destinationId")?,
-        h.col("typeId")?,
-        h.col("characteristicTypeId")?,
-    );
-    while let Some(r) = rows.next() {
-        let (line, f) = r?;
-        if !active(&h, line, f, r_act)? || f[r_type] != IS_A || f[r_char] != INFERRED {
-            continue;
-        }
-        let src = sctid(&h, line, f, r_src)?;
-        let dst = sctid(&h, line, f, r_dst)?;
-        match (table.index_of(dst), table.index_of(src)) {
-            (Some(p), Some(c)) => table.link(p, c),
-            _ => {
-                return Err(h.error(
-                    line,
-                    r_src,
-                    format!("IS-A between unknown concepts {src} -> {dst}"),
-                ))
+    for src in &x.relationships {
+        let (text, file) = src.load()?;
+        let mut rows = TsvRows::new(&text, &file)?;
+        let h = rows.header().clone();
+        let (r_act, r_src, r_dst, r_type, r_char) = (
+            h.col("active")?,
+            h.col("sourceId")?,
+            h.col("destinationId")?,
+            h.col("typeId")?,
+            h.col("characteristicTypeId")?,
+        );
+        while let Some(r) = rows.next() {
+            let (line, f) = r?;
+            if !active(&h, line, f, r_act)? || f[r_type] != IS_A || f[r_char] != INFERRED {
+                continue;
+            }
+            let src = sctid(&h, line, f, r_src)?;
+            let dst = sctid(&h, line, f, r_dst)?;
+            match (table.index_of(dst), table.index_of(src)) {
+                (Some(p), Some(c)) => table.link(p, c),
+                _ => {
+                    return Err(h.error(
+                        line,
+                        r_src,
+                        format!("IS-A between unknown concepts {src} -> {dst}"),
+                    ))
+                }
             }
         }
     }
 
     // simple reference sets: members
-    for (text, file) in &x.simple_refsets {
+    for src in &x.simple_refsets {
+        let (text, file) = src.load()?;
+        let (text, file) = (&*text, &file);
         let mut rows = TsvRows::new(text, file)?;
         let h = rows.header().clone();
         let (s_act, s_ref, s_comp) = (
@@ -462,7 +504,9 @@ pub fn load_rf2_texts(x: &Rf2Texts, version: Option<&str>) -> Result<ConceptTabl
 
     // historical associations: a property on the inactive concept + one ConceptMap per refset
     let mut assoc_maps: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
-    for (text, file) in &x.associations {
+    for src in &x.associations {
+        let (text, file) = src.load()?;
+        let (text, file) = (&*text, &file);
         let mut rows = TsvRows::new(text, file)?;
         let h = rows.header().clone();
         let (a_act, a_ref, a_comp, a_tgt) = (
@@ -532,7 +576,9 @@ pub fn load_rf2_texts(x: &Rf2Texts, version: Option<&str>) -> Result<ConceptTabl
 
     // extended maps (ICD-10, 447562003)
     let mut icd: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for (text, file) in &x.extended_maps {
+    for src in &x.extended_maps {
+        let (text, file) = src.load()?;
+        let (text, file) = (&*text, &file);
         let mut rows = TsvRows::new(text, file)?;
         let h = rows.header().clone();
         let (m_act, m_ref, m_comp, m_group, m_prio, m_rule, m_advice, m_target) = (

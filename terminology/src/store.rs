@@ -109,14 +109,16 @@ impl TerminologyStore {
             return Ok(None);
         }
         let f = std::fs::File::open(&path).map_err(io(&path))?;
-        let mut s = String::new();
-        flate2::read::GzDecoder::new(std::io::BufReader::new(f))
-            .read_to_string(&mut s)
-            .map_err(io(&path))?;
-        let mut t: ConceptTable = serde_json::from_str(&s).map_err(|e| StoreError::Format {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        // streamed: the decompressed JSON of a SNOMED CT snapshot is never held as one string
+        let reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            flate2::read::GzDecoder::new(std::io::BufReader::new(f)),
+        );
+        let mut t: ConceptTable =
+            serde_json::from_reader(reader).map_err(|e| StoreError::Format {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
         t.reindex();
         Ok(Some(t))
     }
