@@ -569,6 +569,25 @@ async fn errors_and_handling(srv: &TestServer) {
         .await;
     c.error("Patient?_filter=(family eq smith", &[], 400, &["_filter"])
         .await;
+    // contained resources are not searched: `_contained=true` is an unsupported parameter
+    c.error("Patient?_contained=true", &strict, 400, &["_contained"])
+        .await;
+    c.error(
+        "Patient?_contained=maybe",
+        &[],
+        400,
+        &["_contained", "maybe"],
+    )
+    .await;
+    let r = srv
+        .get(&url_of("Patient?_contained=true&family=jones"))
+        .await;
+    let b = r.json();
+    let own = link(&b, "self").unwrap_or_default();
+    c.check(
+        r.status == 200 && match_ids(&b) == ["p3"] && !own.contains("_contained"),
+        || format!("lenient _contained=true is ignored and absent from self: {own}"),
+    );
     c.error("NotAType?x=1", &[], 404, &[]).await;
     c.finish();
 }
