@@ -4,8 +4,11 @@
 //! a reference set), the wildcard `*`, concept references with an optional `|term|`, the
 //! binary operators `AND`, `OR`, `MINUS` (and `,` for AND), and parentheses. As the ECL
 //! specification requires, different binary operators may not be mixed without parentheses.
-//! Attribute refinements (`: attribute = value`), cardinality, dotted attributes and concrete
-//! values are not supported: they are reported as a parse error naming the position.
+//! Attribute refinements `focus : attribute = value` (also `!=`, several attributes joined by
+//! `,`/`AND` or by `OR`) match the concepts with an active inferred relationship of that type
+//! (`attribute` may be `<<`/`<` a type, or `*`) to a value in the value expression; role groups
+//! (`{ }`), cardinalities (`[1..*]`), reverse flags (`R`), dotted attributes and concrete values
+//! are not supported and are reported as a parse error naming the position.
 //!
 //! `*` and the hierarchy operators range over active concepts (inactive concepts have no
 //! active IS-A rows); `^` uses the members of the refsets loaded with the release.
@@ -71,6 +74,16 @@ pub enum Ecl {
     MemberOf(Box<Ecl>),
     /// `X AND Y`, `X OR Y`, `X MINUS Y`
     Binary(BinaryOp, Box<Ecl>, Box<Ecl>),
+    /// `focus : attribute, attribute` (`And`) or `focus : attribute OR attribute` (`Or`)
+    Refined(Box<Ecl>, BinaryOp, Vec<AttributeConstraint>),
+}
+
+/// `name = value` or `name != value` in a refinement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributeConstraint {
+    pub name: Ecl,
+    pub negated: bool,
+    pub value: Ecl,
 }
 
 struct Parser<'a> {
@@ -155,6 +168,12 @@ impl<'a> Parser<'a> {
     /// expressionConstraint := subExpression (binaryOp subExpression)*, one operator kind only.
     fn expression(&mut self) -> Result<Ecl, EclError> {
         let mut left = self.sub_expression()?;
+        self.skip_ws();
+        if self.peek() == Some(':') {
+            self.pos += 1;
+            let (op, attrs) = self.refinement()?;
+            return Ok(Ecl::Refined(Box::new(left), op, attrs));
+        }
         let mut kind: Option<BinaryOp> = None;
         loop {
             let save = self.pos;
@@ -173,9 +192,117 @@ impl<'a> Parser<'a> {
             }
             kind = Some(op);
             let right = self.sub_expression()?;
+            self.skip_ws();
+            if self.peek() == Some(':') {
+                return Err(
+                    self.err("a refined expression inside AND/OR/MINUS must be in parentheses")
+                );
+            }
             left = Ecl::Binary(op, Box::new(left), Box::new(right));
         }
         Ok(left)
+    }
+
+    /// eclRefinement := attribute ((`,` | AND) attribute)* | attribute (OR attribute)*
+    fn refinement(&mut self) -> Result<(BinaryOp, Vec<AttributeConstraint>), EclError> {
+        let mut attrs = vec![self.attribute()?];
+        let mut kind: Option<BinaryOp> = None;
+        loop {
+            let save = self.pos;
+            let Some(op) = self.keyword() else {
+                self.pos = save;
+                break;
+            };
+            if op == BinaryOp::Minus {
+                self.pos = save;
+                self.skip_ws();
+                return Err(self.err("MINUS cannot join attributes of a refinement"));
+            }
+            if kind.is_some_and(|k| k != op) {
+                self.pos = save;
+                self.skip_ws();
+                return Err(
+                    self.err("AND and OR between attributes must be separated by parentheses")
+                );
+            }
+            kind = Some(op);
+            attrs.push(self.attribute()?);
+        }
+        Ok((kind.unwrap_or(BinaryOp::And), attrs))
+    }
+
+    /// attribute := [`<<` | `<`] attributeName (`=` | `!=`) subExpression
+    fn attribute(&mut self) -> Result<AttributeConstraint, EclError> {
+        self.skip_ws();
+        match self.peek() {
+            Some('{') => {
+                return Err(self
+                    .err("attribute groups ('{') are not supported by this server's ECL subset"))
+            }
+            Some('[') => {
+                return Err(
+                    self.err("cardinalities ('[') are not supported by this server's ECL subset")
+                )
+            }
+            Some('R') | Some('r')
+                if self
+                    .peek2()
+                    .is_some_and(|c| c.is_whitespace() || c.is_ascii_digit()) =>
+            {
+                return Err(self
+                    .err("reverse attributes ('R') are not supported by this server's ECL subset"))
+            }
+            _ => {}
+        }
+        let name = match (self.peek(), self.peek2()) {
+            (Some('<'), Some('<')) => {
+                self.pos += 2;
+                Ecl::Hierarchy(
+                    Constraint::DescendantOrSelfOf,
+                    Box::new(self.attribute_name()?),
+                )
+            }
+            (Some('<'), _) => {
+                self.pos += 1;
+                Ecl::Hierarchy(Constraint::DescendantOf, Box::new(self.attribute_name()?))
+            }
+            _ => self.attribute_name()?,
+        };
+        self.skip_ws();
+        let negated = match (self.peek(), self.peek2()) {
+            (Some('='), _) => {
+                self.pos += 1;
+                false
+            }
+            (Some('!'), Some('=')) => {
+                self.pos += 2;
+                true
+            }
+            (Some('#'), _) => {
+                return Err(
+                    self.err("concrete values ('#') are not supported by this server's ECL subset")
+                )
+            }
+            _ => return Err(self.err("expected '=' or '!=' after the attribute name")),
+        };
+        let value = self.sub_expression()?;
+        Ok(AttributeConstraint {
+            name,
+            negated,
+            value,
+        })
+    }
+
+    fn attribute_name(&mut self) -> Result<Ecl, EclError> {
+        self.skip_ws();
+        match self.peek() {
+            Some('*') => {
+                self.pos += 1;
+                Ok(Ecl::Any)
+            }
+            Some(c) if c.is_ascii_digit() => self.concept_reference(),
+            _ => Err(self.err("expected an attribute name (a concept id or '*')")),
+        }
     }
 
     /// subExpression := [constraintOperator] [memberOf] (conceptReference | * | ( expression ))
@@ -231,6 +358,21 @@ impl<'a> Parser<'a> {
                 Ok(e)
             }
             Some(c) if c.is_ascii_digit() => {
+                let e = self.concept_reference()?;
+                self.after_focus()?;
+                Ok(e)
+            }
+            Some(_) => Err(self.err(
+                "expected a concept id, '*', '(' or a constraint operator (<, <<, <!, >, >>, >!, ^)",
+            )),
+            None => Err(self.err("unexpected end of expression")),
+        }
+    }
+
+    /// conceptReference := SCTID [ `|` term `|` ]
+    fn concept_reference(&mut self) -> Result<Ecl, EclError> {
+        match self.peek() {
+            Some(c) if c.is_ascii_digit() => {
                 let start = self.pos;
                 while self.peek().map(|c| c.is_ascii_digit()).unwrap_or(false) {
                     self.pos += 1;
@@ -254,13 +396,9 @@ impl<'a> Parser<'a> {
                     }
                     self.pos += 1;
                 }
-                self.after_focus()?;
                 Ok(Ecl::Concept(id))
             }
-            Some(_) => Err(self.err(
-                "expected a concept id, '*', '(' or a constraint operator (<, <<, <!, >, >>, >!, ^)",
-            )),
-            None => Err(self.err("unexpected end of expression")),
+            _ => Err(self.err("expected a concept id")),
         }
     }
 
@@ -268,8 +406,6 @@ impl<'a> Parser<'a> {
     fn after_focus(&mut self) -> Result<(), EclError> {
         self.skip_ws();
         match self.peek() {
-            Some(':') => Err(self
-                .err("attribute refinements (':') are not supported by this server's ECL subset")),
             Some('.') => {
                 Err(self
                     .err("dotted attributes ('.') are not supported by this server's ECL subset"))
@@ -423,6 +559,40 @@ fn eval(t: &ConceptTable, e: &Ecl) -> Bits {
             }
             b
         }
+        Ecl::Refined(focus, op, attrs) => {
+            let mut out = eval(t, focus);
+            let mut acc: Option<Bits> = None;
+            for a in attrs {
+                let types = attribute_types(t, &a.name);
+                let values = eval(t, &a.value);
+                let mut hit = Bits::new(n);
+                for rel in &t.attributes {
+                    let type_ok = types.as_ref().map(|ts| ts.contains(&rel.1)).unwrap_or(true);
+                    if type_ok && values.get(rel.2) != a.negated {
+                        hit.set(rel.0);
+                    }
+                }
+                acc = Some(match acc {
+                    None => hit,
+                    Some(mut prev) => {
+                        for (x, y) in prev.0.iter_mut().zip(hit.0.iter()) {
+                            *x = if *op == BinaryOp::Or {
+                                *x | *y
+                            } else {
+                                *x & *y
+                            };
+                        }
+                        prev
+                    }
+                });
+            }
+            if let Some(acc) = acc {
+                for (x, y) in out.0.iter_mut().zip(acc.0.iter()) {
+                    *x &= *y;
+                }
+            }
+            out
+        }
         Ecl::Binary(op, l, r) => {
             let (mut a, b) = (eval(t, l), eval(t, r));
             for (x, y) in a.0.iter_mut().zip(b.0.iter()) {
@@ -434,6 +604,32 @@ fn eval(t: &ConceptTable, e: &Ecl) -> Bits {
             }
             a
         }
+    }
+}
+
+/// The attribute type SCTIDs an attribute name stands for (`None` = any type, `*`). Attribute
+/// types need not be concepts of the table (a release without the metadata hierarchy).
+fn attribute_types(t: &ConceptTable, name: &Ecl) -> Option<std::collections::HashSet<u64>> {
+    let id = |c: &str| c.parse::<u64>().ok();
+    match name {
+        Ecl::Any => None,
+        Ecl::Concept(c) => Some(id(c).into_iter().collect()),
+        Ecl::Hierarchy(op, inner) => {
+            let mut set: std::collections::HashSet<u64> = eval(t, name)
+                .iter()
+                .filter_map(|i| id(&t.concepts[i as usize].code))
+                .collect();
+            if let (Constraint::DescendantOrSelfOf, Ecl::Concept(c)) = (op, inner.as_ref()) {
+                set.extend(id(c));
+            }
+            Some(set)
+        }
+        other => Some(
+            eval(t, other)
+                .iter()
+                .filter_map(|i| id(&t.concepts[i as usize].code))
+                .collect(),
+        ),
     }
 }
 
@@ -528,6 +724,39 @@ mod tests {
     }
 
     #[test]
+    fn attribute_refinements() {
+        use crate::provider::Attribute;
+        let mut t = table();
+        // 100004 has finding site (363698007) 100003; 100005 has finding site 100002 and
+        // causative agent (246075003) 100009
+        t.attributes = vec![
+            Attribute(3, 363698007, 2, 0),
+            Attribute(4, 363698007, 1, 1),
+            Attribute(4, 246075003, 6, 1),
+        ];
+        assert_eq!(codes(&t, "< 100001 : 363698007 = 100003"), vec!["100004"]);
+        assert_eq!(
+            codes(&t, "< 100001 : 363698007 = << 100001"),
+            vec!["100004", "100005"]
+        );
+        assert_eq!(
+            codes(&t, "* : 363698007 = 100002, 246075003 = *"),
+            vec!["100005"]
+        );
+        assert_eq!(
+            codes(&t, "* : 363698007 = 100003 OR 246075003 = 100009"),
+            vec!["100004", "100005"]
+        );
+        assert_eq!(codes(&t, "* : * = 100009"), vec!["100005"]);
+        assert_eq!(codes(&t, "* : << 363698007 != 100003"), vec!["100005"]);
+        assert_eq!(
+            codes(&t, "(< 100001 : 363698007 = 100003) OR 100002"),
+            vec!["100002", "100004"]
+        );
+        assert_eq!(codes(&t, "<< 100004 : 246075003 = *"), vec!["100005"]);
+    }
+
+    #[test]
     fn parse_errors_name_the_position() {
         let e = parse("<< 100002 AND 100003 OR 100004").unwrap_err();
         assert_eq!(e.position, 22);
@@ -539,9 +768,18 @@ mod tests {
         assert!(e.message.contains("empty"));
         let e = parse("<< 12").unwrap_err();
         assert_eq!(e.position, 4);
-        let e = parse("<< 404684003 : 363698007 = << 39057004").unwrap_err();
-        assert_eq!(e.position, 14);
-        assert!(e.message.contains("refinements"), "{e}");
+        let e = parse("<< 404684003 : { 363698007 = << 39057004 }").unwrap_err();
+        assert_eq!(e.position, 16);
+        assert!(e.message.contains("groups"), "{e}");
+        let e = parse("<< 404684003 : [1..*] 363698007 = << 39057004").unwrap_err();
+        assert!(e.message.contains("cardinalities"), "{e}");
+        let e = parse("100002 OR 100003 : 363698007 = 100004").unwrap_err();
+        assert!(e.message.contains("parentheses"), "{e}");
+        let e = parse("<< 100002 : 363698007 100004").unwrap_err();
+        assert!(e.message.contains("'=' or '!='"), "{e}");
+        let e = parse("<< 100002 : 363698007 = 100004, 363698008 = 100005 OR 363698009 = 100005")
+            .unwrap_err();
+        assert!(e.message.contains("AND and OR"), "{e}");
         let e = parse("<< 100002 |open").unwrap_err();
         assert!(e.message.contains("unterminated"));
         let e = parse("100002 100003").unwrap_err();

@@ -274,6 +274,12 @@ pub fn match_score(query: &str, code: &str, texts: &[&str]) -> u32 {
     best
 }
 
+/// An attribute relationship of a concept (SNOMED CT active inferred non-IS-A relationship):
+/// (source concept index, attribute type SCTID, destination concept index, role group).
+/// Used by ECL attribute refinements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribute(pub u32, pub u64, pub u32, pub u16);
+
 /// An in-memory code system: concepts in an arena with a code index. This is also the
 /// snapshot format persisted by `TerminologyStore` for large systems.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -297,6 +303,9 @@ pub struct ConceptTable {
     /// they are replaced together with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<serde_json::Value>,
+    /// Attribute relationships (SNOMED CT), for ECL refinements.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<Attribute>,
     #[serde(skip)]
     index: HashMap<String, u32>,
     #[serde(skip)]

@@ -458,13 +458,37 @@ pub fn load_rf2_texts(x: &Rf2Texts, version: Option<&str>) -> Result<ConceptTabl
             h.col("typeId")?,
             h.col("characteristicTypeId")?,
         );
+        let r_group = h.opt_col("relationshipGroup");
         while let Some(r) = rows.next() {
             let (line, f) = r?;
-            if !active(&h, line, f, r_act)? || f[r_type] != IS_A || f[r_char] != INFERRED {
+            if !active(&h, line, f, r_act)? || f[r_char] != INFERRED {
                 continue;
             }
             let src = sctid(&h, line, f, r_src)?;
             let dst = sctid(&h, line, f, r_dst)?;
+            if f[r_type] != IS_A {
+                // an attribute relationship (finding site, causative agent, …) for ECL refinements
+                let kind: u64 = sctid(&h, line, f, r_type)?.parse().unwrap_or(0);
+                let group: u16 = match r_group {
+                    Some(g) => f[g].trim().parse().map_err(|_| {
+                        h.error(line, g, format!("invalid relationshipGroup '{}'", f[g]))
+                    })?,
+                    None => 0,
+                };
+                match (table.index_of(src), table.index_of(dst)) {
+                    (Some(s), Some(d)) => table
+                        .attributes
+                        .push(crate::provider::Attribute(s, kind, d, group)),
+                    _ => {
+                        return Err(h.error(
+                            line,
+                            r_src,
+                            format!("relationship between unknown concepts {src} -> {dst}"),
+                        ))
+                    }
+                }
+                continue;
+            }
             match (table.index_of(dst), table.index_of(src)) {
                 (Some(p), Some(c)) => table.link(p, c),
                 _ => {

@@ -325,6 +325,9 @@ pub fn summary(t: &ConceptTable) -> String {
             t.sets.len()
         ));
     }
+    if !t.attributes.is_empty() {
+        s.push_str(&format!(", {} attribute relationships", t.attributes.len()));
+    }
     if !t.resources.is_empty() {
         s.push_str(&format!(", {} concept maps", t.resources.len()));
     }

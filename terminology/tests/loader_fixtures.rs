@@ -103,6 +103,19 @@ fn snomed_implicit_value_sets_and_ecl() {
         expand_url(&tx, &format!("{sct}?fhir_vs"))["expansion"]["total"],
         7
     );
+    // attribute refinement over the inferred finding-site (363698007) relationship
+    assert_eq!(
+        codes(&expand_url(
+            &tx,
+            &format!("{sct}?fhir_vs=ecl/< 404684003 : 363698007 = << 73211009")
+        )),
+        vec!["44054006"]
+    );
+    assert!(codes(&expand_url(
+        &tx,
+        &format!("{sct}?fhir_vs=ecl/< 404684003 : 363698007 = 404684003")
+    ))
+    .is_empty());
     // an ECL syntax error is a clear error, not an empty expansion
     let e = tx
         .expand(&params(json!([{"name": "url", "valueUri":

@@ -25,6 +25,7 @@ PROPS = ["MCnc", "SCnc", "NCnc", "ACnc", "Prid", "Find", "Titr", "PrThr"]
 SYSTEMS = ["Ser/Plas", "Bld", "Urine", "CSF", "Ser", "Plas", "Stool", "XXX"]
 SCALES = ["Qn", "Ord", "Nom", "Nar"]
 METHODS = ["", "", "Automated count", "Manual count", "Test strip", "IA", "LC/MS/MS"]
+ATTRS = ["363698007", "116676008", "246075003", "363714003", "370135005", "408729009", "272741003"]
 CLASSES = ["CHEM", "HEM/BC", "MICRO", "SERO", "DRUG/TOX", "UA", "COAG"]
 
 LOINC_COLS = ("LOINC_NUM,COMPONENT,PROPERTY,TIME_ASPCT,SYSTEM,SCALE_TYP,METHOD_TYP,CLASS,"
@@ -142,7 +143,7 @@ def snomed(out, n, rng):
     os.makedirs(lang, exist_ok=True)
     M = "900000000000207008"
     ids = [str(138875005)] + [str(100000000 + i * 10) for i in range(1, n)]
-    nd = nr = 0
+    nd = nr = na = 0
     inactive = []
 
     def lid(n, dialect):
@@ -180,6 +181,11 @@ def snomed(out, n, rng):
                 for p in {ids[rng.randrange(0, i)] for _ in range(rng.choice((1, 2, 3, 4, 4, 5)))}:
                     nr += 1
                     r.write(f"{300000000 + nr * 10}\t20250101\t1\t{M}\t{cid}\t{p}\t0\t116680003\t900000000000011006\t900000000000451002\r\n")
+                # attribute relationships (finding site, associated morphology, causative agent, …)
+                for g in range(rng.choice((0, 1, 2, 2, 3, 4))):
+                    na += 1
+                    r.write(f"{500000000 + na * 10}\t20250101\t1\t{M}\t{cid}\t{rng.choice(ids)}\t{g // 2 + 1}"
+                            f"\t{rng.choice(ATTRS)}\t900000000000011006\t900000000000451002\r\n")
     # simple refsets, historical associations of inactive concepts, ICD-10 extended map
     content = os.path.join(base, "Refset", "Content")
     mapdir = os.path.join(base, "Refset", "Map")
@@ -207,7 +213,7 @@ def snomed(out, n, rng):
             tgt = f"{rng.choice('ABCDEFGHIJKLMNOPQRSTUVWXYZ')}{rng.randrange(100):02d}.{rng.randrange(10)}"
             f.write(f"{uuid.UUID(int=(nmap << 8) | 2)}\t20250101\t1\t{M}\t447562003\t{c}\t1\t1\tTRUE"
                     f"\tALWAYS {tgt}\t{tgt}\t447561005\t447637006\r\n")
-    print(f"SNOMED: {n} concepts ({len(inactive)} inactive), {nd} descriptions, {nr} IS-A, "
+    print(f"SNOMED: {n} concepts ({len(inactive)} inactive), {nd} descriptions, {nr} IS-A, {na} attribute rows, "
           f"{members} refset members, {len(inactive)} associations, {nmap} ICD-10 map rows -> {base}")
 
 
