@@ -85,7 +85,164 @@ backend_tests!(
     custom_parameter_and_reindex,
     list_membership,
     near_location,
+    reference_hierarchy,
+    filter_terminology_operators,
 );
+
+async fn reference_hierarchy(srv: &TestServer) {
+    // campus ⊃ building ⊃ ward; elsewhere is unrelated
+    let loc = |name: &str, parent: Option<&str>| {
+        let mut l = json!({"resourceType": "Location", "name": name});
+        if let Some(p) = parent {
+            l["partOf"] = json!({"reference": format!("Location/{p}")});
+        }
+        l
+    };
+    let (campus, _) = srv.create(&loc("campus", None)).await;
+    let (building, _) = srv.create(&loc("building", Some(&campus))).await;
+    let (ward, _) = srv.create(&loc("ward", Some(&building))).await;
+    let (elsewhere, _) = srv.create(&loc("elsewhere", None)).await;
+    let mut at = std::collections::HashMap::new();
+    for (k, l) in [
+        ("campus", &campus),
+        ("building", &building),
+        ("ward", &ward),
+        ("elsewhere", &elsewhere),
+    ] {
+        let (id, _) = srv
+            .create(&json!({
+                "resourceType": "Procedure",
+                "status": "completed",
+                "subject": {"reference": "Patient/p"},
+                "location": {"reference": format!("Location/{l}")}
+            }))
+            .await;
+        at.insert(k, id);
+    }
+    assert_eq!(
+        search_ids(
+            srv,
+            &format!("Procedure?location:below=Location/{campus}"),
+            "Procedure"
+        )
+        .await,
+        sorted(&[&at["campus"], &at["building"], &at["ward"]])
+    );
+    assert_eq!(
+        search_ids(
+            srv,
+            &format!("Procedure?location:below={building}"),
+            "Procedure"
+        )
+        .await,
+        sorted(&[&at["building"], &at["ward"]])
+    );
+    assert_eq!(
+        search_ids(
+            srv,
+            &format!("Procedure?location:above=Location/{ward}"),
+            "Procedure"
+        )
+        .await,
+        sorted(&[&at["campus"], &at["building"], &at["ward"]])
+    );
+    assert_eq!(
+        search_ids(
+            srv,
+            &format!("Procedure?location:above=Location/{building}"),
+            "Procedure"
+        )
+        .await,
+        sorted(&[&at["campus"], &at["building"]])
+    );
+    assert_eq!(
+        search_ids(
+            srv,
+            &format!("Location?partof:below=Location/{campus}"),
+            "Location"
+        )
+        .await,
+        sorted(&[&building, &ward])
+    );
+    // Patient has no circular reference: no hierarchy
+    bad_request(
+        srv,
+        "Observation?subject:below=Patient/1",
+        &["subject:below", "Patient/1"],
+    )
+    .await;
+}
+
+async fn filter_terminology_operators(srv: &TestServer) {
+    let p = patients_by_gender(srv).await;
+    srv.create(&json!({
+        "resourceType": "ValueSet",
+        "url": "http://example.org/fhir/ValueSet/binary-gender",
+        "status": "active",
+        "compose": {"include": [{
+            "system": "http://hl7.org/fhir/administrative-gender",
+            "concept": [{"code": "male"}, {"code": "female"}]
+        }]}
+    }))
+    .await;
+    assert_eq!(
+        search_ids(
+            srv,
+            "Patient?_filter=gender in http://example.org/fhir/ValueSet/binary-gender",
+            "Patient"
+        )
+        .await,
+        sorted(&[&p[0], &p[1]])
+    );
+    assert_eq!(
+        search_ids(
+            srv,
+            "Patient?_filter=gender ni http://example.org/fhir/ValueSet/binary-gender or family eq male",
+            "Patient"
+        )
+        .await,
+        sorted(&[&p[0], &p[2], &p[3]])
+    );
+    srv.create(&body_site_code_system()).await;
+    let (arm, _) = srv
+        .create(&json!({
+            "resourceType": "Condition",
+            "subject": {"reference": "Patient/x"},
+            "bodySite": [{"coding": [{"system": BODY_SITE, "code": "arm"}]}]
+        }))
+        .await;
+    let (leg, _) = srv
+        .create(&json!({
+            "resourceType": "Condition",
+            "subject": {"reference": "Patient/x"},
+            "bodySite": [{"coding": [{"system": BODY_SITE, "code": "leg"}]}]
+        }))
+        .await;
+    assert_eq!(
+        search_ids(
+            srv,
+            &format!("Condition?_filter=body-site sb {BODY_SITE}|limb"),
+            "Condition"
+        )
+        .await,
+        sorted(&[&arm, &leg])
+    );
+    assert_eq!(
+        search_ids(
+            srv,
+            &format!("Condition?_filter=body-site ss {BODY_SITE}|hand"),
+            "Condition"
+        )
+        .await,
+        vec![arm]
+    );
+    bad_request(
+        srv,
+        "Patient?_filter=gender in http://example.org/fhir/ValueSet/nope",
+        &["http://example.org/fhir/ValueSet/nope"],
+    )
+    .await;
+}
 
 async fn token_in_and_not_in(srv: &TestServer) {
     let p = patients_by_gender(srv).await;

@@ -209,6 +209,66 @@ mod tests {
     }
 
     #[test]
+    fn filter_terminology_operators() {
+        let mut q = parse(
+            &R4,
+            Some("Observation"),
+            &p(&[(
+                "_filter",
+                "code in http://vs/a or (code sb http://s|x and not (status ni http://vs/b)) or code ss http://s|y",
+            )]),
+            true,
+        )
+        .unwrap();
+        let reqs: Vec<CodeSetRequest> = q
+            .code_set_requests()
+            .into_iter()
+            .map(|r| r.request)
+            .collect();
+        assert_eq!(
+            reqs,
+            vec![
+                CodeSetRequest::ValueSet("http://vs/a".into()),
+                CodeSetRequest::Below {
+                    system: "http://s".into(),
+                    code: "x".into()
+                },
+                CodeSetRequest::ValueSet("http://vs/b".into()),
+                CodeSetRequest::Above {
+                    system: "http://s".into(),
+                    code: "y".into()
+                },
+            ]
+        );
+        q.resolve_code_sets(&mut |_| Ok(vec![("http://s".into(), "x".into())]))
+            .unwrap();
+        let plan = crate::plan(
+            &q,
+            crate::Dialect::Sqlite,
+            &crate::PageRequest {
+                count: 10,
+                cursor: None,
+            },
+        )
+        .unwrap();
+        assert!(plan.sql.contains("NOT IN"), "{}", plan.sql);
+        assert!(parse(
+            &R4,
+            Some("Observation"),
+            &p(&[("_filter", "code sb x")]),
+            true
+        )
+        .is_err());
+        assert!(parse(
+            &R4,
+            Some("Patient"),
+            &p(&[("_filter", "birthdate in http://vs")]),
+            true
+        )
+        .is_err());
+    }
+
+    #[test]
     fn requests_and_resolution() {
         let mut q = parse(
             &R4,

@@ -1,5 +1,5 @@
 //! `_filter` (http://hl7.org/fhir/R4/search_filter.html): `and` / `or` / `not(…)` / parentheses
-//! over `param op value` with ops eq ne co sw ew gt lt ge le sa eb ap pr.
+//! over `param op value` with ops eq ne co sw ew gt lt ge le sa eb ap pr, and on tokens in ni ss sb.
 
 use crate::query::{
     parse_value, resolve_param, unescape, Criterion, Modifier, ParamClause, Prefix, SearchValue,
@@ -229,6 +229,25 @@ impl Parser<'_> {
                     ))));
                 }
                 v
+            }
+            // terminology operators: resolved like the `:in`/`:not-in`/`:above`/`:below`
+            // modifiers (crate::codes) before planning
+            "in" | "ni" if t == ParamType::Token => {
+                modifier = if op == "in" {
+                    Modifier::In
+                } else {
+                    Modifier::NotIn
+                };
+                SearchValue::Uri(value.to_string())
+            }
+            "ss" | "sb" if t == ParamType::Token => {
+                // ss: the resource's code subsumes the value (:above); sb: it is subsumed by it
+                modifier = if op == "ss" {
+                    Modifier::Above
+                } else {
+                    Modifier::Below
+                };
+                parse_value(p, t, &modifier, &escaped)?
             }
             "sw" | "co" | "ew" if t == ParamType::Uri => {
                 modifier = match op {

@@ -368,6 +368,37 @@ impl Builder {
                     format!("({})", parts.join(" AND "))
                 }
             }
+            (
+                ParamType::Reference,
+                SearchValue::Hierarchy {
+                    ref_type,
+                    id,
+                    hierarchy_param,
+                    below,
+                },
+            ) => {
+                // the ids in the hierarchy (recursive CTE; UNION stops at cycles)
+                let t = self.text(ref_type);
+                let i = self.text(id);
+                let hp = self.text(hierarchy_param);
+                let h = self.alias("h");
+                let hx = self.alias("hx");
+                let hc = self.alias("hc");
+                let step = if *below {
+                    // children: resources whose hierarchy reference points at an id in the set
+                    format!("SELECT {hc}.res_id FROM {h} JOIN search_reference {hx} ON {hx}.ref_id = {h}.id JOIN resources {hc} ON {hc}.rid = {hx}.rid WHERE {hx}.param = {hp} AND {hx}.ref_type = {t} AND {hc}.res_type = {t} AND {hc}.deleted = 0")
+                } else {
+                    // parents: what the resources in the set point at
+                    format!("SELECT {hx}.ref_id FROM {h} JOIN resources {hc} ON {hc}.res_type = {t} AND {hc}.res_id = {h}.id AND {hc}.deleted = 0 JOIN search_reference {hx} ON {hx}.rid = {hc}.rid WHERE {hx}.param = {hp} AND {hx}.ref_type = {t}")
+                };
+                // PostgreSQL: the seed must carry the index columns' collation
+                let seed = if self.dialect == Dialect::Postgres {
+                    format!("CAST({i} AS TEXT) COLLATE \"C\"")
+                } else {
+                    i
+                };
+                format!("({x}.ref_type = {t} AND {x}.ref_id IN (WITH RECURSIVE {h}(id) AS (SELECT {seed} UNION {step}) SELECT id FROM {h}))")
+            }
             (ParamType::Reference, SearchValue::Identifier { system, value }) => {
                 let p = self.text(value);
                 let mut s = format!("({x}.ident_value = {p}");

@@ -112,6 +112,14 @@ pub enum SearchValue {
     /// A token value resolved through the terminology service (`:in`, `:not-in`, `:above`,
     /// `:below`): the (system, code) pairs it stands for. See [`crate::codes`].
     Codes(Vec<(String, String)>),
+    /// reference `:above` / `:below`: `ref_type/id` and the resources above or below it through
+    /// `ref_type`'s circular `hierarchy_param`.
+    Hierarchy {
+        ref_type: String,
+        id: String,
+        hierarchy_param: String,
+        below: bool,
+    },
 }
 
 /// A parameter with its OR-ed values.
@@ -734,9 +742,51 @@ pub(crate) fn parse_criterion(
     }
     let modifier =
         parse_modifier(p, modifier).map_err(|why| CritError::Invalid(invalid(name, value, why)))?;
-    parse_clause(p, modifier, value)
-        .map(Criterion::Param)
-        .map_err(|why| CritError::Invalid(invalid(name, value, why)))
+    let mut clause = parse_clause(p, modifier, value)
+        .map_err(|why| CritError::Invalid(invalid(name, value, why)))?;
+    if clause.param_type == ParamType::Reference
+        && matches!(clause.modifier, Modifier::Above | Modifier::Below)
+    {
+        clause.values = hierarchy_values(registry, &clause)
+            .map_err(|why| CritError::Invalid(invalid(name, value, why)))?;
+    }
+    Ok(Criterion::Param(clause))
+}
+
+/// `:above` / `:below` on a reference (search.html "Searching Hierarchies"): the target type's
+/// circular reference parameter (`Location.partof`, `Organization.partof`, `Encounter.part-of`)
+/// spans the hierarchy. `:below` = the referenced resource and every resource transitively part
+/// of it; `:above` = it and every resource it is transitively part of.
+fn hierarchy_values(registry: &Registry, c: &ParamClause) -> Result<Vec<SearchValue>, String> {
+    let below = c.modifier == Modifier::Below;
+    let mut out = Vec::new();
+    for v in &c.values {
+        let SearchValue::Reference {
+            ref_type: Some(t),
+            id: Some(id),
+            ..
+        } = v
+        else {
+            return Err("':above' / ':below' on a reference need Type/id".into());
+        };
+        let hierarchy = registry
+            .params_for(t)
+            .into_iter()
+            .find(|p| {
+                p.param_type() == ParamType::Reference
+                    && p.path.is_some()
+                    && p.def.targets.len() == 1
+                    && p.def.targets[0] == *t
+            })
+            .ok_or_else(|| format!("{t} has no hierarchy (no circular reference parameter)"))?;
+        out.push(SearchValue::Hierarchy {
+            ref_type: t.clone(),
+            id: id.clone(),
+            hierarchy_param: hierarchy.code().to_string(),
+            below,
+        });
+    }
+    Ok(out)
 }
 
 fn parse_modifier(p: &BoundParam, m: Option<&str>) -> Result<Modifier, String> {
@@ -760,11 +810,8 @@ fn parse_modifier(p: &BoundParam, m: Option<&str>) -> Result<Modifier, String> {
         "not-in" if t == ParamType::Token => Modifier::NotIn,
         "of-type" if t == ParamType::Token => Modifier::OfType,
         "identifier" if t == ParamType::Reference => Modifier::Identifier,
-        "above" | "below" if t == ParamType::Reference => {
-            return Err(format!(
-                "modifier ':{m}' is not supported on reference parameters"
-            ));
-        }
+        "above" if t == ParamType::Reference => Modifier::Above,
+        "below" if t == ParamType::Reference => Modifier::Below,
         _ if t == ParamType::Reference
             && m.starts_with(|c: char| c.is_ascii_uppercase())
             && m.chars().all(|c| c.is_ascii_alphanumeric()) =>
@@ -1193,6 +1240,23 @@ pub(crate) mod tests {
             let e = parse(&R4, Some("Location"), &p(&[("near", bad)]), false).unwrap_err();
             assert!(e[0].diagnostics.contains("near"), "{e:?}");
         }
+        let c = clause(one("Procedure", "location:below", "Location/42"));
+        assert_eq!(
+            c.values[0],
+            SearchValue::Hierarchy {
+                ref_type: "Location".into(),
+                id: "42".into(),
+                hierarchy_param: "partof".into(),
+                below: true
+            }
+        );
+        assert!(parse(
+            &R4,
+            Some("Observation"),
+            &p(&[("subject:below", "Patient/1")]),
+            true
+        )
+        .is_err());
         assert_eq!(
             one("Patient", "_list", "42,a-b"),
             Criterion::List(vec!["42".into(), "a-b".into()])
