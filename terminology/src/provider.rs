@@ -424,6 +424,22 @@ impl ConceptTable {
         out
     }
 
+    /// Whether `anc` is a proper ancestor of `i`: a depth-first walk up the IS-A links that stops
+    /// as soon as `anc` is reached (subsumption without materialising the ancestor set).
+    pub fn has_ancestor(&self, i: u32, anc: u32) -> bool {
+        let mut seen: HashSet<u32> = HashSet::new();
+        let mut todo: Vec<u32> = self.concepts[i as usize].parents.clone();
+        while let Some(p) = todo.pop() {
+            if p == anc {
+                return true;
+            }
+            if seen.insert(p) {
+                todo.extend(self.concepts[p as usize].parents.iter());
+            }
+        }
+        false
+    }
+
     fn ancestors_idx(&self, i: u32) -> HashSet<u32> {
         let mut out = HashSet::new();
         let mut todo: Vec<u32> = self.concepts[i as usize].parents.clone();
@@ -675,12 +691,11 @@ impl CodeSystemProvider for ConceptTable {
                 let Some(root) = self.index_of(value) else {
                     return Ok(op == "is-not-a");
                 };
-                let anc = self.ancestors_idx(ci);
                 Ok(match op {
-                    "is-a" => ci == root || anc.contains(&root),
-                    "descendent-of" => anc.contains(&root),
-                    "is-not-a" => !(ci == root || anc.contains(&root)),
-                    _ => ci == root || self.ancestors_idx(root).contains(&ci),
+                    "is-a" => ci == root || self.has_ancestor(ci, root),
+                    "descendent-of" => self.has_ancestor(ci, root),
+                    "is-not-a" => !(ci == root || self.has_ancestor(ci, root)),
+                    _ => ci == root || self.has_ancestor(root, ci),
                 })
             }
             _ => Ok(self.filter_indexes(property, op, value)?.contains(&ci)),
@@ -714,10 +729,10 @@ impl CodeSystemProvider for ConceptTable {
         if ia == ib {
             return Some(Subsumption::Equivalent);
         }
-        if self.ancestors_idx(ib).contains(&ia) {
+        if self.has_ancestor(ib, ia) {
             return Some(Subsumption::Subsumes);
         }
-        if self.ancestors_idx(ia).contains(&ib) {
+        if self.has_ancestor(ia, ib) {
             return Some(Subsumption::SubsumedBy);
         }
         Some(Subsumption::NotSubsumed)

@@ -121,6 +121,21 @@ fn main() {
                 "{name}: subsumes({first}, {last}) = {s:?} in {:?}",
                 t3.elapsed()
             );
+            // p50 of $subsumes between pseudo-random pairs (mostly not-subsumed: a full walk up)
+            let mut times: Vec<std::time::Duration> = (0..1000usize)
+                .map(|k| {
+                    let a = &codes[(k * 7919) % codes.len()];
+                    let b = &codes[(k * 104_729 + 13) % codes.len()];
+                    let t = Instant::now();
+                    let _ = table.subsumes(a, b);
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            println!(
+                "{name}: subsumes over 1,000 pairs: p50 {:?}, p99 {:?}",
+                times[500], times[990]
+            );
             let t4 = Instant::now();
             let n = table
                 .filter("concept", "is-a", first)
