@@ -427,6 +427,37 @@ mod tests {
     }
 
     #[test]
+    fn loinc_table_core_layout() {
+        // LoincTableCore/LoincTableCore.csv: 15 columns, a different order from Loinc.csv
+        let dir = std::env::temp_dir().join(format!("kiln-loinc-core-{}", std::process::id()));
+        let core = dir.join("LoincTableCore");
+        std::fs::create_dir_all(&core).unwrap();
+        std::fs::write(
+            core.join("LoincTableCore.csv"),
+            "\"LOINC_NUM\",\"COMPONENT\",\"PROPERTY\",\"TIME_ASPCT\",\"SYSTEM\",\"SCALE_TYP\",\"METHOD_TYP\",\"CLASS\",\"CLASSTYPE\",\"LONG_COMMON_NAME\",\"SHORTNAME\",\"EXTERNAL_COPYRIGHT_NOTICE\",\"STATUS\",\"VersionFirstReleased\",\"VersionLastChanged\"\r\n\
+             \"2345-7\",\"Glucose\",\"MCnc\",\"Pt\",\"Ser/Plas\",\"Qn\",\"\",\"CHEM\",\"1\",\"Glucose [Mass/volume] in Serum or Plasma\",\"Glucose SerPl-mCnc\",\"\",\"ACTIVE\",\"1.0\",\"2.81\"\r\n\
+             \"11111-1\",\"Old\",\"Prid\",\"Pt\",\"XXX\",\"Nom\",\"\",\"MISC\",\"1\",\"Old thing\",\"\",\"\",\"DEPRECATED\",\"1.0\",\"2.40\"\r\n",
+        )
+        .unwrap();
+        let t = load_loinc_dir(&dir, None).unwrap();
+        assert_eq!(t.version.as_deref(), Some("2.81"));
+        let c = t.lookup("2345-7").unwrap();
+        assert_eq!(
+            c.display.as_deref(),
+            Some("Glucose [Mass/volume] in Serum or Plasma")
+        );
+        assert_eq!(
+            c.property("CLASSTYPE")
+                .next()
+                .map(|v| v.as_text())
+                .as_deref(),
+            Some("1")
+        );
+        assert!(t.lookup("11111-1").unwrap().inactive);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn header_order_does_not_matter_and_errors_locate() {
         let csv =
             "\"LONG_COMMON_NAME\",\"STATUS\",\"LOINC_NUM\"\n\"Hemoglobin\",\"ACTIVE\",\"718-7\"\n";
