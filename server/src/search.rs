@@ -41,6 +41,23 @@ pub fn schema(d: Dialect) -> Vec<String> {
     kiln_search::schema(to_search_dialect(d))
 }
 
+/// Bundles with at least this many entries refresh stale PostgreSQL planner statistics after
+/// they commit (a bulk load into a new database leaves the search tables without statistics).
+pub const ANALYZE_AFTER_ENTRIES: usize = 50;
+
+/// Refreshes missing or stale planner statistics of the search tables (PostgreSQL only; a
+/// catalog query when nothing is stale). Failures are logged, not returned: statistics are an
+/// optimisation.
+pub async fn refresh_statistics(state: &AppState) {
+    if let Some(sql) =
+        kiln_search::index::analyze_stale_statement(to_search_dialect(state.store.dialect()))
+    {
+        if let Err(e) = state.store.query_rows(&sql, &[]).await {
+            tracing::warn!("could not refresh planner statistics: {e}");
+        }
+    }
+}
+
 /// Writes search index rows for every stored version.
 pub struct SearchIndexer {
     registry: Arc<RwLock<Registry>>,

@@ -169,14 +169,18 @@ pub async fn process(
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    match kind {
+    let response = match kind {
         "transaction" => transaction(state, &entries, ctx, access).await,
         "batch" => batch(state, &entries, ctx, access).await,
         other => Err(FhirError::invalid_at(
             format!("Bundle.type `{other}` cannot be processed: use batch or transaction"),
             "Bundle.type",
         )),
+    };
+    if response.is_ok() && entries.len() >= crate::search::ANALYZE_AFTER_ENTRIES {
+        crate::search::refresh_statistics(state).await;
     }
+    response
 }
 
 /// Runs the entries of a transaction in `tx`. Returns the response entries in Bundle order.
