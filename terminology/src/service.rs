@@ -1278,6 +1278,24 @@ impl<'a> Ctx<'a> {
             .filter_map(Value::as_str)
             .map(str::to_string)
             .collect();
+        // code systems that define a `status` concept property: their concepts' status is
+        // echoed in the expansion (as tx.fhir.org does)
+        let status_systems: HashSet<String> = items
+            .iter()
+            .map(|i| i.system.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .filter(|sys| {
+                self.find_cs(sys, None)
+                    .map(|e| {
+                        self.prov(&e)
+                            .property_defs()
+                            .iter()
+                            .any(|d| d.code == "status")
+                    })
+                    .unwrap_or(false)
+            })
+            .collect();
         // contains.version only when the expansion mixes versions of one system
         let mut versions_by_system: HashMap<&str, HashSet<Option<&str>>> = HashMap::new();
         for i in &items {
@@ -1341,24 +1359,60 @@ impl<'a> Ctx<'a> {
                         );
                     }
                 }
-                if !props.is_empty() {
-                    let pv: Vec<Value> = i
-                        .concept
-                        .properties
-                        .iter()
-                        .filter(|(n, _)| props.contains(n))
-                        .map(|(n, v)| {
-                            let (k, val) = v.to_fhir();
-                            json!({"code": n, k: val})
-                        })
-                        .collect();
-                    if !pv.is_empty() {
-                        c.insert("property".into(), Value::Array(pv));
+                // requested properties (`definition` is the concept's definition), plus the
+                // concept's `status` where its code system defines that property
+                let mut pv: Vec<Value> = Vec::new();
+                for n in &props {
+                    if n == "definition" && !i.concept.properties.iter().any(|(k, _)| k == n) {
+                        if let Some(d) = &i.concept.definition {
+                            pv.push(json!({"code": "definition", "valueString": d}));
+                        }
+                        continue;
                     }
+                    for (k, v) in &i.concept.properties {
+                        if k == n {
+                            let (kind, val) = v.to_fhir();
+                            pv.push(json!({"code": n, kind: val}));
+                        }
+                    }
+                }
+                if !props.iter().any(|p| p == "status") && status_systems.contains(&i.system) {
+                    for v in i
+                        .concept
+                        .property("status")
+                        .filter(|v| v.as_text() != "active")
+                    {
+                        let (kind, val) = v.to_fhir();
+                        pv.push(json!({"code": "status", kind: val}));
+                    }
+                }
+                if !pv.is_empty() {
+                    c.insert("property".into(), Value::Array(pv));
                 }
                 c
             })
             .collect();
+        // the properties the page actually carries, in order of first use
+        let mut used_props: Vec<String> = Vec::new();
+        for c in &rendered {
+            for pv in c
+                .get("property")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(code) = pv.get("code").and_then(Value::as_str) {
+                    if !used_props.iter().any(|u| u == code) {
+                        used_props.push(code.to_string());
+                    }
+                }
+            }
+        }
+        for p in &props {
+            if !used_props.contains(p) {
+                used_props.push(p.clone());
+            }
+        }
         // hierarchical (nested) contains unless excludeNested, paging or a text filter
         let enumerated = vs
             .get("compose")
@@ -1454,20 +1508,21 @@ impl<'a> Ctx<'a> {
         if !parameters.is_empty() {
             expansion.insert("parameter".into(), Value::Array(parameters));
         }
-        if !props.is_empty() {
+        if !used_props.is_empty() {
             let defs: Vec<crate::provider::PropertyDef> = used
                 .code_systems
                 .iter()
                 .filter_map(|c| self.find_cs(c, None))
                 .flat_map(|e| self.prov(&e).property_defs())
                 .collect();
-            let list = props
+            let list = used_props
                 .iter()
                 .map(|p| {
                     match defs
                         .iter()
                         .find(|d| &d.code == p)
                         .and_then(|d| d.uri.clone())
+                        .or_else(|| standard_property_uri(p))
                     {
                         Some(uri) => json!({"code": p, "uri": uri}),
                         None => json!({"code": p}),
@@ -3121,6 +3176,19 @@ impl<'a> Ctx<'a> {
 
 /// Status flags worth a warning for a referenced CodeSystem/ValueSet: the standards-status
 /// extension (deprecated, withdrawn, …), `status = draft`/`retired`, `experimental = true`.
+/// The `http://hl7.org/fhir/concept-properties` URI of a property code FHIR defines for every
+/// code system (concept-properties.html).
+fn standard_property_uri(code: &str) -> Option<String> {
+    let name = match code {
+        "weight" | "itemWeight" => "itemWeight",
+        "definition" | "status" | "inactive" | "notSelectable" | "parent" | "child" | "partOf"
+        | "synonym" | "comment" | "deprecated" | "deprecationDate" | "retirementDate"
+        | "alternateCode" | "order" | "label" => code,
+        _ => return None,
+    };
+    Some(format!("http://hl7.org/fhir/concept-properties#{name}"))
+}
+
 fn resource_status_flags(r: &Value) -> Vec<String> {
     resource_flags(r, true)
 }
