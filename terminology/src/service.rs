@@ -1346,8 +1346,23 @@ impl<'a> Ctx<'a> {
                             });
                         }
                     }
+                    // a designation repeating the display is redundant only when it is in
+                    // the display's own language
+                    let display_lang = if i.display == i.concept.display {
+                        i.cs_language.clone()
+                    } else {
+                        i.concept
+                            .designations
+                            .iter()
+                            .find(|d| Some(&d.value) == i.display.as_ref())
+                            .and_then(|d| d.language.clone())
+                    };
                     for d in &i.concept.designations {
-                        if Some(&d.value) != i.display.as_ref() {
+                        let same_lang = match (&d.language, &display_lang) {
+                            (None, _) | (_, None) => true,
+                            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                        };
+                        if Some(&d.value) != i.display.as_ref() || !same_lang {
                             list.push(d.clone());
                         }
                     }
@@ -3295,10 +3310,11 @@ fn designation_wanted(d: &Designation, filters: &[String]) -> bool {
     filters.iter().any(|f| {
         let (sys, code) = split_canonical(f);
         match (sys, code) {
+            // a designation filter names one language tag exactly (`de` is not `de-CH`)
             ("urn:ietf:bcp:47", Some(lang)) => d
                 .language
                 .as_deref()
-                .map(|l| lang_matches(l, lang))
+                .map(|l| l.eq_ignore_ascii_case(lang))
                 .unwrap_or(false),
             (sys, Some(code)) => {
                 d.use_system.as_deref() == Some(sys) && d.use_code.as_deref() == Some(code)
