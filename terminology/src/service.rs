@@ -13,8 +13,9 @@ use crate::resource::{apply_supplement, arr, code_system_table, s};
 
 const TX_ISSUE_TYPE: &str = "http://hl7.org/fhir/tools/CodeSystem/tx-issue-type";
 const R4_BUNDLE_GZ: &[u8] = include_bytes!("../data/r4-terminology.json.gz");
-/// Expansions larger than this are refused unless paged with `count`.
-pub const MAX_EXPANSION: usize = 10_000;
+/// Expansions larger than this are refused unless paged with `count` (HAPI's and tx.fhir.org's
+/// default limit too).
+pub const MAX_EXPANSION: usize = 1_000;
 
 /// An operation failure: the issues, the complete `OperationOutcome` to return and the HTTP status.
 #[derive(Debug, Clone)]
@@ -80,6 +81,7 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         }
         "vs-invalid" if text.starts_with("Cyclic reference") => "VALUESET_CIRCULAR_REFERENCE",
         "code-rule" if text.contains("differs from the correct code") => "CODE_CASE_DIFFERENCE",
+        "invalid-display" if text.starts_with("Invalid displayLanguage") => "INVALID_DISPLAY_NAME",
         "invalid-display" if severity == "information" => "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_OK",
         "invalid-display" if text.contains("There are no valid display names found") => {
             "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_ERR"
@@ -106,10 +108,16 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
 }
 
 fn issue_json(severity: &str, code: &str, tx_code: &str, text: &str, loc: Option<&str>) -> Value {
+    // an issue without a tx-issue-type (e.g. too-costly) carries only its text
+    let details = if tx_code.is_empty() {
+        json!({ "text": text })
+    } else {
+        json!({"coding": [{"system": TX_ISSUE_TYPE, "code": tx_code}], "text": text})
+    };
     let mut i = json!({
         "severity": severity,
         "code": code,
-        "details": {"coding": [{"system": TX_ISSUE_TYPE, "code": tx_code}], "text": text},
+        "details": details,
     });
     if let Some(l) = loc {
         // tx.fhir.org omits the deprecated `location` for unknown-code errors (and for
@@ -468,8 +476,18 @@ impl Terminology {
                 "The request body must be a Parameters resource",
             ));
         }
-        let mut local = Registry::default();
         let p = Params(params);
+        if let Some(l) = p.str("displayLanguage") {
+            if !valid_language_list(l) {
+                return Err(TxError::new(
+                    400,
+                    "processing",
+                    "invalid-display",
+                    format!("Invalid displayLanguage: '{l}'"),
+                ));
+            }
+        }
+        let mut local = Registry::default();
         for r in p.all("tx-resource").filter_map(|x| x.get("resource")) {
             local.add_resource(r.clone())?;
         }
@@ -1190,7 +1208,7 @@ impl<'a> Ctx<'a> {
                     return Err(TxError::new(
                         422,
                         "too-costly",
-                        "too-costly",
+                        "",
                         format!("The code system '{system}' is not enumerable (grammar-based); the value set cannot be expanded"),
                     ))
                 }
@@ -1252,7 +1270,7 @@ impl<'a> Ctx<'a> {
             return Err(TxError::new(
                 422,
                 "too-costly",
-                "too-costly",
+                "",
                 format!(
                     "The value set '{}' expansion has too many codes to display ({total} > {MAX_EXPANSION}); use count/offset or a filter",
                     s(&vs, "url").unwrap_or_default()
@@ -3238,6 +3256,16 @@ fn resource_flags(r: &Value, with_status: bool) -> Vec<String> {
         out.push("experimental".into());
     }
     out
+}
+
+/// Whether `list` is a BCP 47 language tag or an Accept-Language style list of them
+/// (`de-CH, de;q=0.8, *;q=0`).
+fn valid_language_list(list: &str) -> bool {
+    static TAG: once_cell::sync::Lazy<regex::Regex> = once_cell::sync::Lazy::new(|| {
+        regex::Regex::new(r"^(\*|[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*)(\s*;\s*q\s*=\s*[0-9.]+)?$")
+            .expect("language tag regex")
+    });
+    !list.trim().is_empty() && list.split(',').all(|t| TAG.is_match(t.trim()))
 }
 
 /// Languages of an Accept-Language style list, best first (`de-CH, de;q=0.8, *;q=0`).
