@@ -180,6 +180,10 @@ pub trait CodeSystemProvider: Send + Sync {
     /// Every code in the system in definition order; `None` when the system is not enumerable
     /// (UCUM's grammar).
     fn codes(&self) -> Option<Vec<String>>;
+    /// Number of codes, when enumerable (cheaper than `codes().len()` for large systems).
+    fn size(&self) -> Option<usize> {
+        self.codes().map(|c| c.len())
+    }
     /// Root concepts (no parents), for hierarchical expansion.
     fn roots(&self) -> Vec<String> {
         self.codes()
@@ -241,37 +245,94 @@ pub fn words(s: &str) -> Vec<String> {
 
 /// Score of a text match of `query` against a concept (0 = no match).
 pub fn match_score(query: &str, code: &str, texts: &[&str]) -> u32 {
-    let q = query.trim().to_lowercase();
-    if q.is_empty() {
-        return 1;
+    TextMatcher::new(query).score(code, texts.iter().copied())
+}
+
+/// A text query prepared for scoring many concepts (`$expand?filter=`): 100 exact code,
+/// 90 a display/designation equal to the text, 80 one starting with it, 60/50 every word of the
+/// text a prefix of a word (60 when the first words agree), 40 the code starting with the text,
+/// 0 no match. Case-insensitive; ASCII text is compared without allocating.
+#[derive(Debug, Clone)]
+pub struct TextMatcher {
+    q: String,
+    words: Vec<String>,
+}
+
+/// `a` starts with the lowercase `prefix`, ignoring case.
+fn starts_with_ci(a: &str, prefix: &str) -> bool {
+    if a.is_ascii() {
+        a.len() >= prefix.len()
+            && a.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    } else {
+        a.to_lowercase().starts_with(prefix)
     }
-    if code.to_lowercase() == q {
-        return 100;
+}
+
+fn eq_ci(a: &str, lower: &str) -> bool {
+    if a.is_ascii() {
+        a.eq_ignore_ascii_case(lower)
+    } else {
+        a.to_lowercase() == lower
     }
-    let qw = words(&q);
-    let mut best = 0;
-    for t in texts {
-        let tl = t.to_lowercase();
-        if tl == q {
-            best = best.max(90);
-        } else if tl.starts_with(&q) {
-            best = best.max(80);
-        } else {
-            let tw = words(&tl);
-            if !qw.is_empty()
-                && qw
+}
+
+fn text_words(s: &str) -> impl Iterator<Item = &str> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+}
+
+impl TextMatcher {
+    pub fn new(query: &str) -> Self {
+        let q = query.trim().to_lowercase();
+        let words = words(&q);
+        TextMatcher { q, words }
+    }
+
+    /// The lowercase words of the query.
+    pub fn words(&self) -> &[String] {
+        &self.words
+    }
+
+    pub fn score<'a>(&self, code: &str, texts: impl IntoIterator<Item = &'a str>) -> u32 {
+        let q = self.q.as_str();
+        if q.is_empty() {
+            return 1;
+        }
+        if eq_ci(code, q) {
+            return 100;
+        }
+        let mut best = 0;
+        for t in texts {
+            if eq_ci(t, q) {
+                best = best.max(90);
+            } else if starts_with_ci(t, q) {
+                best = best.max(80);
+            } else if best < 60
+                && !self.words.is_empty()
+                && self
+                    .words
                     .iter()
-                    .all(|w| tw.iter().any(|x| x.starts_with(w.as_str())))
+                    .all(|w| text_words(t).any(|x| starts_with_ci(x, w)))
             {
-                let first = tw.first().map(|f| f.starts_with(&qw[0])).unwrap_or(false);
+                let first = text_words(t)
+                    .next()
+                    .map(|f| starts_with_ci(f, &self.words[0]))
+                    .unwrap_or(false);
                 best = best.max(if first { 60 } else { 50 });
             }
         }
+        if best == 0 && starts_with_ci(code, q) {
+            best = 40;
+        }
+        best
     }
-    if best == 0 && code.to_lowercase().starts_with(&q) {
-        best = 40;
-    }
-    best
+}
+
+/// A full-text index over a `ConceptTable` (tantivy, feature `text-index`): every concept whose
+/// code or display/designations match the query, as indexes into `ConceptTable::concepts`.
+/// `None` means the index cannot answer (the table is scanned instead).
+pub trait TextSearcher: Send + Sync + std::fmt::Debug {
+    fn matching(&self, query: &str) -> Option<Vec<u32>>;
 }
 
 /// An attribute relationship of a concept (SNOMED CT active inferred non-IS-A relationship):
@@ -310,6 +371,9 @@ pub struct ConceptTable {
     index: HashMap<String, u32>,
     #[serde(skip)]
     lower_index: HashMap<String, u32>,
+    /// Full-text index answering `search` (attached after loading).
+    #[serde(skip)]
+    text_index: Option<std::sync::Arc<dyn TextSearcher>>,
 }
 
 impl ConceptTable {
@@ -378,6 +442,16 @@ impl ConceptTable {
 
     pub fn len(&self) -> usize {
         self.concepts.len()
+    }
+
+    /// Attaches a full-text index that answers `search` from now on.
+    pub fn set_text_index(&mut self, index: std::sync::Arc<dyn TextSearcher>) {
+        self.text_index = Some(index);
+    }
+
+    /// Whether a full-text index is attached.
+    pub fn has_text_index(&self) -> bool {
+        self.text_index.is_some()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -701,22 +775,43 @@ impl CodeSystemProvider for ConceptTable {
             _ => Ok(self.filter_indexes(property, op, value)?.contains(&ci)),
         }
     }
+    fn size(&self) -> Option<usize> {
+        Some(self.concepts.len())
+    }
     fn search(&self, text: &str, limit: usize) -> Vec<String> {
+        let m = TextMatcher::new(text);
+        let score = |c: &Concept| {
+            m.score(
+                &c.code,
+                c.display
+                    .as_deref()
+                    .into_iter()
+                    .chain(c.designations.iter().map(|d| d.value.as_str())),
+            )
+        };
         let mut scored: Vec<(u32, usize)> = Vec::new();
-        for (i, c) in self.concepts.iter().enumerate() {
-            let mut texts: Vec<&str> = Vec::new();
-            if let Some(d) = &c.display {
-                texts.push(d);
+        // the index narrows the candidates; the ranking is the same as the scan's
+        match self.text_index.as_ref().and_then(|ix| ix.matching(text)) {
+            Some(hits) => {
+                for i in hits {
+                    if let Some(c) = self.concepts.get(i as usize) {
+                        let s = score(c);
+                        if s > 0 {
+                            scored.push((s, i as usize));
+                        }
+                    }
+                }
             }
-            for d in &c.designations {
-                texts.push(&d.value);
-            }
-            let s = match_score(text, &c.code, &texts);
-            if s > 0 {
-                scored.push((s, i));
+            None => {
+                for (i, c) in self.concepts.iter().enumerate() {
+                    let s = score(c);
+                    if s > 0 {
+                        scored.push((s, i));
+                    }
+                }
             }
         }
-        scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         scored
             .into_iter()
             .take(limit)

@@ -59,6 +59,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "not-found" if text.starts_with("Required supplement not found") => {
             "VALUESET_SUPPLEMENT_MISSING"
         }
+        "not-found" if text.contains("pinned by the default-valueset-version") => {
+            "VS_EXP_IMPORT_UNK_PINNED"
+        }
         "not-found" if text.starts_with("A definition for the value Set") => {
             "Unable_to_resolve_value_Set_"
         }
@@ -724,6 +727,18 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The canonical of a value set imported by a compose (`include.valueSet`): a versionless
+    /// reference takes the version a `default-valueset-version` parameter gives for its URL.
+    fn imported_vs_ref(&self, r: &str) -> String {
+        if r.starts_with('#') || split_canonical(r).1.is_some() {
+            return r.to_string();
+        }
+        match self.param_version("default-valueset-version", r) {
+            Some(v) => format!("{r}|{v}"),
+            None => r.to_string(),
+        }
+    }
+
     /// Implicit value sets of a code system (`{system}?fhir_vs` = all codes,
     /// `{system}?fhir_vs=isa/{code}` = the code and its descendants), as SNOMED CT, LOINC and
     /// ICD servers offer them.
@@ -1083,7 +1098,15 @@ impl<'a> Ctx<'a> {
         let mut vs_sets: Vec<HashSet<(String, String)>> = Vec::new();
         let mut vs_items: Option<Vec<Item>> = None;
         for v in arr(inc, "valueSet").iter().filter_map(Value::as_str) {
-            let Some(sub) = self.find_vs(v, None) else {
+            let pinned = self.imported_vs_ref(v);
+            let Some(sub) = self.find_vs(&pinned, None) else {
+                if pinned != v {
+                    let (url, version) = split_canonical(&pinned);
+                    return Err(TxError::not_found(format!(
+                        "The imported value set '{url}' version '{}' (pinned by the default-valueset-version parameter) could not be found",
+                        version.unwrap_or_default()
+                    )));
+                }
                 return Err(TxError::not_found(format!(
                     "A definition for the value Set '{v}' could not be found"
                 )));
@@ -1477,6 +1500,7 @@ impl<'a> Ctx<'a> {
             "designation",
             "force-system-version",
             "default-to-latest-version",
+            "default-valueset-version",
         ] {
             for prm in p.all(name) {
                 let mut x = prm.clone();
@@ -1705,6 +1729,8 @@ impl<'a> Ctx<'a> {
                 .chain(arr(compose, "exclude").iter())
             {
                 for r in arr(inc, "valueSet").iter().filter_map(Value::as_str) {
+                    let r = self.imported_vs_ref(r);
+                    let r = r.as_str();
                     let next = self
                         .find_vs(r, None)
                         .map(|x| vs_canonical(&x))
@@ -1794,6 +1820,8 @@ impl<'a> Ctx<'a> {
             }
         }
         for v in arr(inc, "valueSet").iter().filter_map(Value::as_str) {
+            let v = self.imported_vs_ref(v);
+            let v = v.as_str();
             let Some(sub) = self.find_vs(v, None) else {
                 return Err(TxError::not_found(format!(
                     "A definition for the value Set '{v}' could not be found"

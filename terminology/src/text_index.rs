@@ -1,34 +1,42 @@
 //! Full-text index of a code system's displays and designations (tantivy), for
 //! `$expand?filter=` over large systems. Every word of the query is a prefix (type-ahead, as
-//! Ontoserver does); candidates are re-ranked exact code > display starts with the text > all
-//! words match (see `provider::match_score`). Building is atomic: the index is written to a
-//! temporary directory and renamed into place, so a failed build leaves the previous index.
+//! Ontoserver does), and the exact code matches too; the index only finds the candidates, which
+//! `ConceptTable::search` then ranks exact code > display starts with the text > all words match
+//! (`provider::TextMatcher`), exactly as its scan would. Building is atomic: the index is written
+//! to a temporary directory and renamed into place, so a failed build leaves the previous index.
 
 use std::path::{Path, PathBuf};
 
-use tantivy::collector::TopDocs;
+use tantivy::collector::{Collector, SegmentCollector};
+use tantivy::columnar::Column;
 use tantivy::query::{BooleanQuery, Occur, Query, RegexQuery, TermQuery};
 use tantivy::schema::{
-    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, STORED, STRING,
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, STORED, STRING,
 };
 use tantivy::tokenizer::{
     AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer,
 };
-use tantivy::{doc, Index, IndexReader, IndexWriter, TantivyDocument, Term};
+use tantivy::{doc, DocId, Index, IndexReader, IndexWriter, Score, SegmentReader, Term};
 
-use crate::provider::{match_score, words, ConceptTable};
+use crate::provider::{ConceptTable, TextSearcher};
 
 const TOKENIZER: &str = "kiln_text";
-/// Candidates fetched from the index before re-ranking.
-const CANDIDATES: usize = 500;
 
 /// A text index over one `ConceptTable`.
 pub struct TextIndex {
     index: Index,
     reader: IndexReader,
-    ord: Field,
     code: Field,
     text: Field,
+    docs: u64,
+}
+
+impl std::fmt::Debug for TextIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextIndex")
+            .field("docs", &self.docs)
+            .finish()
+    }
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -37,24 +45,70 @@ fn err(e: impl std::fmt::Display) -> String {
 
 fn schema() -> (Schema, Field, Field, Field) {
     let mut b = Schema::builder();
-    let ord = b.add_u64_field("ord", STORED);
+    // the concept's position in the table: a fast field, read per matching document
+    let ord = b.add_u64_field("ord", FAST | STORED);
     let code = b.add_text_field("code", STRING);
     let text_opts = TextOptions::default().set_indexing_options(
         TextFieldIndexing::default()
             .set_tokenizer(TOKENIZER)
-            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+            .set_index_option(IndexRecordOption::Basic),
     );
     let text = b.add_text_field("text", text_opts);
     (b.build(), ord, code, text)
 }
 
-fn register(index: &Index) {
-    let analyzer = TextAnalyzer::builder(SimpleTokenizer::default())
+fn analyzer() -> TextAnalyzer {
+    TextAnalyzer::builder(SimpleTokenizer::default())
         .filter(RemoveLongFilter::limit(60))
         .filter(LowerCaser)
         .filter(AsciiFoldingFilter)
-        .build();
-    index.tokenizers().register(TOKENIZER, analyzer);
+        .build()
+}
+
+/// Collects the `ord` fast field of every matching document.
+struct OrdCollector;
+
+struct OrdSegment {
+    column: Column<u64>,
+    out: Vec<u32>,
+}
+
+impl Collector for OrdCollector {
+    type Fruit = Vec<u32>;
+    type Child = OrdSegment;
+
+    fn for_segment(
+        &self,
+        _segment_local_id: u32,
+        segment: &SegmentReader,
+    ) -> tantivy::Result<OrdSegment> {
+        Ok(OrdSegment {
+            column: segment.fast_fields().u64("ord")?,
+            out: Vec::new(),
+        })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(&self, fruits: Vec<Vec<u32>>) -> tantivy::Result<Vec<u32>> {
+        Ok(fruits.into_iter().flatten().collect())
+    }
+}
+
+impl SegmentCollector for OrdSegment {
+    type Fruit = Vec<u32>;
+
+    fn collect(&mut self, doc: DocId, _score: Score) {
+        if let Some(o) = self.column.first(doc) {
+            self.out.push(o as u32);
+        }
+    }
+
+    fn harvest(self) -> Vec<u32> {
+        self.out
+    }
 }
 
 impl TextIndex {
@@ -72,9 +126,9 @@ impl TextIndex {
         let result = (|| -> Result<(), String> {
             let (schema, ord, code, text) = schema();
             let index = Index::create_in_dir(&tmp, schema).map_err(err)?;
-            register(&index);
+            index.tokenizers().register(TOKENIZER, analyzer());
             let mut writer: IndexWriter =
-                index.writer_with_num_threads(1, 100_000_000).map_err(err)?;
+                index.writer_with_num_threads(1, 200_000_000).map_err(err)?;
             for (i, c) in table.concepts.iter().enumerate() {
                 let mut t = String::new();
                 if let Some(d) = &c.display {
@@ -114,38 +168,33 @@ impl TextIndex {
     /// Opens an index built by `build`.
     pub fn open(dir: &Path) -> Result<TextIndex, String> {
         let index = Index::open_in_dir(dir).map_err(err)?;
-        register(&index);
+        index.tokenizers().register(TOKENIZER, analyzer());
         let s = index.schema();
-        let ord = s.get_field("ord").map_err(err)?;
         let code = s.get_field("code").map_err(err)?;
         let text = s.get_field("text").map_err(err)?;
         let reader = index.reader().map_err(err)?;
+        let docs = reader.searcher().num_docs();
         Ok(TextIndex {
             index,
             reader,
-            ord,
             code,
             text,
+            docs,
         })
     }
 
     /// Number of indexed concepts.
     pub fn len(&self) -> u64 {
-        self.reader.searcher().num_docs()
+        self.docs
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.docs == 0
     }
 
-    /// Codes matching `query` (every word a prefix, or the exact code), best first.
-    pub fn search(
-        &self,
-        table: &ConceptTable,
-        query: &str,
-        limit: usize,
-    ) -> Result<Vec<String>, String> {
-        let toks = words(query);
+    /// Positions (in the indexed table) of the concepts whose code is `query` or whose texts
+    /// have a word starting with each word of `query` (after lowercasing and ASCII folding).
+    pub fn matching_ords(&self, query: &str) -> Result<Vec<u32>, String> {
         let mut should: Vec<(Occur, Box<dyn Query>)> = vec![(
             Occur::Should,
             Box::new(TermQuery::new(
@@ -153,6 +202,12 @@ impl TextIndex {
                 IndexRecordOption::Basic,
             )),
         )];
+        let mut toks: Vec<String> = Vec::new();
+        let mut a = analyzer();
+        let mut ts = a.token_stream(query);
+        while ts.advance() {
+            toks.push(ts.token().text.clone());
+        }
         if !toks.is_empty() {
             let mut must: Vec<Box<dyn Query>> = Vec::new();
             for t in &toks {
@@ -164,44 +219,22 @@ impl TextIndex {
         }
         let q = BooleanQuery::new(should);
         let searcher = self.reader.searcher();
-        let top = searcher
-            .search(&q, &TopDocs::with_limit(CANDIDATES))
-            .map_err(err)?;
-        let mut scored: Vec<(u32, usize)> = Vec::new();
-        for (_, addr) in top {
-            let d: TantivyDocument = searcher.doc(addr).map_err(err)?;
-            let Some(i) = d.get_first(self.ord).and_then(|v| v.as_u64()) else {
-                continue;
-            };
-            let Some(c) = table.concepts.get(i as usize) else {
-                continue;
-            };
-            let mut texts: Vec<&str> = Vec::new();
-            if let Some(d) = &c.display {
-                texts.push(d);
-            }
-            for d in &c.designations {
-                texts.push(&d.value);
-            }
-            let s = match_score(query, &c.code, &texts);
-            if s > 0 {
-                scored.push((s, i as usize));
-            }
-        }
-        scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let _ = &self.index;
-        Ok(scored
-            .into_iter()
-            .take(limit)
-            .map(|(_, i)| table.concepts[i].code.clone())
-            .collect())
+        searcher.search(&q, &OrdCollector).map_err(err)
+    }
+}
+
+impl TextSearcher for TextIndex {
+    fn matching(&self, query: &str) -> Option<Vec<u32>> {
+        self.matching_ords(query).ok()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Concept;
+    use crate::provider::{CodeSystemProvider, Concept};
+    use std::sync::Arc;
 
     #[test]
     fn prefix_per_word_and_ranking() {
@@ -223,13 +256,31 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let idx = TextIndex::build(&dir, &t).unwrap();
         assert_eq!(idx.len(), 4);
-        let r = idx.search(&t, "diab mell type 2", 10).unwrap();
-        assert_eq!(r, vec!["E11.9"]);
-        let r = idx.search(&t, "diab", 10).unwrap();
-        assert_eq!(r[0], "DIAB", "ascii folding + code prefix"); // "diabete" starts-with display
+        // the index finds candidates: every word a prefix, accents folded
+        let mut m = idx.matching_ords("diab mell type 2").unwrap();
+        m.sort();
+        assert_eq!(m, vec![0]);
+        let mut m = idx.matching_ords("diabète").unwrap();
+        m.sort();
+        assert_eq!(m, vec![3]);
+        assert_eq!(idx.matching_ords("E10.9").unwrap(), vec![1]);
+        assert!(idx.matching_ords("zzz").unwrap().is_empty());
+        // attached to the table it answers search with the scan's ranking
+        let scan: Vec<Vec<String>> = ["diab", "diab mell type 2", "E10.9", "type", "hyp"]
+            .iter()
+            .map(|q| t.search(q, 10))
+            .collect();
+        t.set_text_index(Arc::new(idx));
+        assert!(t.has_text_index());
+        for (q, expected) in ["diab", "diab mell type 2", "E10.9", "type", "hyp"]
+            .iter()
+            .zip(scan)
+        {
+            assert_eq!(t.search(q, 10), expected, "query {q}");
+        }
+        let r = t.search("diab", 10);
+        assert_eq!(r[0], "DIAB", "display starts with the text ranks first");
         assert!(r.contains(&"E10.9".to_string()));
-        let r = idx.search(&t, "E10.9", 10).unwrap();
-        assert_eq!(r[0], "E10.9");
         // rebuild replaces atomically and reopens
         let idx2 = TextIndex::build(&dir, &t).unwrap();
         assert_eq!(idx2.len(), 4);
