@@ -247,19 +247,31 @@ async fn terminology(action: TerminologyAction) -> anyhow::Result<()> {
                     let t = ts
                         .import_icd10cm(&path)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    kiln_terminology::store::summary(&t)
+                    format!(
+                        "{}{}",
+                        kiln_terminology::store::summary(&t),
+                        text_index(&ts, "icd10cm", &t)?
+                    )
                 }
                 "loinc" => {
                     let t = ts
                         .import_loinc(&path, version.as_deref())
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    kiln_terminology::store::summary(&t)
+                    format!(
+                        "{}{}",
+                        kiln_terminology::store::summary(&t),
+                        text_index(&ts, "loinc", &t)?
+                    )
                 }
                 "snomed" => {
                     let t = ts
                         .import_snomed(&path, version.as_deref())
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    kiln_terminology::store::summary(&t)
+                    format!(
+                        "{}{}",
+                        kiln_terminology::store::summary(&t),
+                        text_index(&ts, "snomed", &t)?
+                    )
                 }
                 "icd10cm-gem" | "gem" => {
                     let cm = ts.import_gem(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -298,6 +310,23 @@ async fn terminology(action: TerminologyAction) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Builds the full-text index (`$expand?filter=`) of a freshly loaded code system.
+fn text_index(
+    ts: &kiln_terminology::TerminologyStore,
+    id: &str,
+    table: &kiln_terminology::ConceptTable,
+) -> anyhow::Result<String> {
+    let t0 = std::time::Instant::now();
+    let idx = ts
+        .build_text_index(id, table)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(format!(
+        "; text index of {} concepts built in {:.1} s",
+        idx.len(),
+        t0.elapsed().as_secs_f64()
+    ))
 }
 
 async fn users(action: UsersAction) -> anyhow::Result<()> {

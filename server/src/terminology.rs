@@ -22,7 +22,7 @@ pub fn load_saved_systems(tx: &mut Terminology, dir: &Path) -> anyhow::Result<us
         .list()
         .map_err(|e| anyhow::anyhow!("cannot list terminology store: {e}"))?
     {
-        if let Some(table) = store
+        if let Some(mut table) = store
             .load(&id)
             .map_err(|e| anyhow::anyhow!("cannot load code system {id}: {e}"))?
         {
@@ -32,6 +32,7 @@ pub fn load_saved_systems(tx: &mut Terminology, dir: &Path) -> anyhow::Result<us
                     anyhow::anyhow!("invalid resource in code system {id}: {:?}", e.issues)
                 })?;
             }
+            attach_text_index(&store, &id, &mut table)?;
             tx.add_code_system(Arc::new(table));
             n += 1;
         }
@@ -44,6 +45,33 @@ pub fn load_saved_systems(tx: &mut Terminology, dir: &Path) -> anyhow::Result<us
             .map_err(|e| anyhow::anyhow!("invalid GEM ConceptMap: {:?}", e.issues))?;
     }
     Ok(n)
+}
+
+/// Attaches the full-text index (`$expand?filter=`) of a saved code system: the one saved beside
+/// it when it covers the same concepts, else one built now (and saved for the next start).
+fn attach_text_index(
+    store: &TerminologyStore,
+    id: &str,
+    table: &mut kiln_terminology::ConceptTable,
+) -> anyhow::Result<()> {
+    let idx = match store.open_text_index(id) {
+        Ok(idx) if idx.len() == table.len() as u64 => idx,
+        _ => {
+            let t0 = std::time::Instant::now();
+            let idx = store
+                .build_text_index(id, table)
+                .map_err(|e| anyhow::anyhow!("cannot build the text index of {id}: {e}"))?;
+            tracing::info!(
+                code_system = id,
+                concepts = idx.len(),
+                secs = t0.elapsed().as_secs_f64(),
+                "text index built"
+            );
+            idx
+        }
+    };
+    table.set_text_index(Arc::new(idx));
+    Ok(())
 }
 
 /// Lazily built, shared terminology service.

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use kiln_fhir::Issue;
 use serde_json::{json, Map, Value};
 
-use crate::provider::{match_score, CodeSystemProvider, Concept, Designation, PropertyValue};
+use crate::provider::{CodeSystemProvider, Concept, Designation, PropertyValue, TextMatcher};
 use crate::resource::{apply_supplement, arr, code_system_table, s};
 
 const TX_ISSUE_TYPE: &str = "http://hl7.org/fhir/tools/CodeSystem/tx-issue-type";
@@ -16,6 +16,8 @@ const R4_BUNDLE_GZ: &[u8] = include_bytes!("../data/r4-terminology.json.gz");
 /// Expansions larger than this are refused unless paged with `count` (HAPI's and tx.fhir.org's
 /// default limit too).
 pub const MAX_EXPANSION: usize = 1_000;
+/// Code systems larger than this are searched through their text index for `$expand?filter=`.
+const LARGE_SYSTEM: usize = 1_000;
 
 /// An operation failure: the issues, the complete `OperationOutcome` to return and the HTTP status.
 #[derive(Debug, Clone)]
@@ -85,6 +87,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "vs-invalid" if text.starts_with("Cyclic reference") => "VALUESET_CIRCULAR_REFERENCE",
         "code-rule" if text.contains("differs from the correct code") => "CODE_CASE_DIFFERENCE",
         "invalid-display" if text.starts_with("Invalid displayLanguage") => "INVALID_DISPLAY_NAME",
+        "invalid-display" if text.starts_with("Wrong whitespace") => {
+            "Display_Name_WS_for__should_be_one_of__instead_of"
+        }
         "invalid-display" if severity == "information" => "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_OK",
         "invalid-display" if text.contains("There are no valid display names found") => {
             "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_ERR"
@@ -1224,6 +1229,15 @@ impl<'a> Ctx<'a> {
                 });
             }
             acc.unwrap_or_default()
+        } else if let Some(f) = self
+            .params
+            .str("filter")
+            .filter(|f| !f.trim().is_empty())
+            .filter(|_| provider.size().unwrap_or(0) > LARGE_SYSTEM)
+        {
+            // a whole large system under `$expand?filter=`: the provider's text search (its
+            // index) finds the matches instead of enumerating every code
+            provider.search(f, usize::MAX)
         } else {
             match provider.codes() {
                 Some(c) => c,
@@ -1241,7 +1255,7 @@ impl<'a> Ctx<'a> {
         // materialising concepts (the final ranking happens in expand)
         let mut codes = codes;
         if let Some(f) = self.params.str("filter").filter(|f| !f.trim().is_empty()) {
-            if codes.len() > 1000 {
+            if codes.len() > LARGE_SYSTEM && !filters.is_empty() {
                 let hits: HashSet<String> = provider.search(f, usize::MAX).into_iter().collect();
                 codes.retain(|c| hits.contains(c));
             }
@@ -1258,16 +1272,97 @@ impl<'a> Ctx<'a> {
         Ok(out)
     }
 
+    /// `$expand?filter=…&count=…` of a value set that is one whole large code system: the
+    /// provider ranks every match (through its text index) and only the requested page is
+    /// materialised. `None` when the value set is not of that shape.
+    fn expand_large_filtered(
+        &self,
+        vs: &Value,
+        used: &mut Used,
+    ) -> Result<Option<(Vec<Item>, usize)>, TxError> {
+        let p = &self.params;
+        let (Some(f), Some(count)) = (
+            p.str("filter").filter(|f| !f.trim().is_empty()),
+            p.int("count"),
+        ) else {
+            return Ok(None);
+        };
+        if p.bool("activeOnly") == Some(true) {
+            return Ok(None);
+        }
+        let Some(compose) = vs.get("compose") else {
+            return Ok(None);
+        };
+        let includes = arr(compose, "include");
+        if includes.len() != 1
+            || !arr(compose, "exclude").is_empty()
+            || compose.get("inactive").is_some()
+        {
+            return Ok(None);
+        }
+        let inc = &includes[0];
+        if inc
+            .as_object()
+            .map(|o| o.keys().any(|k| k != "system" && k != "version"))
+            .unwrap_or(true)
+        {
+            return Ok(None);
+        }
+        let Some(system) = s(inc, "system") else {
+            return Ok(None);
+        };
+        let version = self.system_version(system, s(inc, "version"));
+        let Some(entry) = self.find_cs(system, version.as_deref()) else {
+            return Ok(None);
+        };
+        if self.param_version("check-system-version", system).is_some() {
+            return Ok(None);
+        }
+        let provider = self.prov(&entry);
+        if provider.size().unwrap_or(0) <= LARGE_SYSTEM {
+            return Ok(None);
+        }
+        used.cs(entry.canonical());
+        let hits = provider.search(f, usize::MAX);
+        let total = hits.len();
+        let offset = p.int("offset").unwrap_or(0).max(0) as usize;
+        let lang = self.display_language();
+        let cs_language = provider.language().map(str::to_string);
+        let items = hits
+            .iter()
+            .skip(offset)
+            .take(count.max(0) as usize)
+            .filter_map(|code| provider.lookup(code))
+            .map(|c| {
+                let display = self.display_in(&c, lang.as_deref(), provider.language());
+                Item {
+                    system: system.to_string(),
+                    version: entry.version.clone(),
+                    display,
+                    concept: c,
+                    cs_language: cs_language.clone(),
+                }
+            })
+            .collect();
+        Ok(Some((items, total)))
+    }
+
     fn expand(&self) -> Result<Value, TxError> {
         let (vs, _canon) = self.resolve_vs_param()?;
         self.check_value_set(&vs)?;
         let mut used = Used::default();
-        let mut items = self.expand_vs(&vs, 0, &mut used)?;
         let p = &self.params;
+        // one page of a filtered expansion of a large code system
+        let paged = self.expand_large_filtered(&vs, &mut used)?;
+        let (mut items, paged_total) = match paged {
+            Some((items, total)) => (items, Some(total)),
+            None => (self.expand_vs(&vs, 0, &mut used)?, None),
+        };
         if p.bool("activeOnly") == Some(true) {
             items.retain(|i| !i.concept.inactive);
         }
-        if let Some(f) = p.str("filter") {
+        if let (Some(f), None) = (p.str("filter"), paged_total) {
+            let matcher = TextMatcher::new(f);
             let mut scored: Vec<(u32, usize, Item)> = items
                 .into_iter()
                 .enumerate()
@@ -1279,14 +1374,14 @@ impl<'a> Ctx<'a> {
                     for d in &i.concept.designations {
                         texts.push(&d.value);
                     }
-                    let sc = match_score(f, &i.concept.code, &texts);
+                    let sc = matcher.score(&i.concept.code, texts.iter().copied());
                     (sc > 0).then_some((sc, n, i))
                 })
                 .collect();
             scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
             items = scored.into_iter().map(|x| x.2).collect();
         }
-        let total = items.len();
+        let total = paged_total.unwrap_or(items.len());
         let offset = p.int("offset").unwrap_or(0).max(0) as usize;
         let count = p.int("count").map(|c| c.max(0) as usize);
         if count.is_none() && total > MAX_EXPANSION {
@@ -1300,11 +1395,15 @@ impl<'a> Ctx<'a> {
                 ),
             ));
         }
-        let page: Vec<&Item> = items
-            .iter()
-            .skip(offset)
-            .take(count.unwrap_or(usize::MAX))
-            .collect();
+        let page: Vec<&Item> = if paged_total.is_some() {
+            items.iter().collect()
+        } else {
+            items
+                .iter()
+                .skip(offset)
+                .take(count.unwrap_or(usize::MAX))
+                .collect()
+        };
         let designation_filters: Vec<String> = p
             .all("designation")
             .filter_map(value_x)
@@ -1966,7 +2065,10 @@ impl<'a> Ctx<'a> {
             unknown_system_param: true,
             normalized_code: None,
         };
-        let lang = self.display_language();
+        // the value set's own language is the default display language of its validation
+        let lang = self
+            .display_language()
+            .or_else(|| vs.and_then(|(v, _)| s(v, "language")).map(str::to_string));
         let inferred = match (&c.system, vs) {
             (None, Some((_, canon))) if c.loc_base != "code" => {
                 r.valid = false;
@@ -2395,11 +2497,12 @@ impl<'a> Ctx<'a> {
                     cands.push((des.value.clone(), des.language.clone()));
                 }
             }
-            let same = |v: &str| {
-                v == d
-                    || v.split_whitespace().eq(d.split_whitespace())
-                    || (!provider.case_sensitive() && v.eq_ignore_ascii_case(d))
-            };
+            let same =
+                |v: &str| v == d || (!provider.case_sensitive() && v.eq_ignore_ascii_case(d));
+            // a display that differs only in whitespace is still wrong, but said so
+            let ws_only = cands
+                .iter()
+                .any(|(v, _)| v != d && v.split_whitespace().eq(d.split_whitespace()));
             let req: Vec<String> = lang
                 .as_deref()
                 .map(requested_languages)
@@ -2464,7 +2567,14 @@ impl<'a> Ctx<'a> {
                         )
                     }
                 };
-                let m = format!("Wrong Display Name '{d}' for {system}#{}. {detail}", c.code);
+                let m = if ws_only {
+                    format!(
+                        "Wrong whitespace in Display Name '{d}' for {system}#{}. {detail}",
+                        c.code
+                    )
+                } else {
+                    format!("Wrong Display Name '{d}' for {system}#{}. {detail}", c.code)
+                };
                 let lenient = self.params.bool("lenient-display-validation") == Some(true);
                 let sev = if lenient { "warning" } else { "error" };
                 r.issues.push(issue_json(

@@ -260,7 +260,11 @@ mod tests {
         let mut m = idx.matching_ords("diab mell type 2").unwrap();
         m.sort();
         assert_eq!(m, vec![0]);
+        // "diabète" folds to "diabete", a prefix of "diabetes" too
         let mut m = idx.matching_ords("diabète").unwrap();
+        m.sort();
+        assert_eq!(m, vec![0, 1, 3]);
+        let mut m = idx.matching_ords("DIABETE SUCR").unwrap();
         m.sort();
         assert_eq!(m, vec![3]);
         assert_eq!(idx.matching_ords("E10.9").unwrap(), vec![1]);
