@@ -110,3 +110,57 @@ impl TerminologyService {
             .map_err(|e| crate::error::FhirError::internal(format!("{e:#}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_terminology::{Concept, ConceptTable};
+    use serde_json::json;
+
+    /// A saved code system gets its text index at the first start (built and saved), the next
+    /// start reopens it, and `$expand?filter=` answers through it.
+    #[test]
+    fn saved_systems_get_a_text_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TerminologyStore::open(dir.path()).unwrap();
+        let mut t = ConceptTable::new("http://hl7.org/fhir/sid/icd-10-cm", Some("t".into()));
+        for i in 0..1500 {
+            let d = if i % 10 == 0 {
+                format!("Chronic kidney disease, stage {i}")
+            } else {
+                format!("Other disorder {i}")
+            };
+            t.add(Concept::new(format!("N{i:04}"), Some(d)));
+        }
+        store.save("icd10cm", &t).unwrap();
+        let expand = |tx: &Terminology| {
+            tx.expand(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "url", "valueUri": "http://hl7.org/fhir/sid/icd-10-cm?fhir_vs"},
+                {"name": "filter", "valueString": "chron kid"},
+                {"name": "count", "valueInteger": 5}]}))
+                .unwrap()
+        };
+        let mut tx = Terminology::new();
+        assert_eq!(load_saved_systems(&mut tx, dir.path()).unwrap(), 1);
+        assert!(dir.path().join("icd10cm.index").is_dir(), "index saved");
+        let r = expand(&tx);
+        assert_eq!(r["expansion"]["total"], json!(150));
+        assert_eq!(r["expansion"]["contains"][0]["code"], json!("N0000"));
+        assert_eq!(r["expansion"]["contains"].as_array().unwrap().len(), 5);
+        // second start: the saved index is reopened
+        let modified = std::fs::metadata(dir.path().join("icd10cm.index"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let mut tx2 = Terminology::new();
+        load_saved_systems(&mut tx2, dir.path()).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("icd10cm.index"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            modified
+        );
+        assert_eq!(expand(&tx2)["expansion"]["total"], json!(150));
+    }
+}

@@ -3667,4 +3667,73 @@ mod tests {
             .unwrap();
         assert_eq!(e["expansion"]["total"], 4);
     }
+
+    /// A large system (over `LARGE_SYSTEM` codes): a filtered, paged expansion of the whole
+    /// system ranks and counts exactly as the general path does.
+    #[test]
+    fn large_filtered_expansion_pages_like_the_general_path() {
+        let mut t = ConceptTable::new("http://example.org/big", Some("1".into()));
+        let words = [
+            "renal", "cardiac", "chronic", "acute", "diabetes", "retinal",
+        ];
+        for i in 0..3000 {
+            let d = format!(
+                "{} {} {}",
+                words[i % 6],
+                words[(i / 6) % 6],
+                words[(i / 36) % 6]
+            );
+            t.add(Concept::new(format!("C{i}"), Some(d)));
+        }
+        t.add(Concept::new("chr", Some("Code equal to the text".into())));
+        let mut tx = Terminology::new();
+        tx.add_code_system(Arc::new(t));
+        let req = |count: Option<i64>, offset: i64, general: bool| {
+            let mut p = vec![
+                // activeOnly (every concept is active here) takes the general path
+                json!({"name": "activeOnly", "valueBoolean": general}),
+                json!({"name": "url", "valueUri": "http://example.org/big?fhir_vs"}),
+                json!({"name": "filter", "valueString": "chr"}),
+                json!({"name": "offset", "valueInteger": offset}),
+            ];
+            if let Some(c) = count {
+                p.push(json!({"name": "count", "valueInteger": c}));
+            }
+            json!({"resourceType": "Parameters", "parameter": p})
+        };
+        let codes = |v: &Value| -> Vec<String> {
+            arr(&v["expansion"], "contains")
+                .iter()
+                .map(|c| c["code"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        // the general path (count large enough to hold everything)
+        let all = tx.expand(&req(Some(5000), 0, true)).unwrap();
+        let all_codes = codes(&all);
+        let total = all["expansion"]["total"].as_u64().unwrap() as usize;
+        assert_eq!(total, all_codes.len());
+        assert!(total > 500, "{total}");
+        assert_eq!(all_codes[0], "chr", "exact code first");
+        // display starting with the text ranks before a later word match
+        let first_starts = all_codes
+            .iter()
+            .position(|c| c != "chr")
+            .map(|i| all_codes[i].clone())
+            .unwrap();
+        let n: usize = first_starts[1..].parse().unwrap();
+        assert_eq!(words[n % 6], "chronic");
+        // pages agree with the full ranking
+        for (count, offset) in [(10, 0), (7, 13), (25, 490)] {
+            let page = tx.expand(&req(Some(count), offset, false)).unwrap();
+            assert_eq!(page["expansion"]["total"].as_u64().unwrap() as usize, total);
+            assert_eq!(page["expansion"]["offset"], json!(offset));
+            assert_eq!(
+                codes(&page),
+                all_codes[offset as usize..(offset + count) as usize].to_vec()
+            );
+        }
+        // without count an expansion this large is refused
+        let e = tx.expand(&req(None, 0, false)).unwrap_err();
+        assert_eq!(e.outcome["issue"][0]["code"], "too-costly");
+    }
 }
