@@ -156,6 +156,9 @@ impl Reader<'_> {
 }
 
 /// The (system, code) pairs of a `$expand` result (nested `contains` included).
+/// The most codes a `:in`/`:not-in`/`:above`/`:below` token search expands to.
+const SEARCH_CODE_LIMIT: usize = 10_000;
+
 fn expansion_codes(vs: &Value) -> Vec<(String, String)> {
     fn walk(items: &Value, out: &mut Vec<(String, String)>) {
         for c in items.as_array().into_iter().flatten() {
@@ -369,8 +372,20 @@ impl SearchEngine {
                     tokio::task::spawn_blocking(move || tx.expand(&params))
                         .await
                         .map_err(|e| FhirError::internal(format!("terminology task failed: {e}")))?
-                        .map(|vs| expansion_codes(&vs))
                         .map_err(|e| outcome_text(&e.outcome))
+                        .and_then(|vs| {
+                            let total = vs
+                                .pointer("/expansion/total")
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0);
+                            if total > SEARCH_CODE_LIMIT as u64 {
+                                Err(format!(
+                                    "the expansion has {total} codes, more than the {SEARCH_CODE_LIMIT} a search can use (too-costly)"
+                                ))
+                            } else {
+                                Ok(expansion_codes(&vs))
+                            }
+                        })
                 }
             };
             resolved.insert(p.request, result);
@@ -483,6 +498,9 @@ impl SearchEngine {
                 params.push(json!({"name": "tx-resource", "resource": r}));
             }
         }
+        // one page of up to SEARCH_CODE_LIMIT codes (the terminology service refuses larger
+        // unpaged expansions; a larger total is refused below)
+        params.push(json!({"name": "count", "valueInteger": SEARCH_CODE_LIMIT}));
         Ok(Ok(
             json!({"resourceType": "Parameters", "parameter": params}),
         ))

@@ -152,7 +152,85 @@ fn main() {
                 t5.elapsed()
             );
         }
+        #[allow(unused_mut)]
+        let mut table = table;
+        #[cfg(feature = "text-index")]
+        {
+            let t7 = Instant::now();
+            match store.build_text_index(name, &table) {
+                Ok(idx) => {
+                    println!(
+                        "{name}: text index of {} concepts built in {:?}",
+                        idx.len(),
+                        t7.elapsed()
+                    );
+                    table.set_text_index(Arc::new(idx));
+                }
+                Err(e) => {
+                    eprintln!("{name}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        let sample: Vec<String> = table
+            .codes()
+            .unwrap_or_default()
+            .into_iter()
+            .step_by(997)
+            .take(500)
+            .collect();
+        let url = table.url.clone();
         tx.add_code_system(Arc::new(table));
+        // p50/p99 of the operations through the service API (Parameters in, Parameters out)
+        let p50 = |label: &str, f: &dyn Fn(&str) -> bool| {
+            let mut times: Vec<std::time::Duration> = sample
+                .iter()
+                .map(|c| {
+                    let t = Instant::now();
+                    assert!(f(c), "{label} {c}");
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            println!(
+                "{name}: {label} over {} codes: p50 {:?}, p99 {:?}",
+                times.len(),
+                times[times.len() / 2],
+                times[times.len() * 99 / 100]
+            );
+        };
+        p50("$lookup", &|c| {
+            tx.lookup(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "system", "valueUri": url}, {"name": "code", "valueCode": c}]}))
+                .is_ok()
+        });
+        p50("$validate-code", &|c| {
+            tx.validate_code_cs(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "url", "valueUri": url}, {"name": "code", "valueCode": c}]}))
+                .map(|r| r["parameter"].to_string().contains("\"valueBoolean\":true"))
+                .unwrap_or(false)
+        });
+        for q in ["dia", "chr", "ren", "fra", "glu"] {
+            let mut times = Vec::new();
+            let mut total = serde_json::Value::Null;
+            for _ in 0..50 {
+                let t = Instant::now();
+                let r = tx.expand(&json!({"resourceType": "Parameters", "parameter": [
+                    {"name": "url", "valueUri": format!("{url}?fhir_vs")},
+                    {"name": "filter", "valueString": q},
+                    {"name": "count", "valueInteger": 10}]}));
+                times.push(t.elapsed());
+                total = r
+                    .map(|v| v["expansion"]["total"].clone())
+                    .unwrap_or_default();
+            }
+            times.sort();
+            println!(
+                "{name}: $expand ?fhir_vs filter={q:?} count=10 (total {total}): p50 {:?}, p99 {:?}",
+                times[times.len() / 2],
+                times[times.len() * 99 / 100]
+            );
+        }
     }
     let t6 = Instant::now();
     let r = tx.expand(&json!({"resourceType": "Parameters", "parameter": [
