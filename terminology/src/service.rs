@@ -1633,7 +1633,19 @@ impl<'a> Ctx<'a> {
         for v in &used.value_sets {
             parameters.push(p_str("used-valueset", "Uri", v));
         }
+        // an expansion built on a fragment of a code system is not closed (valueset-unclosed)
+        let mut unclosed: Vec<Value> = Vec::new();
         for c in &used.code_systems {
+            if let Some(e) = self.find_cs(c, None) {
+                if self.prov(&e).content() == "fragment" {
+                    parameters.push(p_str("used-fragment", "Uri", c));
+                    if unclosed.is_empty() {
+                        unclosed.push(json!({"url": "http://hl7.org/fhir/StructureDefinition/valueset-unclosed", "valueBoolean": true}));
+                    }
+                    unclosed.push(json!({"url": "http://hl7.org/fhir/StructureDefinition/valueset-unclosed-reason",
+                        "valueString": format!("This extension is based on a fragment of the code system {}", split_canonical(c).0)}));
+                }
+            }
             if let Some(r) = self.find_cs(c, None).and_then(|e| e.resource.clone()) {
                 for f in resource_status_flags(&r) {
                     parameters.push(p_str(&format!("warning-{f}"), "Uri", c));
@@ -1652,6 +1664,9 @@ impl<'a> Ctx<'a> {
             }
         }
         let mut expansion = Map::new();
+        if !unclosed.is_empty() {
+            expansion.insert("extension".into(), Value::Array(unclosed));
+        }
         expansion.insert(
             "identifier".into(),
             json!(format!("urn:uuid:{}", pseudo_uuid())),
@@ -2011,8 +2026,11 @@ impl<'a> Ctx<'a> {
             ));
         }
         let Some(code) = p.str("code") else {
-            return Err(TxError::invalid(
-                "Unable to validate: no code, coding or codeableConcept parameter",
+            return Err(TxError::new(
+                400,
+                "invalid",
+                "",
+                "Unable to find code to validate (looked for coding | codeableConcept | code+system | code+inferSystem in parameters",
             ));
         };
         let system = if vs_mode {
@@ -2489,7 +2507,12 @@ impl<'a> Ctx<'a> {
             if let Some(disp) = &concept.display {
                 cands.push((disp.clone(), cs_lang.clone()));
             }
-            for des in &concept.designations {
+            // designations with a `use` but no language (e.g. a synonym kind) are not displays
+            for des in concept
+                .designations
+                .iter()
+                .filter(|d| d.language.is_some() || d.use_code.is_none())
+            {
                 if !cands
                     .iter()
                     .any(|(v, l)| v == &des.value && l == &des.language)
