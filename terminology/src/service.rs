@@ -104,6 +104,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "status-check" if text.starts_with("Reference to experimental") => "MSG_EXPERIMENTAL",
         "code-rule" if text.contains("is valid but is not active") => "STATUS_CODE_WARNING_CODE",
         "code-rule" if text.contains("is abstract") => "ABSTRACT_CODE_NOT_ALLOWED",
+        "cannot-infer" if text.contains("multiple matches") => {
+            "Unable_to_resolve_system__value_set_has_multiple_matches"
+        }
         "cannot-infer" => "UNABLE_TO_INFER_CODESYSTEM",
         "invalid-data" if text.contains("references a value set") => {
             "Terminology_TX_System_ValueSet2"
@@ -2127,7 +2130,8 @@ impl<'a> Ctx<'a> {
                     })
                     .unwrap_or_default();
                 let found: Vec<String> = systems
-                    .into_iter()
+                    .iter()
+                    .cloned()
                     .filter(|sys| {
                         self.find_cs(sys, None)
                             .map(|e| self.prov(&e).lookup(&c.code).is_some())
@@ -2143,8 +2147,19 @@ impl<'a> Ctx<'a> {
                         "The provided code '#{}' was not found in the value set '{canon}'",
                         c.code
                     );
+                    let why = if found.len() > 1 {
+                        format!(
+                            "value set expansion has multiple matches: [{}]",
+                            found.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "the code is in none of the code systems the value set includes: [{}]",
+                            systems.join(", ")
+                        )
+                    };
                     let m2 = format!(
-                        "The System URI could not be determined for the code '{}' in the ValueSet '{canon}'",
+                        "The System URI could not be determined for the code '{}' in the ValueSet '{canon}': {why}",
                         c.code
                     );
                     r.issues.push(issue_json(
