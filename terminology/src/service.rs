@@ -111,6 +111,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "invalid-data" if text.contains("references a value set") => {
             "Terminology_TX_System_ValueSet2"
         }
+        "invalid-data" if text.contains("is a supplement, so can't be used") => {
+            "CODESYSTEM_CS_NO_SUPPLEMENT"
+        }
         "invalid-data" if text.starts_with("Coding has no system") => {
             "Coding_has_no_system__cannot_validate"
         }
@@ -2221,6 +2224,33 @@ impl<'a> Ctx<'a> {
             self.find_cs(&system, v.as_deref())
         };
         let version = forced.clone().or(c.version.clone()).or(default.clone());
+        if entry.is_none() {
+            // a supplement is not a code system a code can be drawn from
+            let sup = [&self.local, self.base]
+                .into_iter()
+                .flat_map(|reg| reg.supplements.iter())
+                .find(|x| s(x, "url") == Some(system.as_str()));
+            if let Some(sup) = sup {
+                r.valid = false;
+                let canon = match s(sup, "version") {
+                    Some(v) => format!("{system}|{v}"),
+                    None => system.clone(),
+                };
+                let m = format!(
+                    "CodeSystem {canon} is a supplement, so can't be used as a value in {}",
+                    c.loc_system
+                );
+                r.issues.push(issue_json(
+                    "error",
+                    "invalid",
+                    "invalid-data",
+                    &m,
+                    Some(&c.loc_system),
+                ));
+                r.messages.push(m);
+                return Ok(r);
+            }
+        }
         let Some(entry) = entry else {
             r.valid = false;
             let m = match &version {
