@@ -2134,12 +2134,12 @@ impl<'a> Ctx<'a> {
                     .unwrap_or_default();
                 let found: Vec<String> = systems
                     .iter()
-                    .cloned()
                     .filter(|sys| {
                         self.find_cs(sys, None)
                             .map(|e| self.prov(&e).lookup(&c.code).is_some())
                             .unwrap_or(false)
                     })
+                    .cloned()
                     .collect();
                 if found.len() == 1 {
                     found.into_iter().next()
