@@ -15,7 +15,7 @@
 use std::path::Path;
 
 use crate::provider::{Concept, ConceptTable, Designation, PropertyDef, PropertyValue};
-use crate::tabular::{find_file, parse_csv, read_file, FileError};
+use crate::tabular::{find_file, read_file, CsvRows, FileError};
 
 pub const LOINC_URL: &str = "http://loinc.org";
 
@@ -99,7 +99,7 @@ fn coding(code: &str, display: Option<String>) -> PropertyValue {
 
 /// Loads LOINC from the texts of its release files.
 pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<ConceptTable, FileError> {
-    let t = parse_csv(&x.table.0, &x.table.1)?;
+    let (t, mut t_rows) = CsvRows::new(&x.table.0, &x.table.1)?;
     let c_num = t.col("LOINC_NUM")?;
     let c_long = t.col("LONG_COMMON_NAME")?;
     let c_status = t.opt_col("STATUS");
@@ -110,18 +110,13 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
         .iter()
         .filter_map(|n| t.opt_col(n).map(|i| (*n, i)))
         .collect();
-    // without an explicit version: the release's version is the highest VersionLastChanged
-    let version = version.map(str::to_string).or_else(|| {
-        let c = t.opt_col("VersionLastChanged")?;
-        let key = |v: &str| -> Vec<u32> { v.split('.').filter_map(|x| x.parse().ok()).collect() };
-        t.rows
-            .iter()
-            .map(|r| r.fields[c].trim())
-            .filter(|v| !v.is_empty())
-            .max_by_key(|v| key(v))
-            .map(str::to_string)
-    });
-    let mut table = ConceptTable::new(LOINC_URL, version);
+    // without an explicit version: the release's version is the highest VersionLastChanged,
+    // found while the rows stream past
+    let c_changed = t.opt_col("VersionLastChanged");
+    let version_key =
+        |v: &str| -> Vec<u32> { v.split('.').filter_map(|x| x.parse().ok()).collect() };
+    let mut last_changed: Option<(Vec<u32>, String)> = None;
+    let mut table = ConceptTable::new(LOINC_URL, version.map(str::to_string));
     table.name = Some("LOINC".into());
     table.title = Some("Logical Observation Identifiers, Names and Codes (LOINC)".into());
     table.case_sensitive = false;
@@ -150,7 +145,15 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
             && b.len() == 1
             && b.bytes().all(|c| c.is_ascii_digit())
     };
-    for row in &t.rows {
+    while let Some(row) = t_rows.next() {
+        let row = &row?;
+        if let (None, Some(c)) = (version, c_changed) {
+            let v = row.fields[c].trim();
+            let k = version_key(v);
+            if !v.is_empty() && last_changed.as_ref().is_none_or(|(best, _)| k > *best) {
+                last_changed = Some((k, v.to_string()));
+            }
+        }
         let code = row.fields[c_num].trim();
         if !is_loinc_num(code) {
             return Err(t.error(row, c_num, format!("invalid LOINC_NUM '{code}'")));
@@ -195,17 +198,21 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
         table.add(c);
     }
     drop(t);
+    if table.version.is_none() {
+        table.version = last_changed.map(|(_, v)| v);
+    }
 
     // parts
     if let Some((text, file)) = &x.parts {
-        let p = parse_csv(text, file)?;
+        let (p, mut p_rows) = CsvRows::new(text, file)?;
         let (c_num, c_type, c_name) = (
             p.col("PartNumber")?,
             p.col("PartTypeName")?,
             p.col("PartName")?,
         );
         let (c_disp, c_stat) = (p.opt_col("PartDisplayName"), p.opt_col("Status"));
-        for row in &p.rows {
+        while let Some(row) = p_rows.next() {
+            let row = &row?;
             let code = row.fields[c_num].trim();
             if !code.starts_with("LP") {
                 return Err(p.error(row, c_num, format!("invalid PartNumber '{code}'")));
@@ -237,14 +244,15 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
 
     // primary part links: the term's axis property becomes a Coding to the part
     if let Some((text, file)) = &x.part_links {
-        let l = parse_csv(text, file)?;
+        let (l, mut l_rows) = CsvRows::new(text, file)?;
         let (c_loinc, c_part, c_name, c_prop) = (
             l.col("LoincNumber")?,
             l.col("PartNumber")?,
             l.col("PartName")?,
             l.col("Property")?,
         );
-        for row in &l.rows {
+        while let Some(row) = l_rows.next() {
+            let row = &row?;
             let code = row.fields[c_loinc].trim();
             let Some(ci) = table.index_of(code) else {
                 return Err(l.error(
@@ -273,14 +281,15 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
 
     // answer lists: LL and LA concepts, LL → answers
     if let Some((text, file)) = &x.answer_lists {
-        let a = parse_csv(text, file)?;
+        let (a, mut a_rows) = CsvRows::new(text, file)?;
         let (c_ll, c_name, c_la, c_text) = (
             a.col("AnswerListId")?,
             a.col("AnswerListName")?,
             a.col("AnswerStringId")?,
             a.col("DisplayText")?,
         );
-        for row in &a.rows {
+        while let Some(row) = a_rows.next() {
+            let row = &row?;
             let ll = row.fields[c_ll].trim();
             if !ll.starts_with("LL") {
                 return Err(a.error(row, c_ll, format!("invalid AnswerListId '{ll}'")));
@@ -309,9 +318,10 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
         }
     }
     if let Some((text, file)) = &x.answer_list_links {
-        let a = parse_csv(text, file)?;
+        let (a, mut a_rows) = CsvRows::new(text, file)?;
         let (c_loinc, c_ll) = (a.col("LoincNumber")?, a.col("AnswerListId")?);
-        for row in &a.rows {
+        while let Some(row) = a_rows.next() {
+            let row = &row?;
             let code = row.fields[c_loinc].trim();
             let Some(ci) = table.index_of(code) else {
                 return Err(a.error(
@@ -332,11 +342,12 @@ pub fn load_loinc_texts(x: &LoincTexts, version: Option<&str>) -> Result<Concept
     }
 
     if let Some((text, hfile)) = &x.hierarchy {
-        let h = parse_csv(text, hfile)?;
+        let (h, mut h_rows) = CsvRows::new(text, hfile)?;
         let c_parent = h.col("IMMEDIATE_PARENT")?;
         let c_code = h.col("CODE")?;
         let c_text = h.col("CODE_TEXT")?;
-        for row in &h.rows {
+        while let Some(row) = h_rows.next() {
+            let row = &row?;
             let code = row.fields[c_code].trim();
             if code.is_empty() {
                 return Err(h.error(row, c_code, "empty CODE"));

@@ -374,6 +374,117 @@ pub struct ConceptTable {
     /// Full-text index answering `search` (attached after loading).
     #[serde(skip)]
     text_index: Option<std::sync::Arc<dyn TextSearcher>>,
+    /// Precomputed IS-A reachability labels (built on first use, dropped by `add`/`link`);
+    /// `None` inside when the IS-A graph has a cycle (subsumption then walks the graph).
+    #[serde(skip)]
+    reach: std::sync::OnceLock<Option<Reachability>>,
+}
+
+/// Traversals of the IS-A DAG used for the reachability labels (each in a different child order).
+const REACH_TRAVERSALS: usize = 3;
+
+/// A precomputed reachability index over the IS-A DAG (GRAIL-style interval labels, Yildirim et al.
+/// 2010, plus the spanning-tree intervals of the same traversals), so subsumption checks need no
+/// materialised transitive closure (whose size on SNOMED CT-shaped DAGs is quadratic) and most
+/// answers take O(1):
+///
+/// For each of `REACH_TRAVERSALS` depth-first traversals from the roots down the children, in a
+/// different child order, every concept gets its post-order rank `post`, the smallest rank among
+/// everything below it `low` (over all children, not just tree children), and the smallest rank of
+/// its spanning-tree subtree `tree_low`. Then for concepts a, b:
+/// - b below a implies `[low(b), post(b)] ⊆ [low(a), post(a)]` in every traversal, so one traversal
+///   without containment proves "not subsumed" (the common answer) in O(1);
+/// - `tree_low(a) <= post(b) <= post(a)` in any traversal proves b is in a's spanning subtree, hence
+///   below a, in O(1);
+/// - otherwise a walk up from b decides, visiting only concepts whose intervals lie inside a's.
+#[derive(Debug, Clone)]
+pub struct Reachability {
+    /// Per concept, per traversal: (low, post, tree_low).
+    labels: Vec<[[u32; 3]; REACH_TRAVERSALS]>,
+}
+
+impl Reachability {
+    /// Builds the labels; `None` when the IS-A links contain a cycle.
+    pub fn build(concepts: &[Concept]) -> Option<Reachability> {
+        let n = concepts.len();
+        let mut labels = vec![[[0u32; 3]; REACH_TRAVERSALS]; n];
+        let mut state = vec![0u8; n]; // 0 unvisited, 1 on the stack, 2 finished
+        let mut stack: Vec<(u32, u32)> = Vec::new();
+        for t in 0..REACH_TRAVERSALS {
+            state.iter_mut().for_each(|s| *s = 0);
+            let mut rank: u32 = 0;
+            // child order of traversal t: as stored, reversed, rotated by a hash of the concept
+            let pick = |v: u32, k: u32, len: u32| -> u32 {
+                match t {
+                    0 => k,
+                    1 => len - 1 - k,
+                    _ => (k + (v.wrapping_mul(2_654_435_761) >> 7) % len) % len,
+                }
+            };
+            let roots: Box<dyn Iterator<Item = u32>> = if t == 1 {
+                Box::new((0..n as u32).rev())
+            } else {
+                Box::new(0..n as u32)
+            };
+            for root in roots {
+                if state[root as usize] != 0 || !concepts[root as usize].parents.is_empty() {
+                    continue;
+                }
+                state[root as usize] = 1;
+                labels[root as usize][t][2] = rank;
+                stack.push((root, 0));
+                while let Some(top) = stack.last_mut() {
+                    let (v, k) = *top;
+                    let children = &concepts[v as usize].children;
+                    let len = children.len() as u32;
+                    if k < len {
+                        top.1 += 1;
+                        let c = children[pick(v, k, len) as usize];
+                        match state[c as usize] {
+                            0 => {
+                                state[c as usize] = 1;
+                                labels[c as usize][t][2] = rank;
+                                stack.push((c, 0));
+                            }
+                            1 => return None, // a cycle
+                            _ => {}
+                        }
+                    } else {
+                        stack.pop();
+                        let post = rank;
+                        rank += 1;
+                        let low = children
+                            .iter()
+                            .map(|c| labels[*c as usize][t][0])
+                            .fold(post, u32::min);
+                        let l = &mut labels[v as usize][t];
+                        l[0] = low;
+                        l[1] = post;
+                        state[v as usize] = 2;
+                    }
+                }
+            }
+            // a concept not reached from any root lies on a cycle
+            if state.iter().any(|s| *s != 2) {
+                return None;
+            }
+        }
+        Some(Reachability { labels })
+    }
+
+    /// Whether `b` may be below (or be) `a`: false proves it is not.
+    #[inline]
+    pub fn may_be_below(&self, a: u32, b: u32) -> bool {
+        let (la, lb) = (&self.labels[a as usize], &self.labels[b as usize]);
+        (0..REACH_TRAVERSALS).all(|t| la[t][0] <= lb[t][0] && lb[t][1] <= la[t][1])
+    }
+
+    /// Whether `b` is certainly below (or is) `a` (in a spanning subtree of `a`).
+    #[inline]
+    pub fn surely_below(&self, a: u32, b: u32) -> bool {
+        let (la, lb) = (&self.labels[a as usize], &self.labels[b as usize]);
+        (0..REACH_TRAVERSALS).any(|t| la[t][2] <= lb[t][1] && lb[t][1] <= la[t][1])
+    }
 }
 
 impl ConceptTable {
@@ -401,6 +512,9 @@ impl ConceptTable {
             return i;
         }
         let i = self.concepts.len() as u32;
+        if self.reach.get().is_some() {
+            self.reach = std::sync::OnceLock::new();
+        }
         self.index.insert(concept.code.clone(), i);
         self.lower_index
             .entry(concept.code.to_lowercase())
@@ -419,6 +533,9 @@ impl ConceptTable {
             return;
         }
         if !self.concepts[c].parents.contains(&parent) {
+            if self.reach.get().is_some() {
+                self.reach = std::sync::OnceLock::new();
+            }
             self.concepts[c].parents.push(parent);
             self.concepts[p].children.push(child);
         }
@@ -433,6 +550,7 @@ impl ConceptTable {
             .map(|(i, c)| (c.code.clone(), i as u32))
             .collect();
         self.lower_index = HashMap::new();
+        self.reach = std::sync::OnceLock::new();
         for (i, c) in self.concepts.iter().enumerate() {
             self.lower_index
                 .entry(c.code.to_lowercase())
@@ -498,9 +616,46 @@ impl ConceptTable {
         out
     }
 
-    /// Whether `anc` is a proper ancestor of `i`: a depth-first walk up the IS-A links that stops
-    /// as soon as `anc` is reached (subsumption without materialising the ancestor set).
+    /// The IS-A reachability index, built on first use (see `Reachability`); `None` when the
+    /// IS-A links have a cycle.
+    pub fn reachability(&self) -> Option<&Reachability> {
+        self.reach
+            .get_or_init(|| Reachability::build(&self.concepts))
+            .as_ref()
+    }
+
+    /// Whether `anc` is a proper ancestor of `i`, through the reachability index: O(1) for most
+    /// answers, otherwise a walk up from `i` pruned to the concepts whose labels lie inside
+    /// `anc`'s.
     pub fn has_ancestor(&self, i: u32, anc: u32) -> bool {
+        if i == anc {
+            return false;
+        }
+        let Some(r) = self.reachability() else {
+            return self.has_ancestor_walk(i, anc);
+        };
+        if !r.may_be_below(anc, i) {
+            return false;
+        }
+        if r.surely_below(anc, i) {
+            return true;
+        }
+        let mut seen: HashSet<u32> = HashSet::new();
+        let mut todo: Vec<u32> = self.concepts[i as usize].parents.clone();
+        while let Some(p) = todo.pop() {
+            if p == anc || r.surely_below(anc, p) {
+                return true;
+            }
+            if r.may_be_below(anc, p) && seen.insert(p) {
+                todo.extend(self.concepts[p as usize].parents.iter());
+            }
+        }
+        false
+    }
+
+    /// `has_ancestor` without the index: a depth-first walk up the IS-A links that stops as soon
+    /// as `anc` is reached (used when the links have a cycle, and as the tests' reference).
+    pub fn has_ancestor_walk(&self, i: u32, anc: u32) -> bool {
         let mut seen: HashSet<u32> = HashSet::new();
         let mut todo: Vec<u32> = self.concepts[i as usize].parents.clone();
         while let Some(p) = todo.pop() {
@@ -872,6 +1027,70 @@ mod tests {
         assert_eq!(t.subsumes("C", "A"), Some(Subsumption::SubsumedBy));
         assert_eq!(t.subsumes("C", "D"), Some(Subsumption::NotSubsumed));
         assert_eq!(t.subsumes("C", "Z"), None);
+    }
+
+    /// A pseudo-random DAG shaped like the synthetic SNOMED CT release: each concept gets 1–3
+    /// parents among the earlier ones (several roots).
+    fn random_dag(n: u32, seed: u64) -> ConceptTable {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut t = ConceptTable::new("http://example.org/dag", None);
+        for i in 0..n {
+            t.add(Concept::new(format!("c{i}"), None));
+        }
+        for i in 3..n {
+            for _ in 0..1 + next() % 3 {
+                let p = (next() % i as u64) as u32;
+                t.link(p, i);
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn reachability_index_agrees_with_the_walk_on_every_pair() {
+        for seed in [1u64, 7, 42] {
+            let t = random_dag(200, seed);
+            assert!(t.reachability().is_some());
+            let mut positives = 0;
+            for a in 0..200u32 {
+                for b in 0..200u32 {
+                    let want = t.has_ancestor_walk(b, a);
+                    assert_eq!(t.has_ancestor(b, a), want, "seed {seed}: {a} above {b}");
+                    positives += want as usize;
+                }
+            }
+            // the DAG is not trivial: both answers occur many times
+            assert!(positives > 500, "{positives}");
+            assert!(positives < 200 * 199 / 2, "{positives}");
+        }
+        // subsumption through the index on the small table
+        let t = table();
+        assert_eq!(t.subsumes("A", "C"), Some(Subsumption::Subsumes));
+        assert_eq!(t.subsumes("B", "D"), Some(Subsumption::NotSubsumed));
+    }
+
+    #[test]
+    fn reachability_is_rebuilt_after_a_new_link_and_absent_on_a_cycle() {
+        let mut t = table();
+        assert!(!t.has_ancestor(t.index_of("D").unwrap(), t.index_of("B").unwrap()));
+        let (b, d) = (t.index_of("B").unwrap(), t.index_of("D").unwrap());
+        t.link(b, d);
+        assert!(
+            t.has_ancestor(d, b),
+            "the index built before the link was dropped"
+        );
+        // C -> A closes a cycle A > B > C > A: no index, the walk answers
+        let (a, c) = (t.index_of("A").unwrap(), t.index_of("C").unwrap());
+        t.link(c, a);
+        assert!(t.reachability().is_none());
+        assert!(t.has_ancestor(a, c));
+        assert!(t.has_ancestor(d, a));
     }
 
     #[test]

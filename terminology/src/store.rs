@@ -120,6 +120,8 @@ impl TerminologyStore {
                 message: e.to_string(),
             })?;
         t.reindex();
+        // the IS-A reachability labels are built here, not on the first `$subsumes`
+        t.reachability();
         Ok(Some(t))
     }
 

@@ -284,135 +284,198 @@ impl<'a> TsvRows<'a> {
     }
 }
 
-/// Comma-separated with RFC 4180 quoting (`"…"`, `""` escapes, quoted newlines), header row.
-pub fn parse_csv(text: &str, file: &str) -> Result<Table, FileError> {
-    let text = text.trim_start_matches('\u{feff}');
-    let mut records: Vec<Row> = Vec::new();
-    let mut fields: Vec<String> = Vec::new();
-    let mut field = String::new();
-    let mut line = 1usize;
-    let mut col = 1usize;
-    let mut rec_line = 1usize;
-    let mut in_quotes = false;
-    let mut quoted_field = false;
-    let mut chars = text.chars().peekable();
-    let err = |line: usize, column: usize, m: &str| FileError {
-        file: file.into(),
-        line,
-        column,
-        message: m.into(),
-    };
-    let mut quote_start = (0, 0);
-    while let Some(c) = chars.next() {
-        if in_quotes {
-            match c {
-                '"' if chars.peek() == Some(&'"') => {
-                    chars.next();
-                    field.push('"');
-                    col += 2;
+/// A streaming reader of a comma-separated text with RFC 4180 quoting (`"…"`, `""` escapes,
+/// quoted newlines) and a header row: one record is materialised at a time, so a LOINC table of
+/// 100,000 rows × 40 columns is never held as millions of `String`s.
+pub struct CsvRows<'a> {
+    chars: std::iter::Peekable<std::str::Chars<'a>>,
+    file: String,
+    width: usize,
+    line: usize,
+    rows: usize,
+    done: bool,
+}
+
+impl<'a> CsvRows<'a> {
+    /// Reads the header row; returns it as a `Table` without rows (for `col`/`opt_col`/`error`)
+    /// and the reader of the data rows.
+    pub fn new(text: &'a str, file: &str) -> Result<(Table, CsvRows<'a>), FileError> {
+        let text = text.trim_start_matches('\u{feff}');
+        let mut r = CsvRows {
+            chars: text.chars().peekable(),
+            file: file.into(),
+            width: 0,
+            line: 1,
+            rows: 0,
+            done: false,
+        };
+        let header = match r.record()? {
+            Some(h) => h,
+            None => {
+                return Err(FileError {
+                    file: file.into(),
+                    line: 1,
+                    column: 1,
+                    message: "empty file: no header row".into(),
+                })
+            }
+        };
+        r.width = header.fields.len();
+        let columns = header
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.trim().to_string(), i))
+            .collect();
+        Ok((
+            Table {
+                file: file.into(),
+                columns,
+                rows: Vec::new(),
+            },
+            r,
+        ))
+    }
+
+    /// The next data row; `None` at the end of the file.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<Result<Row, FileError>> {
+        match self.record() {
+            Ok(Some(r)) if r.fields.len() != self.width => Some(Err(FileError {
+                file: self.file.clone(),
+                line: r.line,
+                column: r.fields.len().min(self.width) + 1,
+                message: format!(
+                    "expected {} comma-separated fields, found {}",
+                    self.width,
+                    r.fields.len()
+                ),
+            })),
+            Ok(Some(r)) => {
+                self.rows += 1;
+                Some(Ok(r))
+            }
+            Ok(None) => {
+                if !self.done {
+                    self.done = true;
+                    progress(&format!("{}: {} rows", short_name(&self.file), self.rows));
                 }
-                '"' => {
-                    in_quotes = false;
-                    col += 1;
-                    match chars.peek() {
-                        None | Some(',') | Some('\n') | Some('\r') => {}
-                        Some(_) => {
-                            return Err(err(line, col, "unexpected character after closing quote"))
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The next record (blank lines skipped), header included.
+    fn record(&mut self) -> Result<Option<Row>, FileError> {
+        let mut fields: Vec<String> = Vec::new();
+        let mut field = String::new();
+        let mut col = 1usize;
+        let mut rec_line = self.line;
+        let mut in_quotes = false;
+        let mut quoted_field = false;
+        let mut quote_start = (0, 0);
+        let file = &self.file;
+        let err = |line: usize, column: usize, m: &str| FileError {
+            file: file.clone(),
+            line,
+            column,
+            message: m.into(),
+        };
+        while let Some(c) = self.chars.next() {
+            if in_quotes {
+                match c {
+                    '"' if self.chars.peek() == Some(&'"') => {
+                        self.chars.next();
+                        field.push('"');
+                        col += 2;
+                    }
+                    '"' => {
+                        in_quotes = false;
+                        col += 1;
+                        match self.chars.peek() {
+                            None | Some(',') | Some('\n') | Some('\r') => {}
+                            Some(_) => {
+                                return Err(err(
+                                    self.line,
+                                    col,
+                                    "unexpected character after closing quote",
+                                ))
+                            }
                         }
                     }
+                    '\n' => {
+                        field.push('\n');
+                        self.line += 1;
+                        col = 1;
+                    }
+                    _ => {
+                        field.push(c);
+                        col += 1;
+                    }
                 }
+                continue;
+            }
+            match c {
+                '"' if field.is_empty() && !quoted_field => {
+                    in_quotes = true;
+                    quoted_field = true;
+                    quote_start = (self.line, col);
+                    col += 1;
+                }
+                '"' => return Err(err(self.line, col, "quote inside an unquoted field")),
+                ',' => {
+                    fields.push(std::mem::take(&mut field));
+                    quoted_field = false;
+                    col += 1;
+                }
+                '\r' => {}
                 '\n' => {
-                    field.push('\n');
-                    line += 1;
+                    fields.push(std::mem::take(&mut field));
+                    quoted_field = false;
+                    self.line += 1;
                     col = 1;
+                    if !(fields.len() == 1 && fields[0].is_empty()) {
+                        return Ok(Some(Row {
+                            line: rec_line,
+                            fields,
+                        }));
+                    }
+                    fields.clear();
+                    rec_line = self.line;
                 }
                 _ => {
                     field.push(c);
                     col += 1;
                 }
             }
-            continue;
         }
-        match c {
-            '"' if field.is_empty() && !quoted_field => {
-                in_quotes = true;
-                quoted_field = true;
-                quote_start = (line, col);
-                col += 1;
-            }
-            '"' => return Err(err(line, col, "quote inside an unquoted field")),
-            ',' => {
-                fields.push(std::mem::take(&mut field));
-                quoted_field = false;
-                col += 1;
-            }
-            '\r' => {}
-            '\n' => {
-                fields.push(std::mem::take(&mut field));
-                quoted_field = false;
-                if !(fields.len() == 1 && fields[0].is_empty()) {
-                    records.push(Row {
-                        line: rec_line,
-                        fields: std::mem::take(&mut fields),
-                    });
-                } else {
-                    fields.clear();
-                }
-                line += 1;
-                col = 1;
-                rec_line = line;
-            }
-            _ => {
-                field.push(c);
-                col += 1;
-            }
-        }
-    }
-    if in_quotes {
-        return Err(err(
-            quote_start.0,
-            quote_start.1,
-            "unterminated quoted field",
-        ));
-    }
-    if !field.is_empty() || !fields.is_empty() || quoted_field {
-        fields.push(field);
-        records.push(Row {
-            line: rec_line,
-            fields,
-        });
-    }
-    let mut it = records.into_iter();
-    let header = it
-        .next()
-        .ok_or_else(|| err(1, 1, "empty file: no header row"))?;
-    let n = header.fields.len();
-    let columns = header
-        .fields
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (h.trim().to_string(), i))
-        .collect();
-    let mut rows = Vec::new();
-    for r in it {
-        if r.fields.len() != n {
+        if in_quotes {
             return Err(err(
-                r.line,
-                r.fields.len().min(n) + 1,
-                &format!(
-                    "expected {n} comma-separated fields, found {}",
-                    r.fields.len()
-                ),
+                quote_start.0,
+                quote_start.1,
+                "unterminated quoted field",
             ));
         }
-        rows.push(r);
+        if !field.is_empty() || !fields.is_empty() || quoted_field {
+            fields.push(field);
+            return Ok(Some(Row {
+                line: rec_line,
+                fields,
+            }));
+        }
+        Ok(None)
     }
-    progress(&format!("{}: {} rows", short_name(file), rows.len()));
-    Ok(Table {
-        file: file.into(),
-        columns,
-        rows,
-    })
+}
+
+/// Comma-separated with RFC 4180 quoting, header row: every row materialised (small files; the
+/// large LOINC files are read with `CsvRows`).
+pub fn parse_csv(text: &str, file: &str) -> Result<Table, FileError> {
+    let (mut table, mut rows) = CsvRows::new(text, file)?;
+    while let Some(r) = rows.next() {
+        table.rows.push(r?);
+    }
+    Ok(table)
 }
 
 /// Every file under `dir` (recursively) whose name starts with `prefix`, sorted by path.
@@ -467,6 +530,28 @@ mod tests {
         assert!(e.message.contains("unterminated"));
         let e = parse_csv("A,B\n1,2\"x\n", "f.csv").unwrap_err();
         assert_eq!((e.line, e.column), (2, 4));
+    }
+
+    #[test]
+    fn csv_rows_stream_one_record_at_a_time() {
+        let text = "\u{feff}A,B\n\n1,\"two\nlines\"\n3,4\n5\n6,7\n";
+        let (t, mut rows) = CsvRows::new(text, "s.csv").unwrap();
+        assert_eq!((t.col("A").unwrap(), t.col("B").unwrap()), (0, 1));
+        assert!(t.rows.is_empty());
+        assert!(t.col("C").unwrap_err().message.contains("'C'"));
+        let r = rows.next().unwrap().unwrap();
+        assert_eq!(
+            (r.line, r.fields.clone()),
+            (3, vec!["1".to_string(), "two\nlines".into()])
+        );
+        let r = rows.next().unwrap().unwrap();
+        assert_eq!((r.line, r.fields[1].as_str()), (5, "4"));
+        // a short row is an error at its own line; reading goes on after it
+        let e = rows.next().unwrap().unwrap_err();
+        assert_eq!((e.line, e.column, e.file.as_str()), (6, 2, "s.csv"));
+        assert_eq!(rows.next().unwrap().unwrap().fields[0], "6");
+        assert!(rows.next().is_none());
+        assert!(CsvRows::new("\n\n", "e.csv").is_err());
     }
 
     #[test]

@@ -136,6 +136,68 @@ fn main() {
                 "{name}: subsumes over 1,000 pairs: p50 {:?}, p99 {:?}",
                 times[500], times[990]
             );
+            // building the IS-A reachability labels happened in the reload above; time it alone
+            let tr = Instant::now();
+            let labels = kiln_terminology::provider::Reachability::build(&table.concepts);
+            println!(
+                "{name}: reachability labels built in {:?} ({})",
+                tr.elapsed(),
+                if labels.is_some() {
+                    "acyclic"
+                } else {
+                    "cycle: walk used"
+                }
+            );
+            // pairs that do subsume: an ancestor found by climbing 1-8 random parent links
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut pairs = Vec::new();
+            while pairs.len() < 1000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = (x % table.len() as u64) as usize;
+                let mut a = b;
+                for step in 0..1 + (x >> 40) % 8 {
+                    let ps = &table.concepts[a].parents;
+                    if ps.is_empty() {
+                        break;
+                    }
+                    a = ps[((x >> (step * 3)) % ps.len() as u64) as usize] as usize;
+                }
+                if a != b {
+                    pairs.push((a, b));
+                }
+            }
+            let mut found = 0;
+            let mut times: Vec<std::time::Duration> = pairs
+                .iter()
+                .map(|(a, b)| {
+                    let (a, b) = (&table.concepts[*a].code, &table.concepts[*b].code);
+                    let t = Instant::now();
+                    let s = table.subsumes(a, b);
+                    let e = t.elapsed();
+                    found += (s == Some(kiln_terminology::Subsumption::Subsumes)) as usize;
+                    e
+                })
+                .collect();
+            times.sort();
+            println!(
+                "{name}: subsumes over 1,000 ancestor/descendant pairs: {found} subsumes, p50 {:?}, p99 {:?}",
+                times[500], times[990]
+            );
+            let mut times: Vec<std::time::Duration> = (0..1000usize)
+                .map(|k| {
+                    let c = &codes[(k * 7919) % codes.len()];
+                    let t = Instant::now();
+                    let _ = table.lookup(c);
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            println!(
+                "{name}: lookup (concept clone) over 1,000 codes: p50 {:?}, p99 {:?}",
+                times[500], times[990]
+            );
             let t4 = Instant::now();
             let n = table
                 .filter("concept", "is-a", first)
