@@ -405,6 +405,7 @@ pub struct Reachability {
 
 impl Reachability {
     /// Builds the labels; `None` when the IS-A links contain a cycle.
+    #[allow(clippy::needless_range_loop)] // `t` indexes the inner array of every concept's labels
     pub fn build(concepts: &[Concept]) -> Option<Reachability> {
         let n = concepts.len();
         let mut labels = vec![[[0u32; 3]; REACH_TRAVERSALS]; n];
