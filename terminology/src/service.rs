@@ -3143,7 +3143,25 @@ impl<'a> Ctx<'a> {
             out.push(p_str("definition", "String", d));
         }
         out.push(p_bool("abstract", c.not_selectable));
-        for d in &c.designations {
+        // the display itself is the preferred designation in the code system's language
+        let mut designations = c.designations.clone();
+        if let (Some(cs_lang), Some(disp)) = (provider.language(), &c.display) {
+            if !designations
+                .iter()
+                .any(|d| &d.value == disp && d.language.as_deref() == Some(cs_lang))
+            {
+                designations.push(Designation {
+                    language: Some(cs_lang.to_string()),
+                    use_system: Some(
+                        "http://terminology.hl7.org/CodeSystem/hl7TermMaintInfra".into(),
+                    ),
+                    use_code: Some("preferredForLanguage".into()),
+                    use_display: Some("Preferred For Language".into()),
+                    value: disp.clone(),
+                });
+            }
+        }
+        for d in &designations {
             let mut parts = Vec::new();
             if let Some(l) = &d.language {
                 parts.push(p_str("language", "Code", l));
