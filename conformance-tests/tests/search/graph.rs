@@ -1,9 +1,9 @@
 //! Chains, reverse chains (`_has`), `_filter`, `_include` / `_revinclude` (`:iterate`, `*`),
 //! system-level (`_type`) and compartment search against the fixture.
 
-use kiln_conformance_tests::{backend_tests, TestServer};
+use kiln_conformance_tests::{backend_tests, entries, TestServer};
 
-use super::fixture::{load, Checker};
+use super::fixture::{load, match_ids, mode_refs, Checker};
 
 backend_tests!(
     chained_parameters,
@@ -316,6 +316,61 @@ async fn includes_and_revincludes(srv: &TestServer) {
         &["List/l1"],
     )
     .await;
+    // :iterate stops when nothing new turns up
+    c.with_includes(
+        "Organization?_id=org2&_include:iterate=Organization:partof",
+        &["org2"],
+        &["Organization/org1"],
+    )
+    .await;
+    // includes belong to the page: each page carries the includes of its own matches
+    c.with_includes(
+        "MedicationRequest?_include=MedicationRequest:patient&_count=1&_sort=authoredon",
+        &["mr2"],
+        &["Patient/p3"],
+    )
+    .await;
+    if let Some(first) = c
+        .search("MedicationRequest?_include=MedicationRequest:patient&_count=1&_sort=authoredon")
+        .await
+    {
+        let pages = srv.all_pages(&first, 5).await;
+        let second = pages.get(1).cloned().unwrap_or_default();
+        let got = (match_ids(&second), mode_refs(&second, "include"));
+        c.check(
+            got == (vec!["mr1".to_string()], vec!["Patient/p1".to_string()]),
+            || format!("page 2 of an _include search: {got:?}"),
+        );
+    }
+    // matches keep their sort order; includes follow them
+    if let Some(b) = c
+        .search("Observation?code=2339-0&_sort=-value-quantity&_include=Observation:patient")
+        .await
+    {
+        let modes: Vec<String> = entries(&b)
+            .iter()
+            .map(|e| e["search"]["mode"].as_str().unwrap_or("").to_string())
+            .collect();
+        c.check(
+            match_ids(&b) == ["o5", "o4", "o3", "o6"]
+                && modes == ["match", "match", "match", "match", "include", "include"],
+            || {
+                format!(
+                    "sorted matches then includes: {:?} {modes:?}",
+                    match_ids(&b)
+                )
+            },
+        );
+    }
+    // _summary=count counts matches only
+    if let Some(b) = c
+        .search("Patient?_id=p1,p2&_revinclude=Observation:subject&_summary=count")
+        .await
+    {
+        c.check(b["total"] == 2 && entries(&b).is_empty(), || {
+            format!("_summary=count with _revinclude: {b}")
+        });
+    }
     c.finish();
 }
 
