@@ -906,6 +906,74 @@ impl SearchEngine {
         if let Some(n) = &next {
             links.push(json!({"relation": "next", "url": link(Some(n))}));
         }
+        let passthrough =
+            query.summary.is_none() && query.elements.is_empty() && access.grant().is_none();
+        if passthrough {
+            // nothing to cut or filter: the stored JSON goes into the Bundle text as it is,
+            // without parsing and re-serialising every resource (a `_revinclude` page carries
+            // ~1,400 resources, 1.3 MB)
+            let mut bundle = json!({
+                "resourceType": "Bundle",
+                "id": uuid::Uuid::new_v4().to_string(),
+                "meta": {"lastUpdated": kiln_store::format_instant(kiln_store::now_micros())},
+                "type": "searchset",
+            });
+            if let Some(t) = total {
+                bundle["total"] = json!(t);
+            }
+            bundle["link"] = Value::Array(links);
+            let head = serde_json::to_string(&bundle)
+                .map_err(|e| FhirError::internal(format!("cannot serialise the Bundle: {e}")))?;
+            let n = matches.len() + included.len() + usize::from(!query.warnings.is_empty());
+            if n == 0 {
+                return Ok(FhirResponse::ok(Body::StoredJson(head)));
+            }
+            let size: usize = matches
+                .iter()
+                .chain(included.iter())
+                .map(|s| s.content.len() + 120)
+                .sum();
+            let mut out = String::with_capacity(head.len() + size + 16);
+            // `head` is a JSON object: its closing brace is the last byte
+            out.push_str(&head[..head.len() - 1]);
+            out.push_str(",\"entry\":[");
+            let mut first = true;
+            for (stored, mode) in matches
+                .iter()
+                .map(|s| (s, "match"))
+                .chain(included.iter().map(|s| (s, "include")))
+            {
+                if !first {
+                    out.push(',');
+                }
+                first = false;
+                let full_url = Value::String(format!(
+                    "{}/{}/{}",
+                    state.base_url, stored.resource_type, stored.id
+                ));
+                out.push_str("{\"fullUrl\":");
+                out.push_str(&full_url.to_string());
+                out.push_str(",\"resource\":");
+                out.push_str(stored.content.trim());
+                out.push_str(",\"search\":{\"mode\":\"");
+                out.push_str(mode);
+                out.push_str("\"}}");
+            }
+            if !query.warnings.is_empty() {
+                if !first {
+                    out.push(',');
+                }
+                out.push_str(
+                    &json!({
+                        "resource": kiln_fhir::operation_outcome(&query.warnings),
+                        "search": {"mode": "outcome"},
+                    })
+                    .to_string(),
+                );
+            }
+            out.push_str("]}");
+            return Ok(FhirResponse::ok(Body::StoredJson(out)));
+        }
         let mut entries = Vec::with_capacity(matches.len() + included.len());
         for (stored, mode) in matches
             .into_iter()
