@@ -95,12 +95,20 @@ pub struct SearchEngine {
     indexer: Arc<SearchIndexer>,
     /// The official parameters, the base every reload of the custom ones starts from.
     official: Arc<Registry>,
-    /// (count, newest lastUpdated) of the stored SearchParameter resources the registry was
-    /// last built from.
-    custom_fingerprint: std::sync::Mutex<Option<(i64, i64)>>,
+    /// What the registry's custom part was built from.
+    custom: std::sync::Mutex<CustomState>,
     /// The terminology service and the server's base URL, for the token modifiers that need
     /// them (set once by [`AppState`]).
     terminology: std::sync::OnceLock<(Arc<crate::terminology::TerminologyService>, String)>,
+}
+
+/// The stored SearchParameters the registry reflects.
+#[derive(Default)]
+struct CustomState {
+    /// (count including deleted, newest `lastUpdated`, sum of versions)
+    fingerprint: Option<(i64, i64, i64)>,
+    /// stored SearchParameter id → its `url` as registered
+    urls: std::collections::HashMap<String, String>,
 }
 
 /// Where stored resources are read from while resolving a search: the store's readers, or the
@@ -219,7 +227,7 @@ impl SearchEngine {
             }),
             registry,
             official,
-            custom_fingerprint: std::sync::Mutex::new(None),
+            custom: Default::default(),
             terminology: std::sync::OnceLock::new(),
         }
     }
@@ -234,60 +242,127 @@ impl SearchEngine {
         let _ = self.terminology.set((terminology, base_url));
     }
 
-    /// Rebuilds the registry from the official parameters plus every stored SearchParameter
-    /// resource, when those changed since the last call (a count + newest-`lastUpdated`
-    /// fingerprint, one indexed query). Runs at start, after writes that may touch
+    /// Brings the registry up to date with the stored SearchParameter resources when they changed
+    /// since the last call (fingerprint: count, newest `lastUpdated`, sum of versions; one
+    /// query). New and updated ones are added incrementally (one query for the rows changed
+    /// since); a deletion, a changed `url` or counts that do not add up rebuild it from the
+    /// official parameters plus every stored one. Runs at start, after writes that may touch
     /// SearchParameters, before `$reindex`, and periodically so every node of a shared
     /// PostgreSQL database converges. Returns whether the registry changed.
     pub async fn refresh_custom_parameters(&self, store: &kiln_store::Store) -> FhirResult<bool> {
         let rows = store
             .query_rows(
-                "SELECT COUNT(*), MAX(last_updated) FROM resources WHERE res_type = 'SearchParameter'",
+                "SELECT COUNT(*), MAX(last_updated), CAST(SUM(version) AS BIGINT) FROM resources WHERE res_type = 'SearchParameter'",
                 &[],
             )
             .await?;
-        let first = rows.first();
-        let fp = (
-            first
-                .and_then(|r| r.first())
+        let col = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i))
                 .and_then(SqlValue::as_i64)
-                .unwrap_or(0),
-            first
-                .and_then(|r| r.get(1))
-                .and_then(SqlValue::as_i64)
-                .unwrap_or(0),
-        );
-        if *lock(&self.custom_fingerprint) == Some(fp) {
+                .unwrap_or(0)
+        };
+        let fp = (col(0), col(1), col(2));
+        let (old_fp, known) = {
+            let st = lock(&self.custom);
+            (st.fingerprint, st.urls.clone())
+        };
+        if old_fp == Some(fp) {
             return Ok(false);
+        }
+        if let Some(old) = old_fp {
+            // incremental: only what was written since the newest version seen
+            let rows = store
+                .query_rows(
+                    "SELECT res_id, deleted, content FROM resources WHERE res_type = 'SearchParameter' AND last_updated > $1 ORDER BY last_updated",
+                    &[SqlValue::Int(old.1)],
+                )
+                .await?;
+            let mut changed = Vec::new();
+            let mut new_ids = 0;
+            let mut incremental = !rows.is_empty();
+            for r in &rows {
+                let id = r.first().and_then(SqlValue::as_str).unwrap_or("");
+                let deleted = r.get(1).and_then(SqlValue::as_i64).unwrap_or(0) != 0;
+                let sp = r
+                    .get(2)
+                    .and_then(SqlValue::as_str)
+                    .and_then(|c| serde_json::from_str::<Value>(c).ok());
+                let Some(sp) = sp.filter(|_| !deleted) else {
+                    incremental = false;
+                    break;
+                };
+                let url = sp
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                match known.get(id) {
+                    Some(u) if *u != url => {
+                        incremental = false;
+                        break;
+                    }
+                    Some(_) => {}
+                    None => new_ids += 1,
+                }
+                changed.push((id.to_string(), url, sp));
+            }
+            if incremental && old.0 + new_ids == fp.0 {
+                let mut st = lock(&self.custom);
+                {
+                    let mut reg = match self.registry.write() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    for (id, url, sp) in changed {
+                        if let Err(e) = reg.add_custom(&sp) {
+                            tracing::warn!("SearchParameter {url} not usable for search: {e}");
+                        }
+                        st.urls.insert(id, url);
+                    }
+                }
+                st.fingerprint = Some(fp);
+                return Ok(true);
+            }
         }
         let rows = store
             .query_rows(
-                "SELECT content FROM resources WHERE res_type = 'SearchParameter' AND deleted = 0 ORDER BY rid",
+                "SELECT res_id, content FROM resources WHERE res_type = 'SearchParameter' AND deleted = 0 ORDER BY rid",
                 &[],
             )
             .await?;
         let mut reg = (*self.official).clone();
-        let mut n = 0;
-        for content in rows
-            .iter()
-            .filter_map(|r| r.first().and_then(SqlValue::as_str))
-        {
+        let mut urls = std::collections::HashMap::new();
+        for r in &rows {
+            let (Some(id), Some(content)) = (
+                r.first().and_then(SqlValue::as_str),
+                r.get(1).and_then(SqlValue::as_str),
+            ) else {
+                continue;
+            };
             let Ok(sp) = serde_json::from_str::<Value>(content) else {
                 continue;
             };
-            match reg.add_custom(&sp) {
-                Ok(()) => n += 1,
-                Err(e) => {
-                    let url = sp.get("url").and_then(Value::as_str).unwrap_or("?");
-                    tracing::warn!("SearchParameter {url} not usable for search: {e}")
-                }
+            let url = sp
+                .get("url")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if let Err(e) = reg.add_custom(&sp) {
+                tracing::warn!("SearchParameter {url} not usable for search: {e}");
             }
+            urls.insert(id.to_string(), url);
         }
-        match self.registry.write() {
-            Ok(mut g) => *g = reg,
-            Err(p) => *p.into_inner() = reg,
+        let n = urls.len();
+        {
+            let mut st = lock(&self.custom);
+            match self.registry.write() {
+                Ok(mut g) => *g = reg,
+                Err(p) => *p.into_inner() = reg,
+            }
+            st.fingerprint = Some(fp);
+            st.urls = urls;
         }
-        *lock(&self.custom_fingerprint) = Some(fp);
         tracing::info!(custom = n, "search parameter registry rebuilt");
         Ok(true)
     }
