@@ -1,11 +1,13 @@
 // Drives Debian's headless Chromium through SMART standalone launches against a running Kiln, like
 // a user: the app's launch page (SMART's JS `fhirclient`) → Kiln's login page (a wrong password
-// first, then the right one) → patient picker (when shown) → consent page (one scope un-ticked) →
+// first, then the right one) → patient picker (when shown) → encounter picker (when shown) → consent page (one scope un-ticked) →
 // the app's page, which completes the launch with PKCE and reads the patient.
 //
 // Usage: node smart_app_launch.mjs <config.json>
 // config: { chromium, kilnBase, appBase, flows: [{ name, clientId, scope, username, password,
-//           wrongPassword, pickPatient, untick, probes, ehrLaunch }] }
+//           wrongPassword, searchPatient, pickPatient, pickEncounter, untick, probes, ehrLaunch }] }
+// `searchPatient` types a name into the picker's search box first; `pickEncounter` answers the
+// standalone encounter picker (`launch/encounter`).
 // A flow with `ehrLaunch` ({client_id, patient, encounter}) signs in at Kiln first and starts an
 // EHR launch from Kiln's /auth/ehr-launch (the app's registered launch_uri carries its settings).
 // Prints one JSON object (the observations of every flow) on stdout; the Rust test asserts on it.
@@ -136,11 +138,25 @@ async function runFlow(browser, flow, out) {
     await signIn(page, flow);
   }
 
-  // 2. Patient picker, if Kiln shows one; then the consent page.
-  await page.waitForURL((u) => /\/auth\/(select-patient|consent)/.test(u.href));
+  // 2. Patient picker, if Kiln shows one (searched by name when the flow says so); then the
+  // encounter picker (standalone launch/encounter), if shown; then the consent page.
+  await page.waitForURL((u) => /\/auth\/(select-patient|select-encounter|consent)/.test(u.href));
   if (page.url().includes("/auth/select-patient")) {
     out.pages.picker = await page.evaluate(audit);
+    if (flow.searchPatient) {
+      await page.getByLabel("Search patients by name or identifier").fill(flow.searchPatient);
+      await page.getByRole("button", { name: "Search" }).click();
+      await page.waitForURL((u) => u.searchParams.get("q") === flow.searchPatient);
+      out.pages.pickerSearch = await page.evaluate(audit);
+    }
     await page.getByRole("radio", { name: new RegExp(flow.pickPatient) }).check();
+    await page.getByRole("button", { name: "Continue" }).click();
+    await page.waitForURL((u) => /\/auth\/(select-encounter|consent)/.test(u.href));
+  }
+  if (page.url().includes("/auth/select-encounter")) {
+    out.pages.encounterPicker = await page.evaluate(audit);
+    if (!flow.pickEncounter) throw new Error("encounter picker shown, nothing to pick");
+    await page.getByRole("radio", { name: new RegExp(flow.pickEncounter) }).check();
     await page.getByRole("button", { name: "Continue" }).click();
     await page.waitForURL((u) => u.href.includes("/auth/consent"));
   }

@@ -3,7 +3,8 @@
 //! * **JS `fhirclient`** (npm, browser build) in Debian's headless Chromium, driven by
 //!   `conformance-tests/browser/smart_app_launch.mjs` (playwright-core): the app's launch page
 //!   calls `FHIR.oauth2.authorize` (standalone, PKCE S256), a user types into Kiln's login page
-//!   (a wrong password first), picks a patient when the picker shows, un-ticks one scope on the
+//!   (a wrong password first), searches the patient picker by name and picks a patient, picks an
+//!   encounter on the standalone encounter picker (`launch/encounter`), un-ticks one scope on the
 //!   consent page, and the app's page calls `FHIR.oauth2.ready()` + `client.patient.read()`.
 //!   A third flow is an EHR launch: the user signs in to Kiln and launches the app from
 //!   `/auth/ehr-launch`, which opens the app's `launch_uri` with `iss` and `launch`.
@@ -241,13 +242,17 @@ async fn js_fhirclient(backend: Backend) {
     .expect("register the EHR-launched JS app");
     let flows = json!([
         {
-            // a practitioner: wrong password first, the patient picker, Observation un-ticked
+            // a practitioner: wrong password first, the patient picker searched by name, the
+            // encounter picker, Observation un-ticked
             "name": "practitioner",
             "clientId": client_id,
-            "scope": "launch/patient openid fhirUser online_access patient/Patient.read patient/Observation.read patient/Condition.read",
+            "scope": "launch/patient launch/encounter openid fhirUser online_access patient/Patient.read patient/Encounter.read patient/Observation.read patient/Condition.read",
             "username": "doc", "password": "doctor-password-1",
             "wrongPassword": true,
+            // the picker searched by name, then the standalone encounter picker
+            "searchPatient": "Blackw",
             "pickPatient": NAME_B,
+            "pickEncounter": "bbbb-enc",
             "untick": "patient/Observation.read",
             "probes": ["Observation?patient={patient}", "Condition?patient={patient}"],
         },
@@ -410,6 +415,65 @@ async fn js_fhirclient(backend: Backend) {
             format!("{}", doc["pages"]["picker"]),
         ),
     );
+    let search = &doc["pages"]["pickerSearch"];
+    rep.record(
+        "picker: searched by name (q=Blackw), the patient found by name",
+        ensure(
+            search["url"]
+                .as_str()
+                .is_some_and(|u| query_param(u, "q").as_deref() == Some("Blackw"))
+                && search["controls"].as_array().is_some_and(|c| {
+                    c.iter().any(|x| {
+                        x["type"] == "search"
+                            && x["label"].as_str().is_some_and(|l| l.contains("by name"))
+                    }) && c.iter().any(|x| {
+                        x["type"] == "radio"
+                            && x["label"].as_str().is_some_and(|l| {
+                                l.contains(&format!("Bertram {NAME_B}"))
+                                    && l.contains(&format!("Patient/{PATIENT_B}"))
+                            })
+                    })
+                }),
+            format!("{search}"),
+        ),
+    );
+    let enc_page = &doc["pages"]["encounterPicker"];
+    rep.record(
+        "encounter picker: shown after the patient (launch/encounter), only the patient's encounters",
+        ensure(
+            enc_page["title"] == "Select an encounter"
+                && enc_page["controls"].as_array().is_some_and(|c| {
+                    c.iter().any(|x| {
+                        x["type"] == "radio"
+                            && x["label"]
+                                .as_str()
+                                .is_some_and(|l| l.contains("Encounter/bbbb-enc"))
+                    }) && !c.iter().any(|x| {
+                        x["label"]
+                            .as_str()
+                            .is_some_and(|l| l.contains("Encounter/aaaa-enc"))
+                    })
+                }),
+            format!("{enc_page}"),
+        ),
+    );
+    rep.record(
+        "practitioner: the picked encounter is in the token and client.encounter.read() returns it",
+        ensure(
+            doc["app"]["tokenResponse"]["encounter"] == "bbbb-enc"
+                && doc["app"]["encounterId"] == "bbbb-enc"
+                && doc["app"]["encounter"]["id"] == "bbbb-enc"
+                && doc["app"]["encounter"]["subject"]["reference"]
+                    == format!("Patient/{PATIENT_B}"),
+            format!(
+                "token {} app {} {} {}",
+                doc["app"]["tokenResponse"]["encounter"],
+                doc["app"]["encounterId"],
+                doc["app"]["encounter"],
+                doc["app"]["encounterError"]
+            ),
+        ),
+    );
     rep.record(
         "picker: not shown to a patient user",
         ensure(alice["pages"]["picker"].is_null(), "picker shown"),
@@ -512,6 +576,8 @@ async fn js_fhirclient(backend: Backend) {
         ensure(
             t["patient"] == PATIENT_A
                 && t["encounter"] == "aaaa-enc"
+                && app["encounterId"] == "aaaa-enc"
+                && app["encounter"]["id"] == "aaaa-enc"
                 && t["need_patient_banner"] == true
                 && app["patient"]["name"][0]["family"] == NAME_A,
             format!("{t} {}", app["patient"]),

@@ -140,7 +140,7 @@ async fn smart_inferno_postgres() {
 }
 
 /// How many named checks [`smart_inferno_checks`] records (both backends must run all of them).
-const INFERNO_CHECK_COUNT: usize = 59;
+const INFERNO_CHECK_COUNT: usize = 59 + STANDALONE_ENCOUNTER_CHECKS;
 
 /// Runs every check against `k`; fails if any failed; returns the check names.
 async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
@@ -1266,6 +1266,8 @@ async fn smart_inferno_checks(k: &Kiln) -> Vec<String> {
         ),
     );
 
+    standalone_encounter_checks(k, &cfg, &mut rep).await;
+
     rep.print("SMART App Launch STU2.2 / ONC g10 authorization checks");
     let (p, f) = (rep.passed(), rep.failed());
     println!("SMART checks ({:?}): {p} passed, {f} failed", k.backend);
@@ -1295,4 +1297,363 @@ async fn exchange_with_assertion(k: &Kiln, code: &str, verifier: &str, assertion
         &[],
     )
     .await
+}
+
+/// How many checks [`standalone_encounter_checks`] records.
+const STANDALONE_ENCOUNTER_CHECKS: usize = 9;
+
+/// Standalone launch with `launch/encounter` (SMART 2.2 `context-standalone-encounter`) and the
+/// patient picker's search by name and identifier, limited to the patients a user may see.
+async fn standalone_encounter_checks(k: &Kiln, cfg: &Value, rep: &mut Report) {
+    use kiln_smart_auth::{add_user, NewUser};
+    const PATIENT_C: &str = "cccc-patient";
+    const ENC_NEW: &str = "aaaa-enc-2024";
+    const ENC_OLD: &str = "aaaa-enc-2021";
+    let setup = async {
+        for (username, fhir_user, patients) in [
+            ("clinician", format!("Practitioner/{PRACTITIONER}"), vec![]),
+            (
+                "guardian",
+                "RelatedPerson/guardian-1".to_string(),
+                vec![PATIENT_A.to_string()],
+            ),
+        ] {
+            add_user(
+                k.auth.store(),
+                NewUser {
+                    username: username.into(),
+                    password: format!("{username}-password-1"),
+                    fhir_user: Some(fhir_user),
+                    patients,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        k.admin_put(&json!({"resourceType": "Patient", "id": PATIENT_C,
+            "identifier": [{"system": "urn:oid:2.16.840.1.113883.4.1", "value": "MRN-4242"}],
+            "name": [{"family": "Carter", "given": ["Cornelius"]}]}))
+            .await?;
+        for (id, start, end, ty) in [
+            (ENC_OLD, "2021-02-03T09:00:00Z", "2021-02-03T09:30:00Z", "Annual check-up"),
+            (ENC_NEW, "2024-06-10T22:00:00Z", "2024-06-12T08:00:00Z", "Emergency admission"),
+        ] {
+            k.admin_put(&json!({"resourceType": "Encounter", "id": id, "status": "finished",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                "type": [{"text": ty}],
+                "subject": {"reference": format!("Patient/{PATIENT_A}")},
+                "period": {"start": start, "end": end}}))
+                .await?;
+        }
+        Ok::<(), String>(())
+    }
+    .await;
+    rep.record(
+        "standalone encounter: discovery advertises context-standalone-encounter and launch/encounter",
+        setup.clone().and_then(|_| {
+            let has = |k: &str, v: &str| {
+                cfg[k]
+                    .as_array()
+                    .is_some_and(|a| a.contains(&json!(v)))
+            };
+            ensure(
+                has("capabilities", "context-standalone-encounter"),
+                "capability context-standalone-encounter missing",
+            )?;
+            ensure(
+                has("scopes_supported", "launch/encounter"),
+                "launch/encounter not in scopes_supported",
+            )
+        }),
+    );
+
+    let scope =
+        "launch/patient launch/encounter openid fhirUser patient/Patient.rs patient/Encounter.rs";
+    let clinician = ("clinician", "clinician-password-1");
+    let picker = |req: &str, q: &str| {
+        format!(
+            "auth/select-patient?req={}&q={}",
+            urlencode(req),
+            urlencode(q)
+        )
+    };
+
+    // patient picker: search by name (words AND-ed) and by identifier, any patient for a practitioner
+    let (verifier, challenge) = pkce_pair();
+    let started = k.begin_standalone(scope, &challenge, clinician).await;
+    let (req, cookie) = started.clone().unwrap_or_default();
+    let ck = [("cookie", cookie.as_str())];
+    let by_name = k.get(&picker(&req, "Blackw"), &ck).await;
+    let by_two_words = k.get(&picker(&req, "alicia ASH"), &ck).await;
+    let by_identifier = k.get(&picker(&req, "MRN-4242"), &ck).await;
+    let by_system_value = k
+        .get(&picker(&req, "urn:oid:2.16.840.1.113883.4.1|MRN-4242"), &ck)
+        .await;
+    rep.record(
+        "standalone patient picker: search by name and identifier (practitioner: any patient)",
+        started.clone().map(|_| ()).and_then(|_| {
+            ok_status(&by_name, 200)?;
+            let lists = |r: &Resp, id: &str| r.body.contains(&format!("Patient/{id}</code>"));
+            ensure(
+                by_name.body.contains("Bertram Blackwood")
+                    && lists(&by_name, PATIENT_B)
+                    && !lists(&by_name, PATIENT_A),
+                format!("name=Blackw: {}", by_name.short()),
+            )?;
+            ensure(
+                lists(&by_two_words, PATIENT_A) && !lists(&by_two_words, PATIENT_B),
+                format!("name=alicia ASH: {}", by_two_words.short()),
+            )?;
+            ensure(
+                lists(&by_identifier, PATIENT_C)
+                    && by_identifier.body.contains("Cornelius Carter")
+                    && !lists(&by_identifier, PATIENT_A),
+                format!("identifier=MRN-4242: {}", by_identifier.short()),
+            )?;
+            ensure(
+                lists(&by_system_value, PATIENT_C),
+                format!("identifier=system|value: {}", by_system_value.short()),
+            )
+        }),
+    );
+
+    // choosing the patient leads to the encounter picker: their encounters, most recent first
+    let after_patient = k
+        .choose("auth/select-patient", &req, &cookie, "patient", PATIENT_A)
+        .await;
+    let enc_url = after_patient.location();
+    let enc_page = k.get(&enc_url, &ck).await;
+    rep.record(
+        "standalone encounter picker: shown after the patient, the patient's encounters most recent first",
+        (|| {
+            ensure(
+                after_patient.status == StatusCode::SEE_OTHER
+                    && enc_url.contains("/auth/select-encounter?req="),
+                format!("after the patient picker: {} → {enc_url}", after_patient.short()),
+            )?;
+            ok_status(&enc_page, 200)?;
+            let b = &enc_page.body;
+            ensure(b.contains("<h1>Select an encounter</h1>"), "not the encounter picker")?;
+            let new = b.find(&format!("Encounter/{ENC_NEW}<")).ok_or("newest encounter missing")?;
+            let old = b.find(&format!("Encounter/{ENC_OLD}<")).ok_or("older encounter missing")?;
+            ensure(new < old, "not most recent first")?;
+            ensure(
+                b.contains("Emergency admission (2024-06-10T22:00:00Z – 2024-06-12T08:00:00Z, finished)"),
+                "type/period/status not shown",
+            )?;
+            ensure(
+                !b.contains("bbbb-enc") && !b.contains(SECRET_B),
+                "another patient's encounter listed",
+            )?;
+            ensure(
+                b.contains("<fieldset><legend>") && b.contains("<label for=\"e0\">") && b.contains("lang=\"en\""),
+                "labelled radio buttons in a fieldset",
+            )
+        })(),
+    );
+    let foreign = k
+        .choose(
+            "auth/select-encounter",
+            &req,
+            &cookie,
+            "encounter",
+            "bbbb-enc",
+        )
+        .await;
+    let early_consent = k
+        .get(&format!("auth/consent?req={}", urlencode(&req)), &ck)
+        .await;
+    rep.record(
+        "standalone encounter picker: another patient's encounter refused, consent waits for the choice",
+        (|| {
+            ok_status(&foreign, 400)?;
+            ensure(
+                foreign.body.contains("Choose one of the listed encounters"),
+                foreign.short(),
+            )?;
+            ensure(
+                early_consent.status == StatusCode::SEE_OTHER
+                    && early_consent.location().contains("/auth/select-encounter"),
+                format!("consent before the encounter: {}", early_consent.short()),
+            )
+        })(),
+    );
+    let chosen = k
+        .choose("auth/select-encounter", &req, &cookie, "encounter", ENC_OLD)
+        .await;
+    let token = if chosen.status == StatusCode::SEE_OTHER {
+        k.consent_and_exchange(&req, &cookie, scope, &verifier, &|_| true)
+            .await
+    } else {
+        Err(format!("select-encounter: {}", chosen.short()))
+    };
+    let tok = token.clone().unwrap_or_default();
+    let access = tok["access_token"].as_str().unwrap_or_default().to_string();
+    let read_enc = k.fhir_get(&access, &format!("Encounter/{ENC_OLD}")).await;
+    let read_other = k.fhir_get(&access, "Encounter/bbbb-enc").await;
+    let intro = introspect(k, &access, &access).await;
+    rep.record(
+        "standalone encounter launch: token response carries patient and the chosen encounter",
+        token.and_then(|t| {
+            ensure(
+                t["patient"] == PATIENT_A,
+                format!("patient {}", t["patient"]),
+            )?;
+            ensure(
+                t["encounter"] == ENC_OLD,
+                format!("encounter {}", t["encounter"]),
+            )?;
+            ensure(
+                t["scope"]
+                    .as_str()
+                    .is_some_and(|s| has_scope(s, "launch/encounter")),
+                format!("scope {}", t["scope"]),
+            )?;
+            ensure(
+                intro.json()["encounter"] == ENC_OLD && intro.json()["active"] == true,
+                format!("introspection {}", intro.short()),
+            )?;
+            ok_status(&read_enc, 200)?;
+            ensure(read_enc.json()["id"] == ENC_OLD, read_enc.short())?;
+            ensure(
+                read_other.status == StatusCode::FORBIDDEN
+                    || read_other.status == StatusCode::NOT_FOUND,
+                format!("other patient's encounter: {}", read_other.short()),
+            )
+        }),
+    );
+
+    // a patient without encounters: no picker, no encounter
+    let (verifier, challenge) = pkce_pair();
+    let no_enc = async {
+        let (req, cookie) = k.begin_standalone(scope, &challenge, clinician).await?;
+        let r = k
+            .choose("auth/select-patient", &req, &cookie, "patient", PATIENT_C)
+            .await;
+        let next = k.get(&r.location(), &[("cookie", cookie.as_str())]).await;
+        ensure(
+            next.status == StatusCode::SEE_OTHER && next.location().contains("/auth/consent"),
+            format!(
+                "encounter step for a patient without encounters: {}",
+                next.short()
+            ),
+        )?;
+        k.consent_and_exchange(&req, &cookie, scope, &verifier, &|_| true)
+            .await
+    }
+    .await;
+    rep.record(
+        "standalone encounter launch: a patient without encounters proceeds without one",
+        no_enc.and_then(|t| {
+            ensure(
+                t["patient"] == PATIENT_C,
+                format!("patient {}", t["patient"]),
+            )?;
+            ensure(
+                t.get("encounter").is_none(),
+                format!("encounter {}", t["encounter"]),
+            )
+        }),
+    );
+
+    // launch/encounter unticked at consent: the chosen encounter is not handed out
+    let (verifier, challenge) = pkce_pair();
+    let unticked = async {
+        let (req, cookie) = k.begin_standalone(scope, &challenge, clinician).await?;
+        k.choose("auth/select-patient", &req, &cookie, "patient", PATIENT_A)
+            .await;
+        k.choose("auth/select-encounter", &req, &cookie, "encounter", ENC_NEW)
+            .await;
+        k.consent_and_exchange(&req, &cookie, scope, &verifier, &|s| {
+            s != "launch/encounter"
+        })
+        .await
+    }
+    .await;
+    rep.record(
+        "standalone encounter launch: launch/encounter unticked → no encounter in the token",
+        unticked.and_then(|t| {
+            ensure(
+                t["patient"] == PATIENT_A,
+                format!("patient {}", t["patient"]),
+            )?;
+            ensure(
+                t.get("encounter").is_none(),
+                format!("encounter {}", t["encounter"]),
+            )
+        }),
+    );
+
+    // a Patient user: themself, then their encounter picker
+    let (verifier, challenge) = pkce_pair();
+    let patient_user = async {
+        let (req, cookie) = k
+            .begin_standalone(scope, &challenge, ("alice", "alice-password-1"))
+            .await?;
+        let ck = [("cookie", cookie.as_str())];
+        let r = k
+            .get(&format!("auth/select-patient?req={}", urlencode(&req)), &ck)
+            .await;
+        ensure(
+            r.location().contains("/auth/select-encounter"),
+            format!("patient user: {}", r.short()),
+        )?;
+        let r = k
+            .choose("auth/select-encounter", &req, &cookie, "encounter", ENC_NEW)
+            .await;
+        ensure(r.status == StatusCode::SEE_OTHER, r.short())?;
+        k.consent_and_exchange(&req, &cookie, scope, &verifier, &|_| true)
+            .await
+    }
+    .await;
+    rep.record(
+        "standalone encounter launch: a Patient user picks one of their own encounters",
+        patient_user.and_then(|t| {
+            ensure(
+                t["patient"] == PATIENT_A,
+                format!("patient {}", t["patient"]),
+            )?;
+            ensure(
+                t["encounter"] == ENC_NEW,
+                format!("encounter {}", t["encounter"]),
+            )
+        }),
+    );
+
+    // a RelatedPerson user linked to patient A: the search never shows anyone else
+    let (_, challenge) = pkce_pair();
+    let guardian = async {
+        let (req, cookie) = k
+            .begin_standalone(scope, &challenge, ("guardian", "guardian-password-1"))
+            .await?;
+        let ck = [("cookie", cookie.as_str())];
+        let mut shown = Vec::new();
+        for q in ["Blackw", "MRN-4242", PATIENT_B, "Ashworth"] {
+            shown.push((q, k.get(&picker(&req, q), &ck).await));
+        }
+        let pick_b = k
+            .choose("auth/select-patient", &req, &cookie, "patient", PATIENT_B)
+            .await;
+        Ok::<_, String>((shown, pick_b))
+    }
+    .await;
+    rep.record(
+        "standalone patient picker: a linked user's search stays within their patients",
+        guardian.and_then(|(shown, pick_b)| {
+            for (q, r) in &shown {
+                ok_status(r, 200)?;
+                ensure(
+                    r.body.contains(&format!("Patient/{PATIENT_A}</code>")),
+                    format!("q={q}: linked patient A not listed"),
+                )?;
+                ensure(
+                    !r.body.contains(&format!("Patient/{PATIENT_B}</code>"))
+                        && !r.body.contains(&format!("Patient/{PATIENT_C}</code>")),
+                    format!("q={q}: an unlinked patient listed: {}", r.short()),
+                )?;
+            }
+            ok_status(&pick_b, 400)
+        }),
+    );
 }

@@ -8,6 +8,7 @@ pub mod format;
 pub mod import;
 pub mod interactions;
 pub mod operations;
+pub mod patient_directory;
 pub mod routes;
 pub mod search;
 pub mod state;
@@ -29,6 +30,7 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
 }
 
 /// The SMART authorization server over the store's database (`auth_*` tables).
+/// [`AppState::with_auth`] plugs the search engine in as the pickers' directory.
 pub async fn open_auth(
     store: &Store,
     config: kiln_smart_auth::SmartConfig,
@@ -45,51 +47,7 @@ pub async fn open_auth(
     let auth = kiln_smart_auth::AuthState::new(config, std::sync::Arc::new(auth_store))
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the authorization server: {e}"))?;
-    Ok(auth.with_patient_directory(std::sync::Arc::new(StorePatients(store.clone()))))
-}
-
-/// The patient picker's directory over the store: names the user's linked patients (the
-/// Patient's first `HumanName`) and finds a patient by its exact id. Free-text name search
-/// is not offered by the picker yet.
-struct StorePatients(Store);
-
-#[async_trait::async_trait]
-impl kiln_smart_auth::PatientDirectory for StorePatients {
-    async fn search(&self, text: &str, _limit: usize) -> Vec<(String, String)> {
-        let id = text.trim();
-        if id.is_empty() {
-            return Vec::new();
-        }
-        match self.display_name(id).await {
-            Some(name) => vec![(id.to_string(), name)],
-            None => Vec::new(),
-        }
-    }
-
-    async fn display_name(&self, id: &str) -> Option<String> {
-        let stored = self.0.read("Patient", id).await.ok()??;
-        if stored.deleted {
-            return None;
-        }
-        let patient: serde_json::Value = serde_json::from_str(&stored.content).ok()?;
-        human_name(patient.get("name")?.as_array()?.first()?)
-    }
-}
-
-/// `HumanName.text`, else the given names and the family name.
-fn human_name(name: &serde_json::Value) -> Option<String> {
-    if let Some(text) = name.get("text").and_then(|t| t.as_str()) {
-        return Some(text.to_string());
-    }
-    let mut parts: Vec<&str> = name
-        .get("given")
-        .and_then(|g| g.as_array())
-        .map(|g| g.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
-    if let Some(f) = name.get("family").and_then(|f| f.as_str()) {
-        parts.push(f);
-    }
-    (!parts.is_empty()).then(|| parts.join(" "))
+    Ok(auth)
 }
 
 /// Serves the FHIR API on `listener` until `shutdown` resolves; in-flight requests finish first.
@@ -139,23 +97,4 @@ pub async fn spawn_for_tests(
         .await;
     });
     Ok((base, state, tx))
-}
-
-#[cfg(test)]
-mod patient_name_tests {
-    use super::human_name;
-    use serde_json::json;
-
-    #[test]
-    fn picker_names_come_from_human_name() {
-        assert_eq!(
-            human_name(&json!({"family": "Blackwood", "given": ["Bertram", "J"]})).as_deref(),
-            Some("Bertram J Blackwood")
-        );
-        assert_eq!(
-            human_name(&json!({"text": "Dr. B. Blackwood", "family": "Blackwood"})).as_deref(),
-            Some("Dr. B. Blackwood")
-        );
-        assert_eq!(human_name(&json!({"use": "official"})), None);
-    }
 }

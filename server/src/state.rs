@@ -77,16 +77,20 @@ impl AppState {
             settings.terminology_dir.clone(),
         ));
         search.set_terminology(terminology.clone(), base_url.clone());
-        AppState {
-            inner: Arc::new(Inner {
-                search,
-                store,
-                base_url,
-                terminology,
-                settings,
-                operations: crate::operations::registry(),
-                auth,
+        // the pickers of a standalone launch search through this state's engine
+        let inner = Arc::new_cyclic(|weak| Inner {
+            search,
+            store,
+            base_url,
+            terminology,
+            settings,
+            operations: crate::operations::registry(),
+            auth: auth.map(|a| {
+                a.with_patient_directory(Arc::new(crate::patient_directory::SearchDirectory(
+                    weak.clone(),
+                )))
             }),
-        }
+        });
+        AppState { inner }
     }
 }

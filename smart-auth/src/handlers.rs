@@ -44,6 +44,10 @@ pub fn router(state: AuthState) -> Router {
         .route("/auth/login", get(login_page).post(login_submit))
         .route("/auth/logout", post(logout))
         .route("/auth/select-patient", get(picker_page).post(picker_submit))
+        .route(
+            "/auth/select-encounter",
+            get(encounter_page).post(encounter_submit),
+        )
         .route("/auth/consent", get(consent_page).post(consent_submit))
         .route("/auth/token", post(token).options(preflight))
         .route("/auth/introspect", post(introspect).options(preflight))
@@ -326,6 +330,7 @@ const CAPABILITIES: &[&str] = &[
     "context-ehr-patient",
     "context-ehr-encounter",
     "context-standalone-patient",
+    "context-standalone-encounter",
     "permission-offline",
     "permission-online",
     "permission-patient",
@@ -340,6 +345,7 @@ const SCOPES_SUPPORTED: &[&str] = &[
     "profile",
     "launch",
     "launch/patient",
+    "launch/encounter",
     "offline_access",
     "online_access",
     "patient/*.cruds",
@@ -566,6 +572,7 @@ async fn authorize(state: &AuthState, headers: &HeaderMap, f: FormData) -> Respo
         context,
         launch_id,
         launch_username,
+        encounter_chosen: false,
         csrf: random_token(24),
         expires_at: now() + 1800,
     };
@@ -596,13 +603,53 @@ fn patient_of_user(user: &User) -> Option<&str> {
         .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
+/// A standalone launch asked for `launch/encounter`, the patient is chosen, and the encounter
+/// picker has not been answered yet (SMART 2.2: the server SHOULD provide the encounter).
+fn needs_encounter(p: &PendingAuthorization) -> bool {
+    if p.launch_id.is_some()
+        || p.encounter_chosen
+        || p.context.encounter.is_some()
+        || p.context.patient.is_none()
+    {
+        return false;
+    }
+    let (s, _) = ScopeSet::parse_lenient(&p.requested_scope);
+    s.contains(&Scope::LaunchEncounter)
+}
+
+/// The page after login / the patient picker: patient picker, encounter picker or consent.
 fn next_step(state: &AuthState, p: &PendingAuthorization, _user: &User) -> String {
     let path = if needs_patient(p) {
         "/auth/select-patient"
+    } else if needs_encounter(p) {
+        "/auth/select-encounter"
     } else {
         "/auth/consent"
     };
     with_query(&state.config().endpoint(path), &[("req", &p.id)])
+}
+
+/// The patients `user` may choose in the picker: administrators and practitioners any; a
+/// Patient user themself and their linked patients; anyone else only their linked patients.
+fn patient_visibility(user: &User) -> crate::PatientVisibility {
+    let practitioner = user.fhir_user.as_deref().is_some_and(|f| {
+        let f = f.trim_end_matches('/');
+        let ty = f.rsplit('/').nth(1).unwrap_or("");
+        ty == "Practitioner" || ty == "PractitionerRole"
+    });
+    if user.admin || practitioner {
+        return crate::PatientVisibility::Any;
+    }
+    let mut ids: Vec<String> = patient_of_user(user)
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    for p in &user.patients {
+        if !ids.contains(p) {
+            ids.push(p.clone());
+        }
+    }
+    crate::PatientVisibility::Only(ids)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -763,6 +810,8 @@ async fn pending_for(
 // patient picker
 // ---------------------------------------------------------------------------------------------
 
+/// The picker's list: the user's linked patients, then (when `q` is not empty) the patients
+/// the directory finds by name, identifier or id among those the user may see.
 async fn picker_candidates(state: &AuthState, user: &User, q: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::with_capacity(user.patients.len());
     for p in &user.patients {
@@ -772,12 +821,15 @@ async fn picker_candidates(state: &AuthState, user: &User, q: &str) -> Vec<(Stri
         };
         out.push((p.clone(), name.unwrap_or_else(|| format!("Patient {p}"))));
     }
-    if patient_of_user(user).is_none() {
-        if let Some(d) = state.patient_directory() {
-            for (id, name) in d.search(q, 50).await {
-                if !out.iter().any(|(i, _)| *i == id) {
-                    out.push((id, name));
-                }
+    let q = q.trim();
+    if q.is_empty() {
+        return out;
+    }
+    if let Some(d) = state.patient_directory() {
+        let visible = patient_visibility(user);
+        for (id, name) in d.search_visible(q, &visible, 50).await {
+            if visible.allows(&id) && !out.iter().any(|(i, _)| *i == id) {
+                out.push((id, name));
             }
         }
     }
@@ -795,10 +847,7 @@ async fn picker_page(
         Err(r) => return r,
     };
     if !needs_patient(&pending) {
-        return redirect(&with_query(
-            &state.config().endpoint("/auth/consent"),
-            &[("req", &pending.id)],
-        ));
+        return redirect(&next_step(&state, &pending, &user));
     }
     // A patient user launches for themself.
     if let Some(id) = patient_of_user(&user) {
@@ -806,10 +855,7 @@ async fn picker_page(
         if let Err(e) = state.store().put_pending(&pending).await {
             return error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string());
         }
-        return redirect(&with_query(
-            &state.config().endpoint("/auth/consent"),
-            &[("req", &pending.id)],
-        ));
+        return redirect(&next_step(&state, &pending, &user));
     }
     let query = f.get("q").unwrap_or("");
     let candidates = picker_candidates(&state, &user, query).await;
@@ -876,10 +922,105 @@ async fn picker_submit(
     if let Err(e) = state.store().put_pending(&pending).await {
         return error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string());
     }
-    redirect(&with_query(
-        &state.config().endpoint("/auth/consent"),
-        &[("req", &pending.id)],
-    ))
+    redirect(&next_step(&state, &pending, &user))
+}
+
+// ---------------------------------------------------------------------------------------------
+// encounter picker (standalone launch with launch/encounter)
+// ---------------------------------------------------------------------------------------------
+
+const ENCOUNTER_PICKER_LIMIT: usize = 50;
+
+async fn patient_encounters(state: &AuthState, patient: &str) -> Vec<crate::EncounterChoice> {
+    match state.patient_directory() {
+        Some(d) => d.encounters(patient, ENCOUNTER_PICKER_LIMIT).await,
+        None => Vec::new(),
+    }
+}
+
+async fn encounter_page(
+    State(state): State<AuthState>,
+    headers: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let f = FormData(q);
+    let (mut pending, _s, user) = match pending_for(&state, &headers, f.get("req")).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if !needs_encounter(&pending) {
+        return redirect(&next_step(&state, &pending, &user));
+    }
+    let patient = pending.context.patient.clone().unwrap_or_default();
+    let encounters = patient_encounters(&state, &patient).await;
+    if encounters.is_empty() {
+        // nothing to choose: the launch proceeds without an encounter
+        pending.encounter_chosen = true;
+        if let Err(e) = state.store().put_pending(&pending).await {
+            return error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string());
+        }
+        return redirect(&next_step(&state, &pending, &user));
+    }
+    let name = match state.patient_directory() {
+        Some(d) => d.display_name(&patient).await,
+        None => None,
+    };
+    html_response(
+        StatusCode::OK,
+        html::encounter_picker(
+            &pending.id,
+            &pending.csrf,
+            &patient,
+            name.as_deref(),
+            &encounters,
+            None,
+        ),
+    )
+}
+
+async fn encounter_submit(
+    State(state): State<AuthState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = FormData::parse(&body);
+    let (mut pending, _s, user) = match pending_for(&state, &headers, f.get("req")).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if f.get("csrf") != Some(pending.csrf.as_str()) {
+        return error_page(StatusCode::FORBIDDEN, "Forbidden", "Invalid form token.");
+    }
+    if !needs_encounter(&pending) {
+        return redirect(&next_step(&state, &pending, &user));
+    }
+    let patient = pending.context.patient.clone().unwrap_or_default();
+    let encounters = patient_encounters(&state, &patient).await;
+    let chosen = f.non_empty("encounter").map(str::trim).unwrap_or("");
+    // only one of the chosen patient's encounters
+    if !encounters.iter().any(|e| e.id == chosen) {
+        let name = match state.patient_directory() {
+            Some(d) => d.display_name(&patient).await,
+            None => None,
+        };
+        return html_response(
+            StatusCode::BAD_REQUEST,
+            html::encounter_picker(
+                &pending.id,
+                &pending.csrf,
+                &patient,
+                name.as_deref(),
+                &encounters,
+                Some("Choose one of the listed encounters."),
+            ),
+        );
+    }
+    pending.context.encounter = Some(chosen.to_string());
+    pending.encounter_chosen = true;
+    if let Err(e) = state.store().put_pending(&pending).await {
+        return error_page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string());
+    }
+    redirect(&next_step(&state, &pending, &user))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -896,11 +1037,8 @@ async fn consent_page(
         Ok(x) => x,
         Err(r) => return r,
     };
-    if needs_patient(&pending) {
-        return redirect(&with_query(
-            &state.config().endpoint("/auth/select-patient"),
-            &[("req", &pending.id)],
-        ));
+    if needs_patient(&pending) || needs_encounter(&pending) {
+        return redirect(&next_step(&state, &pending, &user));
     }
     let client_name = match state.store().get_client(&pending.client_id).await {
         Ok(Some(c)) => c.client_name,
@@ -919,6 +1057,7 @@ async fn consent_page(
             &client_name,
             user.display_name.as_deref().unwrap_or(&user.username),
             pending.context.patient.as_deref(),
+            pending.context.encounter.as_deref(),
             &items,
             scopes.contains(&Scope::OfflineAccess),
         ),
@@ -937,6 +1076,9 @@ async fn consent_submit(
     };
     if f.get("csrf") != Some(pending.csrf.as_str()) {
         return error_page(StatusCode::FORBIDDEN, "Forbidden", "Invalid form token.");
+    }
+    if needs_encounter(&pending) {
+        return redirect(&next_step(&state, &pending, &user));
     }
     // Single use from here on.
     let pending = match state.store().take_pending(&pending.id).await {
@@ -996,6 +1138,10 @@ async fn consent_submit(
         );
     }
     let mut context = pending.context.clone();
+    // a standalone encounter is only handed out while launch/encounter stays granted
+    if pending.launch_id.is_none() && !granted.contains(&Scope::LaunchEncounter) {
+        context.encounter = None;
+    }
     if context.patient.is_some() {
         context
             .need_patient_banner

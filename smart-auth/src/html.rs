@@ -99,7 +99,7 @@ pub fn picker(
         &format!(
             "{err}<form method=\"get\" action=\"select-patient\" role=\"search\">\
 <input type=\"hidden\" name=\"req\" value=\"{req}\">\
-<label for=\"q\">Search patients</label><input type=\"search\" id=\"q\" name=\"q\" value=\"{q}\">\
+<label for=\"q\">Search patients by name or identifier</label><input type=\"search\" id=\"q\" name=\"q\" value=\"{q}\">\
 <button type=\"submit\">Search</button></form>\
 <form method=\"post\" action=\"select-patient\"><input type=\"hidden\" name=\"req\" value=\"{req}\">\
 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><fieldset><legend>Patients</legend><ul>{list}</ul></fieldset>{free}\
@@ -112,12 +112,63 @@ pub fn picker(
     )
 }
 
+/// The standalone encounter picker: the chosen patient's encounters, most recent first.
+pub fn encounter_picker(
+    req: &str,
+    csrf: &str,
+    patient: &str,
+    patient_name: Option<&str>,
+    encounters: &[crate::EncounterChoice],
+    error: Option<&str>,
+) -> String {
+    let mut list = String::new();
+    for (i, e) in encounters.iter().enumerate() {
+        let mut details = Vec::new();
+        if let Some(p) = &e.period {
+            details.push(escape(p));
+        }
+        if let Some(st) = &e.status {
+            details.push(escape(st));
+        }
+        let details = if details.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", details.join(", "))
+        };
+        list.push_str(&format!(
+            "<li><input type=\"radio\" name=\"encounter\" id=\"e{i}\" value=\"{id}\"{checked}> \
+<label for=\"e{i}\">{d}{details} <code>Encounter/{id}</code></label></li>",
+            id = escape(&e.id),
+            d = escape(&e.description),
+            checked = if i == 0 { " checked" } else { "" }
+        ));
+    }
+    let who = match patient_name {
+        Some(n) => format!("{} <code>Patient/{}</code>", escape(n), escape(patient)),
+        None => format!("<code>Patient/{}</code>", escape(patient)),
+    };
+    page(
+        "Select an encounter",
+        &format!(
+            "{err}<p>Patient: {who}</p>\
+<form method=\"post\" action=\"select-encounter\"><input type=\"hidden\" name=\"req\" value=\"{req}\">\
+<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><fieldset><legend>Encounters, most recent first</legend>\
+<ul>{list}</ul></fieldset><button type=\"submit\">Continue</button></form>",
+            err = error_box(error),
+            req = escape(req),
+            csrf = escape(csrf)
+        ),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn consent(
     req: &str,
     csrf: &str,
     client_name: &str,
     user: &str,
     patient: Option<&str>,
+    encounter: Option<&str>,
     scopes: &[(String, String)],
     offline: bool,
 ) -> String {
@@ -138,6 +189,14 @@ pub fn consent(
             )
         })
         .unwrap_or_default();
+    let encounter_line = encounter
+        .map(|e| {
+            format!(
+                "<p>Encounter in context: <code>Encounter/{}</code></p>",
+                escape(e)
+            )
+        })
+        .unwrap_or_default();
     let offline_line = if offline {
         "<p><strong>This application asks for offline access:</strong> it can keep accessing the data \
 below after you sign out, until you revoke it.</p>"
@@ -147,7 +206,7 @@ below after you sign out, until you revoke it.</p>"
     page(
         "Authorize application",
         &format!(
-            "<p><strong>{c}</strong> asks to access data as <strong>{u}</strong>.</p>{patient_line}{offline_line}\
+            "<p><strong>{c}</strong> asks to access data as <strong>{u}</strong>.</p>{patient_line}{encounter_line}{offline_line}\
 <form method=\"post\" action=\"consent\"><input type=\"hidden\" name=\"req\" value=\"{req}\">\
 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
 <fieldset><legend>Permissions (untick any you do not want to grant)</legend><ul>{items}</ul></fieldset>\

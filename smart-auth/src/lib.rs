@@ -9,6 +9,7 @@
 //! | `/auth/authorize` | GET, POST | authorization endpoint |
 //! | `/auth/login` | GET, POST | login form (password + TOTP) |
 //! | `/auth/select-patient` | GET, POST | standalone patient picker |
+//! | `/auth/select-encounter` | GET, POST | standalone encounter picker (`launch/encounter`) |
 //! | `/auth/consent` | GET, POST | consent page (user may un-tick scopes) |
 //! | `/auth/token` | POST | token endpoint |
 //! | `/auth/introspect` | POST | RFC 7662 |
@@ -154,15 +155,69 @@ impl SmartConfig {
     }
 }
 
-/// Finds patients for the standalone patient picker (the server plugs in its search engine).
+/// Which patients a signed-in user may choose in the standalone patient picker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatientVisibility {
+    /// Any patient (administrators, practitioners).
+    Any,
+    /// Only these patient ids (a Patient user: themself and linked patients; other users:
+    /// their linked patients).
+    Only(Vec<String>),
+}
+
+impl PatientVisibility {
+    pub fn allows(&self, id: &str) -> bool {
+        match self {
+            PatientVisibility::Any => true,
+            PatientVisibility::Only(ids) => ids.iter().any(|i| i == id),
+        }
+    }
+}
+
+/// One row of the standalone encounter picker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncounterChoice {
+    /// `Encounter.id`
+    pub id: String,
+    /// What kind of encounter (`type`, else `class`), for people.
+    pub description: String,
+    /// `Encounter.period` as text (`2024-03-01 – 2024-03-04`), when known.
+    pub period: Option<String>,
+    /// `Encounter.status`
+    pub status: Option<String>,
+}
+
+/// Finds patients for the standalone patient picker and a patient's encounters for the
+/// standalone encounter picker (the server plugs in its search engine; smart-auth does not
+/// depend on it).
 #[async_trait::async_trait]
 pub trait PatientDirectory: Send + Sync {
     /// Up to `limit` `(patient id, display name)` pairs matching `text` (empty = any).
     async fn search(&self, text: &str, limit: usize) -> Vec<(String, String)>;
 
+    /// Like [`PatientDirectory::search`] (by name, identifier or id), limited to the patients
+    /// `visible` allows. The default filters [`PatientDirectory::search`]'s answer; a
+    /// directory over a search engine should restrict the query instead.
+    async fn search_visible(
+        &self,
+        text: &str,
+        visible: &PatientVisibility,
+        limit: usize,
+    ) -> Vec<(String, String)> {
+        let mut found = self.search(text, limit).await;
+        found.retain(|(id, _)| visible.allows(id));
+        found
+    }
+
     /// The display name of one patient (the picker lists a user's linked patients by name).
     async fn display_name(&self, _id: &str) -> Option<String> {
         None
+    }
+
+    /// Up to `limit` encounters of `patient`, most recent first (standalone `launch/encounter`).
+    /// The default knows none, and the launch then proceeds without an encounter.
+    async fn encounters(&self, _patient: &str, _limit: usize) -> Vec<EncounterChoice> {
+        Vec::new()
     }
 }
 

@@ -333,6 +333,9 @@ pub struct PendingAuthorization {
     /// The EHR launch was made for this user.
     #[serde(default)]
     pub launch_username: Option<String>,
+    /// The standalone encounter picker was answered (or the patient had no encounters).
+    #[serde(default)]
+    pub encounter_chosen: bool,
     pub csrf: String,
     pub expires_at: i64,
 }

@@ -59,6 +59,7 @@ async fn discovery_documents() {
         "client-confidential-asymmetric",
         "sso-openid-connect",
         "context-standalone-patient",
+        "context-standalone-encounter",
         "context-ehr-patient",
         "permission-offline",
         "permission-patient",
@@ -71,6 +72,10 @@ async fn discovery_documents() {
     ] {
         assert!(caps.contains(&c), "capability {c}");
     }
+    assert!(d["scopes_supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("launch/encounter")));
     let grants = d["grant_types_supported"].as_array().unwrap();
     assert!(
         grants.contains(&json!("authorization_code"))
@@ -1556,6 +1561,317 @@ impl PatientDirectory for Directory {
             .map(|(id, name)| (id.to_string(), name.to_string()))
             .collect()
     }
+
+    async fn display_name(&self, id: &str) -> Option<String> {
+        match id {
+            "p7" => Some("Seven, Sam".into()),
+            "p8" => Some("Eight, Eve".into()),
+            _ => None,
+        }
+    }
+
+    /// p8 has two encounters (most recent first), p7 none.
+    async fn encounters(&self, patient: &str, limit: usize) -> Vec<EncounterChoice> {
+        let mut v = Vec::new();
+        if patient == "p8" {
+            v.push(EncounterChoice {
+                id: "e8-new".into(),
+                description: "Emergency visit".into(),
+                period: Some("2024-05-02 – 2024-05-03".into()),
+                status: Some("finished".into()),
+            });
+            v.push(EncounterChoice {
+                id: "e8-old".into(),
+                description: "Check-up <annual>".into(),
+                period: Some("2021-01-10".into()),
+                status: None,
+            });
+        }
+        v.truncate(limit);
+        v
+    }
+}
+
+/// The base server with [`Directory`] plugged in, a practitioner `nurse` and a user `aunt`
+/// linked to p7 only (neither a Patient nor a practitioner).
+async fn directory_server() -> Server {
+    let base = server().await;
+    for (username, fhir_user, patients) in [
+        ("nurse", Some("Practitioner/n1"), vec![]),
+        ("aunt", Some("RelatedPerson/r1"), vec!["p7".to_string()]),
+    ] {
+        add_user(
+            base.state.store(),
+            NewUser {
+                username: username.into(),
+                password: format!("{username}-password"),
+                fhir_user: fhir_user.map(str::to_string),
+                patients,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let state = base
+        .state
+        .clone()
+        .with_patient_directory(std::sync::Arc::new(Directory));
+    Server {
+        router: router(state.clone()),
+        state,
+        ..base
+    }
+}
+
+/// authorize → login as `user`; the `req` id and the session cookie.
+async fn start_as(s: &Server, user: &str, scope: &str, challenge: &str) -> (String, String) {
+    let r = s
+        .get(
+            &authorize_url(&s.public_client, scope, challenge, "enc", &[]),
+            &[],
+        )
+        .await;
+    let req = query_param(&r.location(), "req").unwrap();
+    let password = format!("{user}-password");
+    let r = s
+        .post_form(
+            "/auth/login",
+            &[("username", user), ("password", &password), ("req", &req)],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "login {user}");
+    (req, cookie_of(&r))
+}
+
+/// Picks `patient` on the picker; the redirect that follows.
+async fn pick_patient(s: &Server, req: &str, cookie: &str, patient: &str) -> String {
+    let ck = [("cookie", cookie)];
+    let page = s.get(&format!("/auth/select-patient?req={req}"), &ck).await;
+    let csrf = hidden(&page.body, "csrf");
+    let r = s
+        .post_form(
+            "/auth/select-patient",
+            &[("req", req), ("csrf", &csrf), ("patient", patient)],
+            &ck,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    r.location()
+}
+
+/// Approves the consent page keeping the scopes `keep` accepts; the token response.
+async fn approve(
+    s: &Server,
+    req: &str,
+    cookie: &str,
+    scope: &str,
+    verifier: &str,
+    keep: &dyn Fn(&str) -> bool,
+) -> Value {
+    let ck = [("cookie", cookie)];
+    let page = s.get(&format!("/auth/consent?req={req}"), &ck).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let csrf = hidden(&page.body, "csrf");
+    let mut form = vec![
+        ("req", req),
+        ("csrf", csrf.as_str()),
+        ("decision", "approve"),
+    ];
+    for sc in scope.split(' ').filter(|sc| keep(sc)) {
+        form.push(("scope", sc));
+    }
+    let r = s.post_form("/auth/consent", &form, &ck).await;
+    let code = query_param(&r.location(), "code").expect("code");
+    let t = exchange(s, &code, verifier, &s.public_client).await;
+    assert_eq!(t.status, StatusCode::OK, "{}", t.body);
+    t.json()
+}
+
+#[tokio::test]
+async fn standalone_encounter_picker_puts_the_chosen_encounter_in_the_token() {
+    let s = directory_server().await;
+    let scope = "launch/patient launch/encounter patient/*.rs";
+    let (verifier, challenge) = pkce_pair();
+    let (req, cookie) = start_as(&s, "nurse", scope, &challenge).await;
+    let ck = [("cookie", cookie.as_str())];
+    let next = pick_patient(&s, &req, &cookie, "p8").await;
+    assert!(next.contains("/auth/select-encounter?req="), "{next}");
+    // the consent page is not reachable before the encounter is chosen
+    let r = s.get(&format!("/auth/consent?req={req}"), &ck).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(r.location().contains("/auth/select-encounter"));
+    let page = s.get(&next, &ck).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("<h1>Select an encounter</h1>"));
+    assert!(page.body.contains("Eight, Eve"), "patient named");
+    let new = page.body.find("Encounter/e8-new").expect("e8-new listed");
+    let old = page.body.find("Encounter/e8-old").expect("e8-old listed");
+    assert!(new < old, "most recent first");
+    assert!(
+        page.body.contains("2024-05-02 – 2024-05-03"),
+        "period shown"
+    );
+    assert!(page
+        .body
+        .contains("Emergency visit (2024-05-02 – 2024-05-03, finished)"));
+    assert!(page.body.contains("Check-up &lt;annual&gt;"), "escaped");
+    assert!(
+        page.body.contains("<label for=\"e0\">") && page.body.contains("<legend>"),
+        "labelled radio buttons in a fieldset"
+    );
+    let csrf = hidden(&page.body, "csrf");
+    // an encounter of another patient, a missing choice and a bad form token are refused
+    for (enc, token, status) in [
+        ("e7-x", csrf.as_str(), StatusCode::BAD_REQUEST),
+        ("", csrf.as_str(), StatusCode::BAD_REQUEST),
+        ("e8-new", "forged", StatusCode::FORBIDDEN),
+    ] {
+        let r = s
+            .post_form(
+                "/auth/select-encounter",
+                &[("req", &req), ("csrf", token), ("encounter", enc)],
+                &ck,
+            )
+            .await;
+        assert_eq!(r.status, status, "encounter {enc:?}");
+    }
+    let r = s
+        .post_form(
+            "/auth/select-encounter",
+            &[("req", &req), ("csrf", &csrf), ("encounter", "e8-old")],
+            &ck,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(r.location().contains("/auth/consent"), "{}", r.location());
+    let consent = s.get(&r.location(), &ck).await;
+    assert!(consent.body.contains("Encounter/e8-old"));
+    let t = approve(&s, &req, &cookie, scope, &verifier, &|_| true).await;
+    assert_eq!(t["patient"], "p8");
+    assert_eq!(t["encounter"], "e8-old");
+    assert!(t["scope"].as_str().unwrap().contains("launch/encounter"));
+    let intro = s
+        .post_form(
+            "/auth/introspect",
+            &[("token", t["access_token"].as_str().unwrap())],
+            &[(
+                "authorization",
+                &format!("Bearer {}", t["access_token"].as_str().unwrap()),
+            )],
+        )
+        .await
+        .json();
+    assert_eq!(intro["encounter"], "e8-old");
+}
+
+#[tokio::test]
+async fn standalone_encounter_picker_proceeds_without_encounters_and_honours_unticking() {
+    let s = directory_server().await;
+    let scope = "launch/patient launch/encounter patient/*.rs";
+    // p7 has no encounters: straight on to consent, no encounter in the token
+    let (verifier, challenge) = pkce_pair();
+    let (req, cookie) = start_as(&s, "nurse", scope, &challenge).await;
+    let next = pick_patient(&s, &req, &cookie, "p7").await;
+    let r = s.get(&next, &[("cookie", cookie.as_str())]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(r.location().contains("/auth/consent"), "{}", r.location());
+    let t = approve(&s, &req, &cookie, scope, &verifier, &|_| true).await;
+    assert_eq!(t["patient"], "p7");
+    assert!(t.get("encounter").is_none(), "{t}");
+
+    // chosen, then launch/encounter unticked on the consent page: no encounter handed out
+    let (verifier, challenge) = pkce_pair();
+    let (req, cookie) = start_as(&s, "nurse", scope, &challenge).await;
+    let ck = [("cookie", cookie.as_str())];
+    let next = pick_patient(&s, &req, &cookie, "p8").await;
+    let page = s.get(&next, &ck).await;
+    let csrf = hidden(&page.body, "csrf");
+    s.post_form(
+        "/auth/select-encounter",
+        &[("req", &req), ("csrf", &csrf), ("encounter", "e8-new")],
+        &ck,
+    )
+    .await;
+    let t = approve(&s, &req, &cookie, scope, &verifier, &|sc| {
+        sc != "launch/encounter"
+    })
+    .await;
+    assert_eq!(t["patient"], "p8");
+    assert!(t.get("encounter").is_none(), "{t}");
+
+    // without launch/encounter no encounter picker is shown
+    let (verifier, challenge) = pkce_pair();
+    let scope = "launch/patient patient/*.rs";
+    let (req, cookie) = start_as(&s, "nurse", scope, &challenge).await;
+    let next = pick_patient(&s, &req, &cookie, "p8").await;
+    assert!(next.contains("/auth/consent"), "{next}");
+    let r = s
+        .get(
+            &format!("/auth/select-encounter?req={req}"),
+            &[("cookie", cookie.as_str())],
+        )
+        .await;
+    assert!(r.location().contains("/auth/consent"));
+    let t = approve(&s, &req, &cookie, scope, &verifier, &|_| true).await;
+    assert!(t.get("encounter").is_none(), "{t}");
+}
+
+#[tokio::test]
+async fn picker_search_is_limited_to_the_patients_a_user_may_see() {
+    let s = directory_server().await;
+    let (_, challenge) = pkce_pair();
+    // a practitioner finds any patient by name
+    let (req, cookie) = start_as(&s, "nurse", "launch/patient patient/*.rs", &challenge).await;
+    let ck = [("cookie", cookie.as_str())];
+    let page = s
+        .get(&format!("/auth/select-patient?req={req}&q=seven"), &ck)
+        .await;
+    assert!(page.body.contains("Seven, Sam"), "{}", page.body);
+    // a RelatedPerson user linked to p7 sees p7, never p8, whatever they search for
+    let (req, cookie) = start_as(&s, "aunt", "launch/patient patient/*.rs", &challenge).await;
+    let ck = [("cookie", cookie.as_str())];
+    let page = s
+        .get(&format!("/auth/select-patient?req={req}&q=eight"), &ck)
+        .await;
+    assert!(page.body.contains("Patient/p7"), "linked patient listed");
+    assert!(!page.body.contains("Eight, Eve"), "{}", page.body);
+    let csrf = hidden(&page.body, "csrf");
+    let r = s
+        .post_form(
+            "/auth/select-patient",
+            &[("req", &req), ("csrf", &csrf), ("patient", "p8")],
+            &ck,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "p8 is not visible to aunt"
+    );
+    let r = s
+        .post_form(
+            "/auth/select-patient",
+            &[("req", &req), ("csrf", &csrf), ("patient", "p7")],
+            &ck,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+
+    // the trait's default search_visible filters the plain search
+    let only = PatientVisibility::Only(vec!["p7".into()]);
+    assert_eq!(
+        Directory.search_visible("", &only, 10).await,
+        vec![("p7".to_string(), "Seven, Sam".to_string())]
+    );
+    assert_eq!(
+        Directory
+            .search_visible("", &PatientVisibility::Any, 10)
+            .await
+            .len(),
+        2
+    );
 }
 
 #[tokio::test]

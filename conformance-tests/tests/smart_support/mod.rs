@@ -476,25 +476,111 @@ impl Kiln {
 
     async fn seed(&self) -> Result<(), String> {
         for r in seed_resources() {
-            let ty = r["resourceType"].as_str().unwrap_or_default();
-            let id = r["id"].as_str().unwrap_or_default();
-            let resp = self
-                .http
-                .put(format!("{}/{ty}/{id}", self.admin_base))
-                .header("content-type", "application/fhir+json")
-                .body(r.to_string())
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !resp.status().is_success() {
-                return Err(format!(
-                    "seeding {ty}/{id}: {} {}",
-                    resp.status(),
-                    resp.text().await.unwrap_or_default()
-                ));
-            }
+            self.admin_put(&r).await?;
         }
         Ok(())
+    }
+
+    /// Stores `r` (with its id) through the unprotected admin listener.
+    pub async fn admin_put(&self, r: &Value) -> Result<(), String> {
+        let ty = r["resourceType"].as_str().unwrap_or_default();
+        let id = r["id"].as_str().unwrap_or_default();
+        let resp = self
+            .http
+            .put(format!("{}/{ty}/{id}", self.admin_base))
+            .header("content-type", "application/fhir+json")
+            .body(r.to_string())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!(
+                "storing {ty}/{id}: {} {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
+    /// authorize → login for a standalone launch of the public client; `(req, session cookie)`.
+    pub async fn begin_standalone(
+        &self,
+        scope: &str,
+        challenge: &str,
+        user: (&str, &str),
+    ) -> Result<(String, String), String> {
+        let r = self
+            .get(
+                &self.authorize_url(&self.public_client, scope, challenge, "st-enc", &[]),
+                &[],
+            )
+            .await;
+        let login_url = r.location();
+        let req = query_param(&login_url, "req").ok_or(format!("authorize: {}", r.short()))?;
+        let r = self
+            .post_form(
+                "auth/login",
+                &[("username", user.0), ("password", user.1), ("req", &req)],
+                &[],
+            )
+            .await;
+        if r.status != StatusCode::SEE_OTHER {
+            return Err(format!("login: {}", r.short()));
+        }
+        let cookie = cookie_of(&r).ok_or("login set no cookie")?;
+        Ok((req, cookie))
+    }
+
+    /// Posts one choice (`patient` on `auth/select-patient`, `encounter` on
+    /// `auth/select-encounter`) with the page's form token.
+    pub async fn choose(
+        &self,
+        page: &str,
+        req: &str,
+        cookie: &str,
+        field: &str,
+        value: &str,
+    ) -> Resp {
+        let ck = [("cookie", cookie)];
+        let shown = self
+            .get(&format!("{page}?req={}", urlencode(req)), &ck)
+            .await;
+        let csrf = hidden(&shown.body, "csrf").unwrap_or_default();
+        self.post_form(page, &[("req", req), ("csrf", &csrf), (field, value)], &ck)
+            .await
+    }
+
+    /// Approves the consent page with every offered scope `keep` accepts; the token response.
+    pub async fn consent_and_exchange(
+        &self,
+        req: &str,
+        cookie: &str,
+        scope: &str,
+        verifier: &str,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Value, String> {
+        let ck = [("cookie", cookie)];
+        let page = self
+            .get(&format!("auth/consent?req={}", urlencode(req)), &ck)
+            .await;
+        if page.status != StatusCode::OK {
+            return Err(format!("consent page: {}", page.short()));
+        }
+        let csrf = hidden(&page.body, "csrf").ok_or("no csrf on consent")?;
+        let mut form: Vec<(&str, &str)> =
+            vec![("req", req), ("csrf", &csrf), ("decision", "approve")];
+        for sc in scope.split(' ').filter(|sc| keep(sc)) {
+            form.push(("scope", sc));
+        }
+        let r = self.post_form("auth/consent", &form, &ck).await;
+        let cb = r.location();
+        let code = query_param(&cb, "code").ok_or(format!("no code in {cb}"))?;
+        let t = self.exchange(&code, verifier, &self.public_client).await;
+        if t.status != StatusCode::OK {
+            return Err(format!("token: {}", t.short()));
+        }
+        Ok(t.json())
     }
 
     /// Ground truth (no authorization): the current resource, or None.
