@@ -101,7 +101,7 @@ async fn smart_attacks_postgres() {
 }
 
 /// How many named attacks [`smart_attack_suite`] records (both backends must run all of them).
-const ATTACK_COUNT: usize = 109;
+const ATTACK_COUNT: usize = 112;
 
 /// Runs every attack against `k`; fails on any leak; returns the attack names.
 async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
@@ -402,6 +402,31 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
         "POST of an Observation for B",
         refused_write(&r, &post_b.to_string()),
     );
+    // A data-changing maintenance operation works on whole types: a patient-limited token must
+    // not start it at any level, even with patient/*.cruds.
+    for path in [
+        "$reindex",
+        "Observation/$reindex",
+        "Observation/aaaa-obs-lab/$reindex",
+    ] {
+        let r = k
+            .fhir_send(
+                &tok,
+                Method::POST,
+                path,
+                &json!({"resourceType": "Parameters"}),
+            )
+            .await;
+        rep.record(
+            &format!("POST {path} with a patient token → 403"),
+            refused_write(&r, path).and_then(|_| {
+                ensure(
+                    r.status == StatusCode::FORBIDDEN,
+                    format!("expected 403, got {}", r.short()),
+                )
+            }),
+        );
+    }
     let steal = json!({"resourceType": "Observation", "id": "bbbb-obs-lab", "status": "final",
         "code": {"text": "stolen"}, "subject": {"reference": format!("Patient/{PATIENT_A}")}});
     let r = k

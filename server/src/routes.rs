@@ -242,7 +242,7 @@ async fn route(
         }
         [op] if op.starts_with('$') => {
             access.check_any(Interaction::Read)?;
-            operation(state, &m, Target::System, op, headers, &body, ctx).await
+            operation(state, access, &m, Target::System, op, headers, &body, ctx).await
         }
         [ty] if get => state.search.search_type(state, Some(ty), ctx, access).await,
         [ty] if m == Method::POST => {
@@ -306,6 +306,7 @@ async fn route(
             access.check(Interaction::Read, ty)?;
             operation(
                 state,
+                access,
                 &m,
                 Target::Type(ty.to_string()),
                 op,
@@ -366,6 +367,7 @@ async fn route(
             existing_visible(state, access, Interaction::Read, ty, id).await?;
             operation(
                 state,
+                access,
                 &m,
                 Target::Instance(ty.to_string(), id.to_string()),
                 op,
@@ -469,8 +471,10 @@ fn with_form(
     Ok(ctx)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn operation(
     state: &AppState,
+    access: &Access,
     method: &Method,
     target: Target,
     op: &str,
@@ -498,6 +502,20 @@ async fn operation(
         return Err(FhirError::not_found(format!(
             "${name} is not defined at this level"
         )));
+    }
+    if d.affects_state {
+        // An operation that changes stored data (e.g. `$reindex`) works on whole types: it needs a
+        // grant that may update every type it touches without a patient or granular restriction.
+        match &target {
+            Target::System => {
+                for t in kiln_fhir::model::r4().resource_types() {
+                    access.require_unrestricted(Interaction::Update, t)?;
+                }
+            }
+            Target::Type(t) | Target::Instance(t, _) => {
+                access.require_unrestricted(Interaction::Update, t)?
+            }
+        }
     }
     let params = if *method == Method::GET || *method == Method::HEAD {
         if d.affects_state {
