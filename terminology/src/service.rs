@@ -1061,7 +1061,10 @@ impl<'a> Ctx<'a> {
         }
         // An excluded (system, version, code) removes that version's entry when the expansion
         // has it, otherwise the code in every version (an exclude without a version always
-        // removes every version).
+        // removes every version) — unless the value set says versionsMatch=false: then the
+        // versions of a system are distinct code systems and an exclude of another version
+        // removes nothing.
+        let mut cross_version = false;
         let mut excluded: HashSet<Key> = HashSet::new();
         for exc in arr(compose, "exclude") {
             let any_version = s(exc, "version").is_none();
@@ -1078,9 +1081,10 @@ impl<'a> Ctx<'a> {
             let mut remove_all: HashSet<(String, String)> = HashSet::new();
             let mut remove_one: HashSet<Key> = HashSet::new();
             for k in excluded {
-                if k.1.is_some() && present.contains(&k) {
+                if k.1.is_some() && (present.contains(&k) || versions_match == Some(false)) {
                     remove_one.insert(k);
                 } else {
+                    cross_version |= k.1.is_some();
                     remove_all.insert((k.0, k.2));
                 }
             }
@@ -1093,9 +1097,11 @@ impl<'a> Ctx<'a> {
                     ))
             });
         }
-        if let Some(vm) = versions_match {
+        // reported when codes were matched across versions (merged includes, or an exclude
+        // of one version applied to another)
+        if versions_match == Some(true) || (cross_version && versions_match.is_none()) {
             used.echo
-                .push(json!({"name": "versionsMatch", "valueBoolean": vm}));
+                .push(json!({"name": "versionsMatch", "valueBoolean": true}));
         }
         Ok(items)
     }
@@ -1149,7 +1155,38 @@ impl<'a> Ctx<'a> {
                 .filter(|i| in_all(&i.system, &i.concept.code))
                 .collect());
         };
-        let version = self.system_version(system, s(inc, "version"));
+        let mut version = self.system_version(system, s(inc, "version"));
+        // an include without a version takes its version from the parameters: reported in the
+        // expansion when they decided it (system-version, or check-system-version acting as
+        // the default when no system-version is given)
+        if s(inc, "version").is_none()
+            && self.param_version("force-system-version", system).is_none()
+        {
+            let check = self.param_version("check-system-version", system);
+            let applied = if self.param_version("system-version", system).is_some() {
+                Some("system-version")
+            } else if let Some(chk) = &check {
+                if self.find_cs(system, Some(chk)).is_some() {
+                    version = Some(chk.clone());
+                }
+                Some("check-system-version")
+            } else {
+                None
+            };
+            if let Some(name) = applied {
+                for prm in self.params.all(name) {
+                    let Some(v) = value_x(prm).and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if split_canonical(v).0 == system {
+                        let e = p_str(name, "Uri", v);
+                        if !used.echo.contains(&e) {
+                            used.echo.push(e);
+                        }
+                    }
+                }
+            }
+        }
         let Some(entry) = self.find_cs(system, version.as_deref()) else {
             return Err(TxError::not_found(match &version {
                                 Some(v) if self.find_cs(system, None).is_some() => format!(
@@ -1442,13 +1479,38 @@ impl<'a> Ctx<'a> {
                     .unwrap_or(false)
             })
             .collect();
-        // contains.version only when the expansion mixes versions of one system
+        // contains.version only when the expansion mixes versions of one system, or used
+        // several versions of it (e.g. one version excluded from another)
         let mut versions_by_system: HashMap<&str, HashSet<Option<&str>>> = HashMap::new();
         for i in &items {
             versions_by_system
                 .entry(i.system.as_str())
                 .or_default()
                 .insert(i.version.as_deref());
+        }
+        for u in &used.code_systems {
+            if let Some((sys, v)) = u.split_once('|') {
+                versions_by_system.entry(sys).or_default().insert(Some(v));
+            }
+        }
+        // ... or whose compose names several versions of it
+        let mut named: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for inc in vs
+            .get("compose")
+            .map(|c| arr(c, "include"))
+            .unwrap_or_default()
+        {
+            if let (Some(sys), Some(v)) = (s(inc, "system"), s(inc, "version")) {
+                named.entry(sys).or_default().insert(v);
+            }
+        }
+        for (sys, vs_named) in named {
+            if vs_named.len() > 1 {
+                versions_by_system
+                    .entry(sys)
+                    .or_default()
+                    .extend(vs_named.into_iter().map(Some));
+            }
         }
         let rendered: Vec<Map<String, Value>> = page
             .iter()
@@ -2407,9 +2469,14 @@ impl<'a> Ctx<'a> {
             {
                 r.valid = false;
                 r.not_in_vs = true;
+                // the coding as given: `system|version#code ('display')`
+                let shown_system = match &c.version {
+                    Some(v) => format!("{system}|{v}"),
+                    None => system.to_string(),
+                };
                 let shown_code = match &c.display {
-                    Some(d) => format!("{}#{} ('{d}')", system, c.code),
-                    None => format!("{}#{}", system, c.code),
+                    Some(d) => format!("{}#{} ('{d}')", shown_system, c.code),
+                    None => format!("{}#{}", shown_system, c.code),
                 };
                 let m = format!(
                     "The provided code '{shown_code}' was not found in the value set '{canon}'"
@@ -2705,15 +2772,28 @@ impl<'a> Ctx<'a> {
                     .find(|p| version_matches(Some(cv), p) || *p == cv)
                     .cloned()
                     .or_else(|| pins.first().cloned()),
-                None => pins
-                    .iter()
-                    .find(|p| {
+                // a version whose display for the code is the one given, else any that
+                // knows the code
+                None => {
+                    let knows = |p: &String, display: Option<&str>| {
                         self.find_cs(system, Some(p))
-                            .map(|e| self.prov(&e).lookup(&c.code).is_some())
+                            .and_then(|e| self.prov(&e).lookup(&c.code))
+                            .map(|concept| match display {
+                                None => true,
+                                Some(d) => {
+                                    concept.display.as_deref() == Some(d)
+                                        || concept.designations.iter().any(|x| x.value == d)
+                                }
+                            })
                             .unwrap_or(false)
-                    })
-                    .cloned()
-                    .or_else(|| pins.first().cloned()),
+                    };
+                    c.display
+                        .as_deref()
+                        .and_then(|d| pins.iter().find(|p| knows(p, Some(d))))
+                        .or_else(|| pins.iter().find(|p| knows(p, None)))
+                        .cloned()
+                        .or_else(|| pins.first().cloned())
+                }
             }
         } else {
             pins.into_iter().next()
