@@ -96,6 +96,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         }
         "invalid-display" => "Display_Name_for__should_be_one_of__instead_of",
         "version-error" => "VALUESET_VERSION_CHECK",
+        "code-comment" if text.contains("in the value set") && text.contains("is marked with") => {
+            "CONCEPT_DEPRECATED_IN_VALUESET"
+        }
         "code-comment" if text.contains("has a status of") => "INACTIVE_CONCEPT_FOUND",
         "code-comment" if text.contains("is deprecated") => "DEPRECATED_CONCEPT_FOUND",
         "status-check" if text.starts_with("Reference to draft") => "MSG_DRAFT",
@@ -610,6 +613,8 @@ struct Item {
     display: Option<String>,
     /// Language of the code system's displays.
     cs_language: Option<String>,
+    /// Extensions of the value set's `compose.include.concept` echoed in the expansion.
+    vs_extensions: Vec<Value>,
 }
 
 #[derive(Default)]
@@ -1010,6 +1015,7 @@ impl<'a> Ctx<'a> {
                             display: concept.display.clone(),
                             concept,
                             cs_language: None,
+                            vs_extensions: Vec::new(),
                         });
                     }
                     walk(arr(c, "contains"), out);
@@ -1225,6 +1231,7 @@ impl<'a> Ctx<'a> {
             display,
             concept: c,
             cs_language: cs_language.clone(),
+            vs_extensions: Vec::new(),
         };
         let concepts = arr(inc, "concept");
         let filters = arr(inc, "filter");
@@ -1247,7 +1254,9 @@ impl<'a> Ctx<'a> {
                             });
                         }
                     }
-                    out.push(mk(concept, display));
+                    let mut item = mk(concept, display);
+                    item.vs_extensions = vs_concept_extensions(c);
+                    out.push(item);
                 }
             }
             return Ok(out);
@@ -1384,6 +1393,7 @@ impl<'a> Ctx<'a> {
                     display,
                     concept: c,
                     cs_language: cs_language.clone(),
+                    vs_extensions: Vec::new(),
                 }
             })
             .collect();
@@ -1516,6 +1526,9 @@ impl<'a> Ctx<'a> {
             .iter()
             .map(|i| {
                 let mut c = Map::new();
+                if !i.vs_extensions.is_empty() {
+                    c.insert("extension".into(), json!(i.vs_extensions));
+                }
                 c.insert("system".into(), json!(i.system));
                 if let Some(v) = &i.version {
                     if versions_by_system
@@ -1645,8 +1658,18 @@ impl<'a> Ctx<'a> {
                     .any(|i| !arr(i, "concept").is_empty())
             })
             .unwrap_or(false);
+        // an imported value set's expansion is taken as it is (flat)
+        let imports = vs
+            .get("compose")
+            .map(|c| {
+                arr(c, "include")
+                    .iter()
+                    .any(|i| !arr(i, "valueSet").is_empty())
+            })
+            .unwrap_or(false);
         let nest = p.bool("excludeNested") != Some(true)
             && !enumerated
+            && !imports
             && p.param("count").is_none()
             && p.param("offset").is_none()
             && p.param("filter").is_none();
@@ -1787,9 +1810,23 @@ impl<'a> Ctx<'a> {
             "experimental",
             "date",
         ] {
-            if let Some(v) = vs.get(k) {
-                out.insert(k.into(), v.clone());
+            let Some(v) = vs.get(k) else { continue };
+            if k == "extension" {
+                // the value set's standards status is reported as a `warning-…` parameter
+                let kept: Vec<Value> = arr(&vs, "extension")
+                    .iter()
+                    .filter(|e| {
+                        s(e, "url")
+                            != Some("http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status")
+                    })
+                    .cloned()
+                    .collect();
+                if !kept.is_empty() {
+                    out.insert(k.into(), Value::Array(kept));
+                }
+                continue;
             }
+            out.insert(k.into(), v.clone());
         }
         out.insert("expansion".into(), Value::Object(expansion));
         Ok(Value::Object(out))
@@ -2560,6 +2597,21 @@ impl<'a> Ctx<'a> {
                 r.messages.push(m);
             }
         }
+        if let (false, Some((vsv, canon))) = (r.not_in_vs, vs) {
+            if vs_marks_deprecated(vsv, &system, &concept.code) {
+                let m = format!(
+                    "The presence of the concept '{}' in the system '{system}' in the value set {canon} is marked with a status of deprecated and its use should be reviewed",
+                    concept.code
+                );
+                r.issues.push(issue_json(
+                    "warning",
+                    "business-rule",
+                    "code-comment",
+                    &m,
+                    Some(&c.loc_code),
+                ));
+            }
+        }
         if concept.not_selectable && self.params.bool("abstract") == Some(false) {
             r.valid = false;
             let m = format!(
@@ -3130,21 +3182,50 @@ impl<'a> Ctx<'a> {
             }
         }
         if let Some((v, canon)) = &vs {
-            for f in vs_status_flags(v) {
-                let m = format!("Reference to {f} ValueSet {canon}");
-                issues.push(issue_json(
-                    "information",
-                    "business-rule",
-                    "status-check",
-                    &m,
-                    None,
-                ));
+            // the value set and the value sets it imports
+            let mut list: Vec<(String, Arc<Value>)> = vec![(canon.clone(), v.clone())];
+            self.imported_value_sets(v, 0, &mut list);
+            for (canon, v) in &list {
+                for f in vs_status_flags(v) {
+                    let m = format!("Reference to {f} ValueSet {canon}");
+                    issues.push(issue_json(
+                        "information",
+                        "business-rule",
+                        "status-check",
+                        &m,
+                        None,
+                    ));
+                }
             }
         }
         if !issues.is_empty() {
             out.push(json!({"name": "issues", "resource": {"resourceType": "OperationOutcome", "issue": issues}}));
         }
         Ok(json!({"resourceType": "Parameters", "parameter": out}))
+    }
+
+    /// The value sets `vs` imports (`compose.include.valueSet`), transitively, with their
+    /// canonical `url|version`; each once.
+    fn imported_value_sets(&self, vs: &Value, depth: usize, out: &mut Vec<(String, Arc<Value>)>) {
+        if depth > 20 {
+            return;
+        }
+        let Some(compose) = vs.get("compose") else {
+            return;
+        };
+        for inc in arr(compose, "include") {
+            for url in arr(inc, "valueSet").iter().filter_map(Value::as_str) {
+                let Some(v) = self.find_vs(url, None) else {
+                    continue;
+                };
+                let canon = vs_canonical(&v);
+                if out.iter().any(|(c, _)| *c == canon) {
+                    continue;
+                }
+                out.push((canon, v.clone()));
+                self.imported_value_sets(&v, depth + 1, out);
+            }
+        }
     }
 
     // ------------------------------------------------------------ lookup / subsumes
@@ -3524,6 +3605,44 @@ fn standard_property_uri(code: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("http://hl7.org/fhir/concept-properties#{name}"))
+}
+
+/// The extensions a value set's `compose.include.concept` carries into its expansion
+/// (`valueset-deprecated`, `structuredefinition-standards-status`).
+fn vs_concept_extensions(c: &Value) -> Vec<Value> {
+    arr(c, "extension")
+        .iter()
+        .filter(|e| {
+            matches!(
+                s(e, "url"),
+                Some(
+                    "http://hl7.org/fhir/StructureDefinition/valueset-deprecated"
+                        | "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status"
+                )
+            )
+        })
+        .cloned()
+        .collect()
+}
+
+/// Whether the value set's compose marks (system, code) as deprecated in this value set.
+fn vs_marks_deprecated(vs: &Value, system: &str, code: &str) -> bool {
+    let Some(compose) = vs.get("compose") else {
+        return false;
+    };
+    arr(compose, "include")
+        .iter()
+        .filter(|i| s(i, "system") == Some(system))
+        .flat_map(|i| arr(i, "concept").iter())
+        .filter(|c| s(c, "code") == Some(code))
+        .flat_map(vs_concept_extensions)
+        .any(|e| match s(&e, "url") {
+            Some("http://hl7.org/fhir/StructureDefinition/valueset-deprecated") => {
+                s(&e, "valueCode") == Some("true")
+                    || e.get("valueBoolean").and_then(Value::as_bool) == Some(true)
+            }
+            _ => matches!(s(&e, "valueCode"), Some("deprecated" | "withdrawn")),
+        })
 }
 
 fn resource_status_flags(r: &Value) -> Vec<String> {
