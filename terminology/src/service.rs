@@ -67,6 +67,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         "not-found" if text.starts_with("A definition for the value Set") => {
             "Unable_to_resolve_value_Set_"
         }
+        "not-found" if text.contains("No versions of this code system are known") => {
+            "UNKNOWN_CODESYSTEM_VERSION_NONE"
+        }
         "not-found" if text.contains("' version '") && text.contains("cannot be expanded") => {
             "UNKNOWN_CODESYSTEM_VERSION_EXP"
         }
@@ -116,6 +119,9 @@ fn message_id(tx_code: &str, severity: &str, text: &str) -> Option<&'static str>
         }
         "invalid-data" if text.contains("is a supplement, so can't be used") => {
             "CODESYSTEM_CS_NO_SUPPLEMENT"
+        }
+        "invalid-data" if text.contains("must be an absolute reference") => {
+            "Terminology_TX_System_Relative"
         }
         "invalid-data" if text.starts_with("Coding has no system") => {
             "Coding_has_no_system__cannot_validate"
@@ -2352,10 +2358,14 @@ impl<'a> Ctx<'a> {
         }
         let Some(entry) = entry else {
             r.valid = false;
+            let system_known = self.find_cs(&system, None).is_some();
             let m = match &version {
-                Some(v) if self.find_cs(&system, None).is_some() => format!(
+                Some(v) if system_known => format!(
                     "A definition for CodeSystem '{system}' version '{v}' could not be found, so the code cannot be validated. Valid versions: {}",
                     or_list(&self.versions_of(&system))
+                ),
+                Some(v) if vs.is_some() => format!(
+                    "A definition for CodeSystem '{system}' version '{v}' could not be found, so the code cannot be validated. No versions of this code system are known"
                 ),
                 _ => format!(
                     "A definition for CodeSystem '{system}' could not be found, so the code cannot be validated"
@@ -2405,21 +2415,31 @@ impl<'a> Ctx<'a> {
                 .unwrap_or(true);
             let mut deferred: Option<String> = None;
             if let (Some((_, canon)), false) = (vs, vs_mentions_system) {
+                let shown_system = match &c.version {
+                    Some(v) => format!("{system}|{v}"),
+                    None => system.clone(),
+                };
                 let n = format!(
-                    "The provided code '{system}#{}' was not found in the value set '{canon}'",
+                    "The provided code '{shown_system}#{}' was not found in the value set '{canon}'",
                     c.code
                 );
-                r.issues.push(issue_json(
-                    "error",
-                    "code-invalid",
-                    "not-in-vs",
-                    &n,
-                    Some(&c.loc_code),
-                ));
-                deferred = Some(n);
+                let (sev, tx) = if in_cc {
+                    ("information", "this-code-not-in-vs")
+                } else {
+                    ("error", "not-in-vs")
+                };
+                r.issues
+                    .push(issue_json(sev, "code-invalid", tx, &n, Some(&c.loc_code)));
+                r.not_in_vs = in_cc;
+                // in a CodeableConcept this is information, summed up by the concept's message
+                if !in_cc {
+                    deferred = Some(n);
+                }
             }
+            // a system must be an absolute URI (a local reference names no code system)
+            let absolute = system.contains(':');
             // tx.fhir.org words this without quotes when the value set does not use the system
-            let m = if vs.is_some() && !vs_mentions_system && version.is_none() {
+            let m = if vs.is_some() && !vs_mentions_system && version.is_none() && absolute {
                 format!(
                     "A definition for CodeSystem {system} could not be found, so the code cannot be validated"
                 )
@@ -2434,10 +2454,25 @@ impl<'a> Ctx<'a> {
                 Some(&c.loc_system),
             ));
             r.messages.push(m);
+            if !absolute {
+                let m = format!(
+                    "{} must be an absolute reference, not a local reference",
+                    c.loc_system
+                );
+                r.issues.push(issue_json(
+                    "error",
+                    "invalid",
+                    "invalid-data",
+                    &m,
+                    Some(&c.loc_system),
+                ));
+                r.messages.push(m);
+            }
             r.messages.extend(deferred);
+            // the version is named only when the system itself is known
             r.unknown_system = Some(match &version {
-                Some(v) => format!("{system}|{v}"),
-                None => system.clone(),
+                Some(v) if system_known => format!("{system}|{v}"),
+                _ => system.clone(),
             });
             r.unknown_system_param = vs_mentions_system;
             return Ok(r);
@@ -3086,6 +3121,12 @@ impl<'a> Ctx<'a> {
             .any(|i| i["severity"] == "error");
         let result = best.is_some() && !(in_cc && any_error);
         if in_cc {
+            // unknown code systems are reported first
+            if best.is_none() {
+                for r in results.iter().filter(|r| r.unknown_system.is_some()) {
+                    messages.extend(r.messages.iter().cloned());
+                }
+            }
             if best.is_none() && results.iter().any(|r| r.not_in_vs) {
                 if let Some((_, canon)) = &vs {
                     let m = format!("No valid coding was found for the value set '{canon}'");
@@ -3095,7 +3136,8 @@ impl<'a> Ctx<'a> {
             }
             for r in &results {
                 issues.extend(r.issues.iter().cloned());
-                if !r.valid || best.is_none() {
+                let reported = best.is_none() && r.unknown_system.is_some();
+                if (!r.valid || best.is_none()) && !reported {
                     messages.extend(r.messages.iter().cloned());
                 }
             }
@@ -3141,10 +3183,12 @@ impl<'a> Ctx<'a> {
             if let (Some(u), false, false) =
                 (&r.unknown_system, r.unknown_system_param, r.pin_missing)
             {
-                if r.issues
-                    .iter()
-                    .any(|i| i["details"]["coding"][0]["code"] == "not-in-vs")
-                {
+                if r.issues.iter().any(|i| {
+                    matches!(
+                        i["details"]["coding"][0]["code"].as_str(),
+                        Some("not-in-vs" | "this-code-not-in-vs")
+                    )
+                }) {
                     out.push(p_str("x-unknown-system", "Canonical", u));
                 }
             }

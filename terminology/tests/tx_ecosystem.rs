@@ -8,6 +8,7 @@
 //! Skipped as not applicable to a general server (the suite's `mode`): `tx.fhir.org` (internal QA
 //! of tx.fhir.org), `snomed` and `omop` (need licensed SNOMED CT / OMOP content), `icd-11`, plus
 //! `metadata` (CapabilityStatement/TerminologyCapabilities belong to the HTTP layer).
+//! The current result and every failing test with its reason are in docs/TERMINOLOGY.md.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use regex::Regex;
 use serde_json::{json, Value};
 
 /// Minimum overall pass rate (percent of tests in applicable suites) this build must reach.
-const MIN_PASS_PERCENT: f64 = 89.0;
+const MIN_PASS_PERCENT: f64 = 92.5;
 
 fn root() -> Option<PathBuf> {
     let p = PathBuf::from(concat!(
