@@ -82,58 +82,6 @@ pub fn read_file(path: &Path) -> Result<String, FileError> {
     })
 }
 
-/// Tab-separated (RF2): no quoting, CRLF or LF line ends, header row.
-pub fn parse_tsv(text: &str, file: &str) -> Result<Table, FileError> {
-    let text = text.trim_start_matches('\u{feff}');
-    let mut lines = text.split('\n').enumerate();
-    let header = match lines.next() {
-        Some((_, h)) if !h.trim().is_empty() => h.trim_end_matches('\r'),
-        _ => {
-            return Err(FileError {
-                file: file.into(),
-                line: 1,
-                column: 1,
-                message: "empty file: no header row".into(),
-            })
-        }
-    };
-    let names: Vec<&str> = header.split('\t').collect();
-    let columns = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.trim().to_string(), i))
-        .collect();
-    let mut rows = Vec::new();
-    for (i, l) in lines {
-        let l = l.trim_end_matches('\r');
-        if l.is_empty() {
-            continue;
-        }
-        let fields: Vec<String> = l.split('\t').map(str::to_string).collect();
-        if fields.len() != names.len() {
-            return Err(FileError {
-                file: file.into(),
-                line: i + 1,
-                column: fields.len().min(names.len()) + 1,
-                message: format!(
-                    "expected {} tab-separated fields, found {}",
-                    names.len(),
-                    fields.len()
-                ),
-            });
-        }
-        rows.push(Row {
-            line: i + 1,
-            fields,
-        });
-    }
-    Ok(Table {
-        file: file.into(),
-        columns,
-        rows,
-    })
-}
-
 /// Where progress lines go (see `with_progress`).
 type ProgressSink = Option<Box<dyn Fn(&str)>>;
 
@@ -555,11 +503,26 @@ mod tests {
     }
 
     #[test]
-    fn tsv_field_count() {
-        let t = parse_tsv("id\tactive\r\n1\t1\r\n", "x.txt").unwrap();
-        assert_eq!(t.rows[0].fields, vec!["1", "1"]);
-        let e = parse_tsv("id\tactive\r\n1\t1\r\n2\r\n", "x.txt").unwrap_err();
-        assert_eq!((e.line, e.column), (3, 2));
-        assert!(t.col("nope").is_err());
+    fn tsv_rows_by_header() {
+        // BOM, CRLF line ends, a blank line, a short row
+        let text = "\u{feff}id\tactive \r\n1\t1\r\n\r\n2\t0\r\n3\r\n4\t1\n";
+        let mut rows = TsvRows::new(text, "dir/x.txt").unwrap();
+        let h = rows.header().clone();
+        assert_eq!((h.col("id").unwrap(), h.col("active").unwrap()), (0, 1));
+        let missing = h.col("nope").unwrap_err();
+        assert_eq!((missing.line, missing.file.as_str()), (1, "dir/x.txt"));
+        assert!(missing.message.contains("'nope'"));
+        let (line, fields) = rows.next().unwrap().unwrap();
+        assert_eq!((line, fields.to_vec()), (2, vec!["1", "1"]));
+        let (line, fields) = rows.next().unwrap().unwrap();
+        assert_eq!((line, fields.to_vec()), (4, vec!["2", "0"]));
+        let e = rows.next().unwrap().unwrap_err();
+        assert_eq!((e.line, e.column), (5, 2));
+        assert!(e
+            .message
+            .contains("expected 2 tab-separated fields, found 1"));
+        assert_eq!(rows.next().unwrap().unwrap().1.to_vec(), vec!["4", "1"]);
+        assert!(rows.next().is_none());
+        assert!(TsvRows::new("\n", "empty.txt").is_err());
     }
 }
