@@ -207,6 +207,23 @@ pub trait CodeSystemProvider: Send + Sync {
     /// Text search over codes and display/designations; best first: exact code, display
     /// starts with the text, then every word of the text a prefix of a word of the display.
     fn search(&self, text: &str, limit: usize) -> Vec<String>;
+    /// One page of `search` (matches `offset..offset + count`, best first), only active
+    /// concepts when `active_only`, and the number of matches. Implementations with an index
+    /// answer without ranking every match.
+    fn search_page(
+        &self,
+        text: &str,
+        active_only: bool,
+        offset: usize,
+        count: usize,
+    ) -> (Vec<String>, usize) {
+        let mut all = self.search(text, usize::MAX);
+        if active_only {
+            all.retain(|c| self.lookup(c).is_some_and(|c| !c.inactive));
+        }
+        let total = all.len();
+        (all.into_iter().skip(offset).take(count).collect(), total)
+    }
     /// All ancestors (transitive).
     fn ancestors(&self, code: &str) -> HashSet<String> {
         let mut out = HashSet::new();
@@ -288,6 +305,11 @@ impl TextMatcher {
         TextMatcher { q, words }
     }
 
+    /// The trimmed, lowercase query.
+    pub fn text(&self) -> &str {
+        &self.q
+    }
+
     /// The lowercase words of the query.
     pub fn words(&self) -> &[String] {
         &self.words
@@ -328,11 +350,143 @@ impl TextMatcher {
     }
 }
 
-/// A full-text index over a `ConceptTable` (tantivy, feature `text-index`): every concept whose
-/// code or display/designations match the query, as indexes into `ConceptTable::concepts`.
-/// `None` means the index cannot answer (the table is scanned instead).
+/// A full-text index over a `ConceptTable` (tantivy, feature `text-index`).
 pub trait TextSearcher: Send + Sync + std::fmt::Debug {
-    fn matching(&self, query: &str) -> Option<Vec<u32>>;
+    /// The concepts `TextMatcher` would match for `query` (score > 0), restricted to `within`
+    /// when given, ranked as `ConceptTable::search` ranks them (score, then position in the
+    /// table): the page `offset..offset + count` as indexes into `ConceptTable::concepts`, and
+    /// the number of matches. `None` when the index cannot answer this query exactly (the table
+    /// is scanned instead).
+    fn ranked(
+        &self,
+        query: &str,
+        within: Option<&ConceptSet>,
+        offset: usize,
+        count: usize,
+    ) -> Option<(Vec<u32>, usize)>;
+}
+
+/// A set of concepts of one `ConceptTable` (their positions), as a bitset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConceptSet {
+    bits: Vec<u64>,
+}
+
+impl ConceptSet {
+    /// An empty set over `n` positions.
+    pub fn new(n: usize) -> Self {
+        ConceptSet {
+            bits: vec![0; n.div_ceil(64)],
+        }
+    }
+
+    /// Adds position `i` (growing the set when needed).
+    pub fn insert(&mut self, i: u32) {
+        let w = (i / 64) as usize;
+        if w >= self.bits.len() {
+            self.bits.resize(w + 1, 0);
+        }
+        self.bits[w] |= 1 << (i % 64);
+    }
+
+    pub fn contains(&self, i: u32) -> bool {
+        self.bits
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|w| *w == 0)
+    }
+
+    /// Keeps only the members also in `other`.
+    pub fn intersect_with(&mut self, other: &ConceptSet) {
+        for (k, w) in self.bits.iter_mut().enumerate() {
+            *w &= other.bits.get(k).copied().unwrap_or(0);
+        }
+    }
+
+    /// The 64-bit words of the set (bit `i % 64` of word `i / 64` is position `i`).
+    pub fn words(&self) -> &[u64] {
+        &self.bits
+    }
+
+    /// Members in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.bits.iter().enumerate().flat_map(|(k, w)| {
+            let mut w = *w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros();
+                w &= w - 1;
+                Some(k as u32 * 64 + b)
+            })
+        })
+    }
+}
+
+impl FromIterator<u32> for ConceptSet {
+    fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
+        let mut s = ConceptSet::default();
+        for i in iter {
+            s.insert(i);
+        }
+        s
+    }
+}
+
+/// The page `offset..offset + count` of the members of `tiers` (best tier first; a member of
+/// several counts in the first; ascending position within a tier), restricted to `within`, and
+/// the number of members in all.
+pub fn rank_tiers(
+    tiers: &[ConceptSet],
+    within: Option<&ConceptSet>,
+    offset: usize,
+    count: usize,
+) -> (Vec<u32>, usize) {
+    let len = tiers.iter().map(|t| t.bits.len()).max().unwrap_or(0);
+    let mut seen = vec![0u64; len];
+    let mut page = Vec::new();
+    let mut skip = offset;
+    let mut total = 0usize;
+    for t in tiers {
+        for (k, w) in t.bits.iter().enumerate() {
+            let mut x = *w & !seen[k];
+            if let Some(m) = within {
+                x &= m.bits.get(k).copied().unwrap_or(0);
+            }
+            if x == 0 {
+                continue;
+            }
+            seen[k] |= x;
+            let n = x.count_ones() as usize;
+            total += n;
+            if page.len() >= count {
+                continue;
+            }
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            while x != 0 && page.len() < count {
+                let b = x.trailing_zeros();
+                x &= x - 1;
+                if skip > 0 {
+                    skip -= 1;
+                } else {
+                    page.push(k as u32 * 64 + b);
+                }
+            }
+        }
+    }
+    (page, total)
 }
 
 /// An attribute relationship of a concept (SNOMED CT active inferred non-IS-A relationship):
@@ -935,44 +1089,58 @@ impl CodeSystemProvider for ConceptTable {
         Some(self.concepts.len())
     }
     fn search(&self, text: &str, limit: usize) -> Vec<String> {
+        self.search_page(text, false, 0, limit).0
+    }
+    fn search_page(
+        &self,
+        text: &str,
+        active_only: bool,
+        offset: usize,
+        count: usize,
+    ) -> (Vec<String>, usize) {
+        // the index ranks exactly as the scan below does, without scoring every match
+        let active: Option<ConceptSet> = (active_only && self.text_index.is_some()).then(|| {
+            (0..self.concepts.len() as u32)
+                .filter(|i| !self.concepts[*i as usize].inactive)
+                .collect()
+        });
+        if let Some((page, total)) = self
+            .text_index
+            .as_ref()
+            .and_then(|ix| ix.ranked(text, active.as_ref(), offset, count))
+        {
+            let codes = page
+                .into_iter()
+                .filter_map(|i| self.concepts.get(i as usize).map(|c| c.code.clone()))
+                .collect();
+            return (codes, total);
+        }
         let m = TextMatcher::new(text);
-        let score = |c: &Concept| {
-            m.score(
+        let mut scored: Vec<(u32, usize)> = Vec::new();
+        for (i, c) in self.concepts.iter().enumerate() {
+            if active_only && c.inactive {
+                continue;
+            }
+            let s = m.score(
                 &c.code,
                 c.display
                     .as_deref()
                     .into_iter()
                     .chain(c.designations.iter().map(|d| d.value.as_str())),
-            )
-        };
-        let mut scored: Vec<(u32, usize)> = Vec::new();
-        // the index narrows the candidates; the ranking is the same as the scan's
-        match self.text_index.as_ref().and_then(|ix| ix.matching(text)) {
-            Some(hits) => {
-                for i in hits {
-                    if let Some(c) = self.concepts.get(i as usize) {
-                        let s = score(c);
-                        if s > 0 {
-                            scored.push((s, i as usize));
-                        }
-                    }
-                }
-            }
-            None => {
-                for (i, c) in self.concepts.iter().enumerate() {
-                    let s = score(c);
-                    if s > 0 {
-                        scored.push((s, i));
-                    }
-                }
+            );
+            if s > 0 {
+                scored.push((s, i));
             }
         }
         scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        scored
+        let total = scored.len();
+        let page = scored
             .into_iter()
-            .take(limit)
+            .skip(offset)
+            .take(count)
             .map(|(_, i)| self.concepts[i].code.clone())
-            .collect()
+            .collect();
+        (page, total)
     }
     fn subsumes(&self, a: &str, b: &str) -> Option<Subsumption> {
         let ia = self.index_of(a)?;
@@ -1092,6 +1260,30 @@ mod tests {
         assert!(t.reachability().is_none());
         assert!(t.has_ancestor(a, c));
         assert!(t.has_ancestor(d, a));
+    }
+
+    #[test]
+    fn rank_tiers_pages_best_tier_first() {
+        let set = |v: &[u32]| v.iter().copied().collect::<ConceptSet>();
+        // 130 in tiers 0 and 2 counts once, in tier 0; positions ascend within a tier
+        let tiers = [set(&[130, 5]), set(&[]), set(&[64, 130, 1, 200])];
+        assert_eq!(
+            rank_tiers(&tiers, None, 0, 10),
+            (vec![5, 130, 1, 64, 200], 5)
+        );
+        assert_eq!(rank_tiers(&tiers, None, 1, 3), (vec![130, 1, 64], 5));
+        assert_eq!(rank_tiers(&tiers, None, 4, 3), (vec![200], 5));
+        assert_eq!(rank_tiers(&tiers, None, 9, 3), (vec![], 5));
+        assert_eq!(rank_tiers(&tiers, None, 0, 0), (vec![], 5));
+        let within = set(&[1, 130, 200]);
+        assert_eq!(
+            rank_tiers(&tiers, Some(&within), 0, 10),
+            (vec![130, 1, 200], 3)
+        );
+        let s = set(&[3, 64, 65, 700]);
+        assert_eq!(s.len(), 4);
+        assert!(s.contains(700) && !s.contains(701) && !s.contains(100_000));
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![3, 64, 65, 700]);
     }
 
     #[test]

@@ -1345,9 +1345,6 @@ impl<'a> Ctx<'a> {
         ) else {
             return Ok(None);
         };
-        if p.bool("activeOnly") == Some(true) {
-            return Ok(None);
-        }
         let Some(compose) = vs.get("compose") else {
             return Ok(None);
         };
@@ -1381,15 +1378,13 @@ impl<'a> Ctx<'a> {
             return Ok(None);
         }
         used.cs(entry.canonical());
-        let hits = provider.search(f, usize::MAX);
-        let total = hits.len();
         let offset = p.int("offset").unwrap_or(0).max(0) as usize;
+        let active_only = p.bool("activeOnly") == Some(true);
+        let (page, total) = provider.search_page(f, active_only, offset, count.max(0) as usize);
         let lang = self.display_language();
         let cs_language = provider.language().map(str::to_string);
-        let items = hits
+        let items = page
             .iter()
-            .skip(offset)
-            .take(count.max(0) as usize)
             .filter_map(|code| provider.lookup(code))
             .map(|c| {
                 let display = self.display_in(&c, lang.as_deref(), provider.language());
@@ -4012,23 +4007,36 @@ mod tests {
                 words[(i / 6) % 6],
                 words[(i / 36) % 6]
             );
-            t.add(Concept::new(format!("C{i}"), Some(d)));
+            let mut c = Concept::new(format!("C{i}"), Some(d));
+            c.inactive = i % 11 == 0;
+            t.add(c);
         }
         t.add(Concept::new("chr", Some("Code equal to the text".into())));
         let mut tx = Terminology::new();
         tx.add_code_system(Arc::new(t));
-        let req = |count: Option<i64>, offset: i64, general: bool| {
+        let req_active = |count: Option<i64>, offset: i64, general: bool, active_only: bool| {
             let mut p = vec![
-                // activeOnly (every concept is active here) takes the general path
-                json!({"name": "activeOnly", "valueBoolean": general}),
-                json!({"name": "url", "valueUri": "http://example.org/big?fhir_vs"}),
+                json!({"name": "activeOnly", "valueBoolean": active_only}),
                 json!({"name": "filter", "valueString": "chr"}),
                 json!({"name": "offset", "valueInteger": offset}),
             ];
+            if general {
+                // two includes (the second adds nothing) take the general path
+                p.push(json!({"name": "valueSet", "resource": {
+                    "resourceType": "ValueSet", "status": "active",
+                    "compose": {"include": [
+                        {"system": "http://example.org/big"},
+                        {"system": "http://example.org/big", "concept": [{"code": "C1"}]}]}}}));
+            } else {
+                p.push(json!({"name": "url", "valueUri": "http://example.org/big?fhir_vs"}));
+            }
             if let Some(c) = count {
                 p.push(json!({"name": "count", "valueInteger": c}));
             }
             json!({"resourceType": "Parameters", "parameter": p})
+        };
+        let req = |count: Option<i64>, offset: i64, general: bool| {
+            req_active(count, offset, general, false)
         };
         let codes = |v: &Value| -> Vec<String> {
             arr(&v["expansion"], "contains")
@@ -4059,6 +4067,26 @@ mod tests {
             assert_eq!(
                 codes(&page),
                 all_codes[offset as usize..(offset + count) as usize].to_vec()
+            );
+        }
+        // activeOnly: the same, over the active concepts
+        let all = tx.expand(&req_active(Some(5000), 0, true, true)).unwrap();
+        let active_codes = codes(&all);
+        let active_total = all["expansion"]["total"].as_u64().unwrap() as usize;
+        assert_eq!(active_total, active_codes.len());
+        assert!(active_total < total && active_total > 400, "{active_total}");
+        assert!(!active_codes.contains(&"C0".to_string()));
+        for (count, offset) in [(10, 0), (9, 21), (30, 400)] {
+            let page = tx
+                .expand(&req_active(Some(count), offset, false, true))
+                .unwrap();
+            assert_eq!(
+                page["expansion"]["total"].as_u64().unwrap() as usize,
+                active_total
+            );
+            assert_eq!(
+                codes(&page),
+                active_codes[offset as usize..(offset + count) as usize].to_vec()
             );
         }
         // without count an expansion this large is refused

@@ -171,6 +171,19 @@ fn icd10cm_text_index() {
         assert!(!r.is_empty(), "{q}");
         assert_eq!(r, scan, "the index ranks like the scan for {q}");
     }
+    // pages and totals of 3-letter filters (and a code prefix) equal the scan's
+    for q in ["dia", "fra", "mal", "E11", "inj"] {
+        let t1 = Instant::now();
+        let r = indexed.search_page(q, false, 20, 10);
+        let took = t1.elapsed();
+        let scan = t.search_page(q, false, 20, 10);
+        println!(
+            "search page {q:?}: total {} in {took:?} with the index",
+            r.1
+        );
+        assert!(r.1 > 30, "{q}: {}", r.1);
+        assert_eq!(r, scan, "the index pages and counts like the scan for {q}");
+    }
     assert_eq!(indexed.search("E11.9", 1)[0], "E11.9");
     let r = indexed.search("cholera", 5);
     assert_eq!(

@@ -5,6 +5,11 @@
 //! `kiln-tx-bench load SYSTEM PATH STORE_DIR` runs exactly what `kiln terminology load` runs
 //! (parse the release, write the store snapshot) for one system (icd10cm, loinc, snomed, ucum),
 //! so that `/usr/bin/time -v` measures the load's time and peak RSS alone.
+//!
+//! `kiln-tx-bench expand ID STORE_DIR [FILTER…]` reads the code system `ID` saved in STORE_DIR
+//! (by `load`), builds its text index (with the `text-index` feature), and prints p50/p99 of
+//! `$expand ?fhir_vs filter=… count=10` (and `offset=100`) through the service API for each
+//! filter (default: a set of 3-letter prefixes and two 2-word filters).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,8 +54,117 @@ fn load_one(system: &str, path: &std::path::Path, store_dir: &std::path::Path) {
     }
 }
 
+fn expand_bench(id: &str, store_dir: &std::path::Path, filters: &[String]) {
+    let store = TerminologyStore::open(store_dir).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    });
+    let t0 = Instant::now();
+    #[allow(unused_mut)]
+    let mut table = match store.load(id) {
+        Ok(Some(t)) => t,
+        other => {
+            eprintln!("{id}: no snapshot in {} ({other:?})", store_dir.display());
+            std::process::exit(1)
+        }
+    };
+    println!(
+        "{id}: snapshot of {} concepts read in {:?}",
+        table.len(),
+        t0.elapsed()
+    );
+    #[cfg(feature = "text-index")]
+    {
+        let t1 = Instant::now();
+        if let Err(e) = store.build_text_index(id, &table) {
+            eprintln!("{id}: {e}");
+            std::process::exit(1);
+        }
+        println!("{id}: text index built in {:?}", t1.elapsed());
+        let idx = store.open_text_index(id).unwrap_or_else(|e| {
+            eprintln!("{id}: {e}");
+            std::process::exit(1)
+        });
+        table.set_text_index(Arc::new(idx));
+    }
+    let url = table.url.clone();
+    let mut tx = Terminology::new();
+    tx.add_code_system(Arc::new(table));
+    let default: Vec<String> = [
+        "dia",
+        "chr",
+        "ren",
+        "fra",
+        "glu",
+        "car",
+        "acu",
+        "mal",
+        "neo",
+        "inj",
+        "diab chron",
+        "fract femur",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let filters = if filters.is_empty() {
+        &default
+    } else {
+        filters
+    };
+    for offset in [0, 100] {
+        let mut all = Vec::new();
+        for f in filters {
+            let mut times = Vec::new();
+            let mut total = serde_json::Value::Null;
+            let mut first = serde_json::Value::Null;
+            for _ in 0..50 {
+                let t = Instant::now();
+                let r = tx.expand(&json!({"resourceType": "Parameters", "parameter": [
+                    {"name": "url", "valueUri": format!("{url}?fhir_vs")},
+                    {"name": "filter", "valueString": f},
+                    {"name": "offset", "valueInteger": offset},
+                    {"name": "count", "valueInteger": 10}]}));
+                times.push(t.elapsed());
+                let v = r.unwrap_or_else(|e| {
+                    eprintln!("expand {f:?}: {:?}", e.issues);
+                    std::process::exit(1)
+                });
+                total = v["expansion"]["total"].clone();
+                first = v["expansion"]["contains"][0]["code"].clone();
+            }
+            times.sort();
+            if f.len() == 3 {
+                all.extend(times.iter().copied());
+            }
+            println!(
+                "{id}: $expand ?fhir_vs filter={f:?} offset={offset} count=10 (total {total}, first {first}): p50 {:?}, p99 {:?}",
+                times[times.len() / 2],
+                times[times.len() * 99 / 100]
+            );
+        }
+        if !all.is_empty() {
+            all.sort();
+            println!(
+                "{id}: all 3-letter filters, offset={offset}: {} requests, p50 {:?}, p99 {:?}",
+                all.len(),
+                all[all.len() / 2],
+                all[all.len() * 99 / 100]
+            );
+        }
+    }
+}
+
 fn main() {
     let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("expand") {
+        if all.len() < 3 {
+            eprintln!("usage: kiln-tx-bench expand ID STORE_DIR [FILTER…]");
+            std::process::exit(2);
+        }
+        expand_bench(&all[1], &PathBuf::from(&all[2]), &all[3..]);
+        return;
+    }
     if all.first().map(String::as_str) == Some("load") {
         if all.len() != 4 {
             eprintln!("usage: kiln-tx-bench load SYSTEM PATH STORE_DIR");
