@@ -172,7 +172,7 @@ fn icd10cm_text_index() {
         assert_eq!(r, scan, "the index ranks like the scan for {q}");
     }
     // pages and totals of 3-letter filters (and a code prefix) equal the scan's
-    for q in ["dia", "fra", "mal", "E11", "inj"] {
+    for q in ["dia", "fra", "E11"] {
         let t1 = Instant::now();
         let r = indexed.search_page(q, false, 20, 10);
         let took = t1.elapsed();
