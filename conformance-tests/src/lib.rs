@@ -199,6 +199,17 @@ impl TestServer {
         })
     }
 
+    /// The store configuration a second node on this server's database would use (same SQLite
+    /// file, or same PostgreSQL database).
+    pub fn store_config(&self) -> kiln_store::StoreConfig {
+        kiln_store::StoreConfig {
+            data_dir: self._dir.path().to_path_buf(),
+            database: self.pg.as_ref().map(|p| p.url.clone()),
+            max_connections: 2,
+            ..Default::default()
+        }
+    }
+
     /// The PostgreSQL database of this server, if it runs on PostgreSQL.
     pub fn pg_database(&self) -> Option<&str> {
         self.pg.as_ref().map(|p| p.name.as_str())

@@ -1,7 +1,7 @@
 //! search.html features beyond the basic parameter types, over HTTP on both backends: token
 //! `:in` / `:not-in` / `:above` / `:below` through the terminology service, the implied system of
 //! `code`-typed elements, custom SearchParameter resources with `$reindex` (type, instance and
-//! system level, as a background job), `_list` and `near`.
+//! system level, as a background job), `_list`, `near`, and `_contained` / `_containedType`.
 
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,8 @@ backend_tests!(
     near_location,
     reference_hierarchy,
     filter_terminology_operators,
+    contained_resources,
+    reindex_jobs_are_persistent,
 );
 
 async fn reference_hierarchy(srv: &TestServer) {
@@ -842,4 +844,383 @@ async fn near_location(srv: &TestServer) {
     );
     bad_request(srv, &near("north|13"), &["near", "north|13"]).await;
     bad_request(srv, &near("52|13|5|parsec"), &["near", "parsec"]).await;
+}
+
+const RXNORM: &str = "http://www.nlm.nih.gov/research/umls/rxnorm";
+
+fn rx(code: &str) -> Value {
+    json!({"coding": [{"system": RXNORM, "code": code}]})
+}
+
+/// A MedicationRequest whose medication is a contained Medication `#m1` with `code`.
+fn med_request(id: &str, code: &str, form: &str) -> Value {
+    json!({
+        "resourceType": "MedicationRequest", "id": id, "status": "active", "intent": "order",
+        "contained": [{"resourceType": "Medication", "id": "m1", "code": rx(code),
+                       "form": {"text": form}}],
+        "medicationReference": {"reference": "#m1"},
+        "subject": {"reference": "Patient/pa"}
+    })
+}
+
+/// (resource type, id, fullUrl) of the matches of a search, in Bundle order.
+async fn contained_matches(srv: &TestServer, path: &str) -> Vec<(String, String, String)> {
+    let r = srv.get_with(path, &[("prefer", "handling=strict")]).await;
+    r.assert_status(200);
+    let b = r.json();
+    entries(&b)
+        .iter()
+        .filter(|e| e["search"]["mode"] == "match")
+        .map(|e| {
+            (
+                e["resource"]["resourceType"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                e["resource"]["id"].as_str().unwrap_or("").to_string(),
+                e["fullUrl"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn triples(base: &str, list: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    list.iter()
+        .map(|(t, i, u)| (t.to_string(), i.to_string(), format!("{base}/{u}")))
+        .collect()
+}
+
+async fn contained_resources(srv: &TestServer) {
+    let put = |path: String, body: Value| async move {
+        let r = srv.put_json(&path, &body).await;
+        assert!(r.status == 200 || r.status == 201, "{path}: {}", r.text());
+    };
+    put(
+        "Patient/pa".into(),
+        json!({"resourceType": "Patient", "id": "pa", "name": [{"family": "Taylor"}]}),
+    )
+    .await;
+    put(
+        "Medication/medtop".into(),
+        json!({"resourceType": "Medication", "id": "medtop", "code": rx("111")}),
+    )
+    .await;
+    put(
+        "MedicationRequest/mra".into(),
+        med_request("mra", "111", "tablet"),
+    )
+    .await;
+    put(
+        "MedicationRequest/mrb".into(),
+        med_request("mrb", "222", "syrup"),
+    )
+    .await;
+    put(
+        "Observation/obsc".into(),
+        json!({"resourceType": "Observation", "id": "obsc", "status": "final",
+               "code": {"text": "note"},
+               "contained": [{"resourceType": "Patient", "id": "cp", "name": [{"family": "Taylor"}],
+                              "managingOrganization": {"reference": "#"}}],
+               "subject": {"reference": "#cp"}}),
+    )
+    .await;
+    let base = srv.base.clone();
+    let t = |list: &[(&str, &str, &str)]| triples(&base, list);
+    // by default contained resources are not searched
+    assert_eq!(
+        contained_matches(srv, "Medication?code=111").await,
+        t(&[("Medication", "medtop", "Medication/medtop")])
+    );
+    assert_eq!(
+        contained_matches(srv, "Patient?family=Taylor").await,
+        t(&[("Patient", "pa", "Patient/pa")])
+    );
+    // _containedType=contained: the contained resource itself, fullUrl [container]#[id]
+    assert_eq!(
+        contained_matches(
+            srv,
+            "Medication?code=111&_contained=true&_containedType=contained"
+        )
+        .await,
+        t(&[("Medication", "m1", "MedicationRequest/mra#m1")])
+    );
+    assert_eq!(
+        contained_matches(
+            srv,
+            "Medication?code=111&_contained=both&_containedType=contained&_sort=_lastUpdated"
+        )
+        .await,
+        t(&[
+            ("Medication", "medtop", "Medication/medtop"),
+            ("Medication", "m1", "MedicationRequest/mra#m1"),
+        ])
+    );
+    assert_eq!(
+        contained_matches(
+            srv,
+            "Patient?family=taylor&_contained=true&_containedType=contained"
+        )
+        .await,
+        t(&[("Patient", "cp", "Observation/obsc#cp")])
+    );
+    // _id is the local id; two containers may use the same one
+    let mut both = contained_matches(
+        srv,
+        "Medication?_id=m1&_contained=true&_containedType=contained",
+    )
+    .await;
+    both.sort();
+    assert_eq!(
+        both,
+        t(&[
+            ("Medication", "m1", "MedicationRequest/mra#m1"),
+            ("Medication", "m1", "MedicationRequest/mrb#m1"),
+        ])
+    );
+    assert!(contained_matches(srv, "Medication?_id=m1").await.is_empty());
+    // _containedType=container (the default): the containers, once each
+    assert_eq!(
+        contained_matches(srv, "Medication?code=111&_contained=true").await,
+        t(&[("MedicationRequest", "mra", "MedicationRequest/mra")])
+    );
+    assert_eq!(
+        contained_matches(
+            srv,
+            "Medication?code=111,222&_contained=true&_containedType=container&_sort=-code"
+        )
+        .await,
+        t(&[
+            ("MedicationRequest", "mrb", "MedicationRequest/mrb"),
+            ("MedicationRequest", "mra", "MedicationRequest/mra"),
+        ]),
+        "containers sorted by their contained resources' codes"
+    );
+    assert_eq!(
+        contained_matches(srv, "Medication?code=111&_contained=both&_sort=_id").await,
+        t(&[
+            ("Medication", "medtop", "Medication/medtop"),
+            ("MedicationRequest", "mra", "MedicationRequest/mra"),
+        ])
+    );
+    // sort and page over contained resources
+    let r = srv
+        .get("Medication?_contained=true&_containedType=contained&_sort=-code&_count=1")
+        .await;
+    r.assert_status(200);
+    let first = r.json();
+    let pages = srv.all_pages(&first, 5).await;
+    let urls: Vec<String> = pages
+        .iter()
+        .flat_map(entries)
+        .filter_map(|e| e["fullUrl"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        urls,
+        vec![
+            format!("{base}/MedicationRequest/mrb#m1"),
+            format!("{base}/MedicationRequest/mra#m1")
+        ]
+    );
+    assert_eq!(
+        srv.get("Medication?_contained=true&_containedType=contained&_summary=count")
+            .await
+            .json()["total"],
+        2
+    );
+    // chains are evaluated inside contained resources
+    assert_eq!(
+        search_ids(
+            srv,
+            "MedicationRequest?medication.code=222",
+            "MedicationRequest"
+        )
+        .await,
+        vec!["mrb".to_string()]
+    );
+    assert_eq!(
+        search_ids(
+            srv,
+            "Observation?subject:Patient.family=taylor",
+            "Observation"
+        )
+        .await,
+        vec!["obsc".to_string()]
+    );
+    // a contained resource's `#` reference is its container
+    assert_eq!(
+        contained_matches(
+            srv,
+            "Patient?organization:missing=false&_contained=true&_containedType=contained"
+        )
+        .await,
+        t(&[("Patient", "cp", "Observation/obsc#cp")])
+    );
+    // includes from and to contained resources
+    let r = srv
+        .get("Medication?code=111&_contained=true&_containedType=contained&_revinclude=MedicationRequest:medication")
+        .await;
+    r.assert_status(200);
+    let b = r.json();
+    let inc: Vec<String> = entries(&b)
+        .iter()
+        .filter(|e| e["search"]["mode"] == "include")
+        .filter_map(|e| e["fullUrl"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(inc, vec![format!("{base}/MedicationRequest/mra")], "{b}");
+    // updating the container replaces its contained rows; deleting it drops them
+    put(
+        "MedicationRequest/mra".into(),
+        med_request("mra", "333", "tablet"),
+    )
+    .await;
+    assert!(
+        contained_matches(srv, "Medication?code=111&_contained=true")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        contained_matches(srv, "Medication?code=333&_contained=true").await,
+        t(&[("MedicationRequest", "mra", "MedicationRequest/mra")])
+    );
+    srv.delete("MedicationRequest/mrb").await.assert_status(200);
+    assert!(contained_matches(
+        srv,
+        "Medication?code=222&_contained=both&_containedType=contained"
+    )
+    .await
+    .is_empty());
+    assert!(search_ids(
+        srv,
+        "MedicationRequest?medication.code=222",
+        "MedicationRequest"
+    )
+    .await
+    .is_empty());
+    // $reindex re-indexes contained resources with their container
+    srv.create(&json!({
+        "resourceType": "SearchParameter", "url": "http://example.org/fhir/SearchParameter/medication-form-text",
+        "name": "form-text", "status": "active", "code": "form-text", "base": ["Medication"],
+        "type": "string", "expression": "Medication.form.text"
+    }))
+    .await;
+    let q = "Medication?form-text=tablet&_contained=true&_containedType=contained";
+    assert!(contained_matches(srv, q).await.is_empty());
+    let r = srv
+        .post_json(
+            "MedicationRequest/mra/$reindex",
+            &json!({"resourceType": "Parameters"}),
+        )
+        .await;
+    r.assert_status(200);
+    assert_eq!(
+        contained_matches(srv, q).await,
+        t(&[("Medication", "m1", "MedicationRequest/mra#m1")])
+    );
+    // invalid values name the parameter
+    bad_request(srv, "Medication?_contained=yes", &["_contained", "yes"]).await;
+}
+
+/// Records a `$reindex` job as a node that crashed mid-way would have left it: running, its
+/// heartbeat long past, `processed` resources done up to row `after_rid`.
+async fn crashed_job(
+    srv: &TestServer,
+    id: &str,
+    resource_type: &str,
+    processed: i64,
+    after_rid: i64,
+) {
+    use kiln_store::SqlValue;
+    let mut tx = srv.state.store.begin().await.unwrap();
+    tx.execute(
+        "INSERT INTO reindex_jobs (job_id, resource_type, state, processed, total, after_rid, started, owner, heartbeat) \
+         VALUES ($1, $2, 'running', $3, 0, $4, 1, 'a-node-that-crashed', 1)",
+        &[
+            SqlValue::Text(id.into()),
+            SqlValue::Text(resource_type.into()),
+            SqlValue::Int(processed),
+            SqlValue::Int(after_rid),
+        ],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn reindex_jobs_are_persistent(srv: &TestServer) {
+    let (blue, _) = srv.create(&patient_with("blue", "jojo")).await;
+    let (green, _) = srv.create(&patient_with("green", "bob")).await;
+    let (brown, _) = srv.create(&patient_with("brown", "bob")).await;
+    srv.create(&eye_color_parameter()).await;
+    let r = srv
+        .post_json("Patient/$reindex", &json!({"resourceType": "Parameters"}))
+        .await;
+    r.assert_status(202);
+    let location = r.header("content-location").expect("Content-Location");
+    let done = wait_for_job(srv, &location).await;
+    assert_eq!(param(&done, "state"), json!("completed"), "{done}");
+    assert_eq!(param(&done, "processed"), json!(3), "{done}");
+    assert!(param(&done, "finished").is_string(), "{done}");
+    assert_eq!(param(&done, "resumed"), Value::Null, "{done}");
+    // another node on the same database reads the job's status
+    let (base2, state2, stop2) = kiln_server::spawn_for_tests(&srv.store_config())
+        .await
+        .unwrap();
+    let job = location.split("job=").nth(1).unwrap().to_string();
+    let r =
+        kiln_conformance_tests::send(srv.client.get(format!("{base2}/$reindex-status?job={job}")))
+            .await;
+    r.assert_status(200);
+    assert_eq!(r.json(), done, "the same status from node 2");
+    // a job interrupted by a crash is resumed after the last batch that committed
+    srv.create(&nickname_parameter()).await;
+    assert!(search_ids(srv, "Patient?nickname=bob", "Patient")
+        .await
+        .is_empty());
+    let rid = |id: &String| {
+        let id = id.clone();
+        let store = srv.state.store.clone();
+        async move { store.read("Patient", &id).await.unwrap().unwrap().rid }
+    };
+    // it had done the first patient when its node died
+    crashed_job(srv, "crashed-1", "Patient", 1, rid(&blue).await).await;
+    let status = format!("{}/$reindex-status?job=crashed-1", srv.base);
+    let done = wait_for_job(srv, &status).await;
+    assert_eq!(param(&done, "state"), json!("completed"), "{done}");
+    assert_eq!(param(&done, "resumed"), json!(1), "{done}");
+    assert_eq!(
+        param(&done, "processed"),
+        json!(3),
+        "1 before the crash + 2 after: {done}"
+    );
+    assert_eq!(
+        search_ids(srv, "Patient?nickname=bob", "Patient").await,
+        sorted(&[&green, &brown])
+    );
+    // nodes also look for interrupted jobs by themselves (node 2 at its start and every poll)
+    crashed_job(srv, "crashed-2", "Patient", 0, 0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = srv
+            .state
+            .store
+            .query_rows(
+                "SELECT state, processed, resumed FROM reindex_jobs WHERE job_id = 'crashed-2'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let row = &rows[0];
+        if row[0].as_str() == Some("completed") {
+            assert_eq!(row[1].as_i64(), Some(3));
+            assert_eq!(row[2].as_i64(), Some(1), "claimed once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no node resumed the job: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop2.send(());
+    state2.store.close().await;
 }

@@ -10,6 +10,15 @@
 //! search.html implemented here, independently of kiln-search (exact decimal arithmetic on
 //! scaled integers, date ranges from a civil-calendar computation, a small accent-folding
 //! table for the generated names).
+//!
+//! About a third of the queries also carry `_sort` with one to three keys (string, token, date,
+//! quantity parameters and `_id`, ascending or descending), some of them read in small pages
+//! through the keyset `next` links; the order of the answer is checked against the brute-force
+//! order under the sort semantics Kiln implements (see `docs/ARCHITECTURE.md`, kiln-search):
+//! a key's value is the lowest of the resource's values for an ascending key and the highest for
+//! a descending one (strings compared case- and accent-folded, tokens by code, dates by the
+//! start of their range ascending and by the end descending, quantities by value); resources
+//! without a value come last in either direction; ties keep any order.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -513,6 +522,142 @@ fn random_query(rng: &mut fastrand::Rng) -> (&'static str, Vec<Clause>) {
     (ty, clauses)
 }
 
+/// One `_sort` key: a parameter code (or `_id`) and its direction.
+#[derive(Debug, Clone)]
+struct SortKey {
+    code: &'static str,
+    descending: bool,
+}
+
+fn random_sort(rng: &mut fastrand::Rng, ty: &str) -> Vec<SortKey> {
+    let codes: &[&'static str] = match ty {
+        "Patient" => &[
+            "family",
+            "given",
+            "name",
+            "gender",
+            "identifier",
+            "active",
+            "birthdate",
+            "_id",
+        ],
+        "Observation" => &["code", "status", "date", "value-quantity", "_id"],
+        _ => &["status", "class", "date", "_id"],
+    };
+    let n = match rng.u8(0..10) {
+        0..=5 => 1,
+        6..=8 => 2,
+        _ => 3,
+    };
+    (0..n)
+        .map(|_| SortKey {
+            code: *pick(rng, codes),
+            descending: rng.bool(),
+        })
+        .collect()
+}
+
+/// A resource's value for one sort key (`None`: it has none).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum SortValue {
+    Text(String),
+    Int(i64),
+}
+
+fn sort_value(
+    resource: &Value,
+    exprs: &HashMap<(String, String), String>,
+    ty: &str,
+    key: &SortKey,
+) -> Option<SortValue> {
+    if key.code == "_id" {
+        return resource["id"]
+            .as_str()
+            .map(|s| SortValue::Text(s.to_string()));
+    }
+    let items = kiln_fhirpath::evaluate_str(expression(exprs, ty, key.code), resource)
+        .unwrap_or_else(|e| panic!("FHIRPath for {} fails: {e}", key.code));
+    let values: Vec<Value> = items.iter().map(|i| i.to_json()).collect();
+    let candidates: Vec<SortValue> = match kind_of(key.code) {
+        Kind::String => values
+            .iter()
+            .flat_map(strings_of)
+            .map(|s| SortValue::Text(fold(&s)))
+            .collect(),
+        Kind::Token => values
+            .iter()
+            .flat_map(tokens_of)
+            .map(|(_, c)| SortValue::Text(c))
+            .collect(),
+        Kind::Date => values
+            .iter()
+            .flat_map(date_ranges_of)
+            .map(|(lo, hi)| SortValue::Int(if key.descending { hi } else { lo }))
+            .collect(),
+        Kind::Quantity => values
+            .iter()
+            .filter_map(|v| v.get("value").and_then(|n| scaled(&n.to_string())))
+            .map(|(n, _)| SortValue::Int(n))
+            .collect(),
+        Kind::Reference => panic!("no reference sort keys are generated"),
+    };
+    if key.descending {
+        candidates.into_iter().max()
+    } else {
+        candidates.into_iter().min()
+    }
+}
+
+/// Compares two resources' sort values key by key: missing values last either way.
+fn sort_order(
+    a: &[Option<SortValue>],
+    b: &[Option<SortValue>],
+    keys: &[SortKey],
+) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    for ((x, y), k) in a.iter().zip(b).zip(keys) {
+        let o = match (x, y) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(x), Some(y)) if k.descending => y.cmp(x),
+            (Some(x), Some(y)) => x.cmp(y),
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    Ordering::Equal
+}
+
+/// The first place where the server's order breaks the sort semantics, if any.
+fn order_violation(
+    got: &[String],
+    resources: &[Value],
+    exprs: &HashMap<(String, String), String>,
+    ty: &str,
+    keys: &[SortKey],
+) -> Option<String> {
+    let by_id: HashMap<&str, &Value> = resources
+        .iter()
+        .filter(|r| r["resourceType"] == ty)
+        .filter_map(|r| r["id"].as_str().map(|id| (id, r)))
+        .collect();
+    let vals = |id: &str| -> Vec<Option<SortValue>> {
+        match by_id.get(id) {
+            Some(r) => keys.iter().map(|k| sort_value(r, exprs, ty, k)).collect(),
+            None => vec![],
+        }
+    };
+    for w in got.windows(2) {
+        let (a, b) = (vals(&w[0]), vals(&w[1]));
+        if sort_order(&a, &b, keys) == std::cmp::Ordering::Greater {
+            return Some(format!("{} ({a:?}) before {} ({b:?})", w[0], w[1]));
+        }
+    }
+    None
+}
+
 // ---------------------------------------------------------------- brute force
 
 /// The official FHIRPath expression of `code` on `ty`, from the vendored R4 definitions.
@@ -912,18 +1057,19 @@ fn encode(s: &str) -> String {
     out
 }
 
-async fn server_ids(srv: &TestServer, query: &str) -> Result<BTreeSet<String>, String> {
+/// The ids of the matches of every page, in order.
+async fn server_ids(srv: &TestServer, query: &str) -> Result<Vec<String>, String> {
     let r = srv.get(query).await;
     if r.status != 200 {
         return Err(format!("HTTP {}: {}", r.status, r.text()));
     }
-    let mut ids = BTreeSet::new();
+    let mut ids = Vec::new();
     let mut page = r.json();
     for _ in 0..50 {
         for e in entries(&page) {
             if e["search"]["mode"] == "match" {
                 if let Some(id) = e["resource"]["id"].as_str() {
-                    ids.insert(id.to_string());
+                    ids.push(id.to_string());
                 }
             }
         }
@@ -972,27 +1118,48 @@ async fn search_agrees_with_fhirpath(srv: &TestServer) {
     let started = std::time::Instant::now();
     let mut disagreements = Vec::new();
     let mut non_empty = 0;
+    let mut sorted_queries = 0;
     for _ in 0..queries {
         let (ty, clauses) = random_query(&mut rng);
-        let query = format!(
-            "{ty}?{}&_count=200",
-            clauses
+        let sort = if rng.u8(0..3) == 0 {
+            random_sort(&mut rng, ty)
+        } else {
+            vec![]
+        };
+        // sorted answers are also read in small pages (keyset cursors over the sort keys)
+        let count = if !sort.is_empty() && rng.bool() {
+            7
+        } else {
+            200
+        };
+        let mut params: Vec<(String, String)> = clauses
+            .iter()
+            .map(|c| (c.name(), c.alternatives.join(",")))
+            .collect();
+        if !sort.is_empty() {
+            sorted_queries += 1;
+            let keys: Vec<String> = sort
                 .iter()
-                .map(|c| format!(
-                    "{}={}",
-                    encode(&c.name()),
-                    encode(&c.alternatives.join(","))
-                ))
+                .map(|k| format!("{}{}", if k.descending { "-" } else { "" }, k.code))
+                .collect();
+            params.push(("_sort".into(), keys.join(",")));
+        }
+        let query = format!(
+            "{ty}?{}&_count={count}",
+            params
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
                 .collect::<Vec<_>>()
                 .join("&")
         );
         let readable = format!(
-            "{ty}?{}",
-            clauses
+            "{ty}?{}{}",
+            params
                 .iter()
-                .map(|c| format!("{}={}", c.name(), c.alternatives.join(",")))
+                .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
-                .join("&")
+                .join("&"),
+            if count == 200 { "" } else { " (pages of 7)" }
         );
         let want = brute_force(&resources, &exprs, &refs, ty, &clauses);
         if !want.is_empty() {
@@ -1003,6 +1170,16 @@ async fn search_agrees_with_fhirpath(srv: &TestServer) {
         if t.elapsed().as_millis() > 500 {
             println!("  slow ({} ms): {readable}", t.elapsed().as_millis());
         }
+        let answer = answer.and_then(|list| {
+            let set: BTreeSet<String> = list.iter().cloned().collect();
+            if set.len() != list.len() {
+                return Err(format!("an id is listed twice: {list:?}"));
+            }
+            if let Some(v) = order_violation(&list, &resources, &exprs, ty, &sort) {
+                return Err(format!("out of order: {v}"));
+            }
+            Ok(set)
+        });
         match answer {
             Ok(got) if got == want => {}
             Ok(got) => {
@@ -1016,7 +1193,7 @@ async fn search_agrees_with_fhirpath(srv: &TestServer) {
         }
     }
     println!(
-        "search property test on {:?}: {queries} queries ({non_empty} with non-empty expected results) over {} resources, {} disagreements, {:.1} s",
+        "search property test on {:?}: {queries} queries ({non_empty} with non-empty expected results, {sorted_queries} sorted) over {} resources, {} disagreements, {:.1} s",
         srv.backend,
         resources.len(),
         disagreements.len(),

@@ -69,6 +69,19 @@ pub async fn serve(
             let _ = inner.search.refresh_custom_parameters(&inner.store).await;
         }
     });
+    // `$reindex` jobs interrupted by a crash or stop (of this node or another) are resumed
+    let weak = std::sync::Arc::downgrade(&state.inner);
+    tokio::spawn(async move {
+        loop {
+            let Some(inner) = weak.upgrade() else { break };
+            let st = AppState { inner };
+            if let Err(e) = operations::resume_reindex_jobs(&st).await {
+                tracing::warn!("cannot look for interrupted $reindex jobs: {:?}", e.issues);
+            }
+            drop(st);
+            tokio::time::sleep(operations::REINDEX_RESUME_POLL).await;
+        }
+    });
     let app = routes::router(state);
     axum::serve(
         listener,

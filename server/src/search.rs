@@ -38,7 +38,9 @@ pub const CUSTOM_PARAMETER_POLL: std::time::Duration = std::time::Duration::from
 
 /// Index-table DDL for the store's migrations.
 pub fn schema(d: Dialect) -> Vec<String> {
-    kiln_search::schema(to_search_dialect(d))
+    let mut v = kiln_search::schema(to_search_dialect(d));
+    v.extend(crate::operations::reindex_schema(d));
+    v
 }
 
 /// Bundles with at least this many entries refresh stale PostgreSQL planner statistics after
@@ -87,6 +89,63 @@ impl Indexer for SearchIndexer {
             .into_iter()
             .map(|(sql, params)| (sql, params.into_iter().map(to_store_value).collect()))
             .collect()
+    }
+
+    fn delete_many_statements(
+        &self,
+        _dialect: Dialect,
+        rids: &[i64],
+    ) -> Vec<(String, Vec<SqlValue>)> {
+        // row ids are integers: inlined, one statement per table and 500 rows
+        let mut out = Vec::new();
+        for chunk in rids.chunks(500) {
+            let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
+            let list = list.join(",");
+            for t in kiln_search::index::TABLES {
+                out.push((format!("DELETE FROM {t} WHERE rid IN ({list})"), Vec::new()));
+            }
+        }
+        out
+    }
+
+    fn contained(&self, resource: &Value) -> Vec<(usize, String, String)> {
+        kiln_search::contained_resources(resource)
+    }
+
+    fn insert_contained_statements(
+        &self,
+        dialect: Dialect,
+        items: &[(i64, &Value, usize)],
+    ) -> Vec<(String, Vec<SqlValue>)> {
+        if items.is_empty() {
+            return Vec::new();
+        }
+        let reg = match self.registry.read() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        let entries: Vec<(i64, kiln_search::IndexEntries)> = items
+            .iter()
+            .map(|(rid, container, pos)| {
+                (*rid, kiln_search::index_contained(&reg, container, *pos))
+            })
+            .collect();
+        let refs: Vec<(i64, &kiln_search::IndexEntries)> =
+            entries.iter().map(|(r, e)| (*r, e)).collect();
+        kiln_search::insert_batch(to_search_dialect(dialect), &refs)
+            .into_iter()
+            .map(|(sql, params)| (sql, params.into_iter().map(to_store_value).collect()))
+            .collect()
+    }
+}
+
+/// `fullUrl` of a search entry: `[base]/[type]/[id]`, or for a contained resource
+/// `[base]/[container type]/[container id]#[local id]` (its row id).
+fn full_url(base: &str, stored: &kiln_store::StoredResource) -> String {
+    if stored.id.contains('#') {
+        format!("{base}/{}", stored.id)
+    } else {
+        format!("{base}/{}/{}", stored.resource_type, stored.id)
     }
 }
 
@@ -252,7 +311,7 @@ impl SearchEngine {
     pub async fn refresh_custom_parameters(&self, store: &kiln_store::Store) -> FhirResult<bool> {
         let rows = store
             .query_rows(
-                "SELECT COUNT(*), MAX(last_updated), CAST(SUM(version) AS BIGINT) FROM resources WHERE res_type = 'SearchParameter'",
+                "SELECT COUNT(*), MAX(last_updated), CAST(SUM(version) AS BIGINT) FROM resources WHERE res_type = 'SearchParameter' AND deleted <> 2",
                 &[],
             )
             .await?;
@@ -274,7 +333,7 @@ impl SearchEngine {
             // incremental: only what was written since the newest version seen
             let rows = store
                 .query_rows(
-                    "SELECT res_id, deleted, content FROM resources WHERE res_type = 'SearchParameter' AND last_updated > $1 ORDER BY last_updated",
+                    "SELECT res_id, deleted, content FROM resources WHERE res_type = 'SearchParameter' AND deleted <> 2 AND last_updated > $1 ORDER BY last_updated",
                     &[SqlValue::Int(old.1)],
                 )
                 .await?;
@@ -367,14 +426,26 @@ impl SearchEngine {
         Ok(true)
     }
 
-    /// Re-computes the index rows of the current versions of `rids` in one transaction
-    /// (PostgreSQL locks the rows, so a concurrent update waits and then writes its own rows;
-    /// SQLite has a single writer). Returns how many were re-indexed (deleted ones are skipped).
+    /// Re-computes the index rows of the current versions of `rids` (and of the resources they
+    /// contain) in one transaction (PostgreSQL locks the rows, so a concurrent update waits and
+    /// then writes its own rows; SQLite has a single writer). Returns how many were re-indexed
+    /// (deleted ones are skipped).
     pub async fn reindex_rids(&self, store: &kiln_store::Store, rids: &[i64]) -> FhirResult<usize> {
         if rids.is_empty() {
             return Ok(0);
         }
         let mut tx = store.begin().await?;
+        let n = self.reindex_in(&mut tx, rids).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// [`SearchEngine::reindex_rids`] inside a transaction the caller commits (a `$reindex` job
+    /// records its progress in the same transaction).
+    pub async fn reindex_in(&self, tx: &mut WriteTx, rids: &[i64]) -> FhirResult<usize> {
+        if rids.is_empty() {
+            return Ok(0);
+        }
         let dialect = tx.dialect();
         let list: Vec<String> = rids.iter().map(i64::to_string).collect();
         let list = list.join(",");
@@ -403,15 +474,9 @@ impl SearchEngine {
                 .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}")))?;
             items.push((rid, v));
         }
-        for t in kiln_search::index::TABLES {
-            tx.execute(&format!("DELETE FROM {t} WHERE rid IN ({list})"), &[])
-                .await?;
-        }
-        for (sql, params) in self.indexer.insert_statements(dialect, &items) {
-            tx.execute(&sql, &params).await?;
-        }
-        tx.commit().await?;
-        Ok(items.len())
+        let n = items.len();
+        tx.reindex(items).await?;
+        Ok(n)
     }
 
     /// Resolves the `:in` / `:not-in` / `:above` / `:below` token values of a query into code
@@ -1022,10 +1087,7 @@ impl SearchEngine {
                     out.push(',');
                 }
                 first = false;
-                let full_url = Value::String(format!(
-                    "{}/{}/{}",
-                    state.base_url, stored.resource_type, stored.id
-                ));
+                let full_url = Value::String(full_url(&state.base_url, stored));
                 out.push_str("{\"fullUrl\":");
                 out.push_str(&full_url.to_string());
                 out.push_str(",\"resource\":");
@@ -1069,7 +1131,7 @@ impl SearchEngine {
                 resource = kiln_fhir::summary::select_elements(&resource, &els);
             }
             entries.push(json!({
-                "fullUrl": format!("{}/{}/{}", state.base_url, stored.resource_type, stored.id),
+                "fullUrl": full_url(&state.base_url, &stored),
                 "resource": resource,
                 "search": {"mode": mode},
             }));

@@ -569,9 +569,6 @@ async fn errors_and_handling(srv: &TestServer) {
         .await;
     c.error("Patient?_filter=(family eq smith", &[], 400, &["_filter"])
         .await;
-    // contained resources are not searched: `_contained=true` is an unsupported parameter
-    c.error("Patient?_contained=true", &strict, 400, &["_contained"])
-        .await;
     c.error(
         "Patient?_contained=maybe",
         &[],
@@ -579,15 +576,34 @@ async fn errors_and_handling(srv: &TestServer) {
         &["_contained", "maybe"],
     )
     .await;
+    c.error(
+        "Patient?_contained=true&_containedType=both",
+        &[],
+        400,
+        &["_containedType", "both"],
+    )
+    .await;
+    // the fixture contains nothing: `_contained=true` finds nothing, `both` what `false` finds
+    // (contained resources are covered by search_features.rs)
     let r = srv
-        .get(&url_of("Patient?_contained=true&family=jones"))
+        .get_with(
+            &url_of("Patient?_contained=true&family=jones"),
+            &[("prefer", "handling=strict")],
+        )
         .await;
     let b = r.json();
     let own = link(&b, "self").unwrap_or_default();
     c.check(
-        r.status == 200 && match_ids(&b) == ["p3"] && !own.contains("_contained"),
-        || format!("lenient _contained=true is ignored and absent from self: {own}"),
+        r.status == 200 && match_ids(&b).is_empty() && own.contains("_contained=true"),
+        || format!("_contained=true over a fixture without contained resources: {own}"),
     );
+    let r = srv
+        .get(&url_of("Patient?_contained=both&family=jones"))
+        .await;
+    let b = r.json();
+    c.check(r.status == 200 && match_ids(&b) == ["p3"], || {
+        format!("_contained=both finds the resources that are not contained: {b}")
+    });
     c.error("NotAType?x=1", &[], 404, &[]).await;
     c.finish();
 }

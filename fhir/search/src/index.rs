@@ -492,17 +492,109 @@ pub fn insert_batch(
     out
 }
 
-/// Extracts every index row of a resource (all parameters of its type).
+/// The contained resources of `container` that get rows of their own: (position in its
+/// `contained` array, resource type, row id `[container type]/[container id]#[local id]`).
+/// Entries without a type or id, and every one of a container without an id, are skipped.
+pub fn contained_resources(container: &Value) -> Vec<(usize, String, String)> {
+    let (Some(ct), Some(cid)) = (
+        container.get("resourceType").and_then(Value::as_str),
+        container.get("id").and_then(Value::as_str),
+    ) else {
+        return Vec::new();
+    };
+    container
+        .get("contained")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let ty = c.get("resourceType").and_then(Value::as_str)?;
+            let id = c.get("id").and_then(Value::as_str)?;
+            Some((i, ty.to_string(), contained_row_id(ct, cid, id)))
+        })
+        .collect()
+}
+
+/// The row id of a contained resource: `[container type]/[container id]#[local id]`.
+pub fn contained_row_id(container_type: &str, container_id: &str, local_id: &str) -> String {
+    format!("{container_type}/{container_id}#{local_id}")
+}
+
+/// Index rows of the contained resource at `pos` of `container` (its local references
+/// resolved within the container).
+pub fn index_contained(registry: &Registry, container: &Value, pos: usize) -> IndexEntries {
+    match container.get("contained").and_then(|c| c.get(pos)) {
+        Some(item) => index_in(registry, item, container),
+        None => IndexEntries::default(),
+    }
+}
+
+/// Extracts every index row of a resource (all parameters of its type). Local references
+/// (`#id`) to its contained resources are indexed as references to their rows (type of the
+/// contained resource, id `[type]/[id]#[local id]`), so chains are evaluated inside contained
+/// resources; `#` alone is the resource itself.
 pub fn index_resource(registry: &Registry, resource: &Value) -> IndexEntries {
+    index_in(registry, resource, resource)
+}
+
+fn index_in(registry: &Registry, resource: &Value, container: &Value) -> IndexEntries {
     let mut out = IndexEntries::default();
     let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
         return out;
     };
+    index_fields(registry, rt, resource, &mut out);
+    resolve_local_references(&mut out, container);
+    out
+}
+
+/// Local references `#id` (indexed with `ref_url` = `#id`) get the contained resource's type and
+/// row id.
+fn resolve_local_references(out: &mut IndexEntries, container: &Value) {
+    if !out
+        .references
+        .iter()
+        .any(|r| r.ref_url.as_deref().is_some_and(|u| u.starts_with('#')))
+    {
+        return;
+    }
+    let (Some(ct), Some(cid)) = (
+        container.get("resourceType").and_then(Value::as_str),
+        container.get("id").and_then(Value::as_str),
+    ) else {
+        return;
+    };
+    for r in &mut out.references {
+        let Some(local) = r.ref_url.as_deref().and_then(|u| u.strip_prefix('#')) else {
+            continue;
+        };
+        if local.is_empty() {
+            r.ref_type = Some(ct.to_string());
+            r.ref_id = Some(cid.to_string());
+            continue;
+        }
+        let target = container
+            .get("contained")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|c| c.get("id").and_then(Value::as_str) == Some(local));
+        if let Some(ty) = target
+            .and_then(|t| t.get("resourceType"))
+            .and_then(Value::as_str)
+        {
+            r.ref_type = Some(ty.to_string());
+            r.ref_id = Some(contained_row_id(ct, cid, local));
+        }
+    }
+}
+
+fn index_fields(registry: &Registry, rt: &str, resource: &Value, out: &mut IndexEntries) {
     for p in registry.params_for(rt) {
         if is_resource_column_param(p.code()) {
             continue;
         }
-        index_param(p, resource, &mut out);
+        index_param(p, resource, out);
     }
     // _text: the narrative, tags stripped (no expression in the official definition)
     if registry.get(Some(rt), "_text").is_some() {
@@ -518,7 +610,6 @@ pub fn index_resource(registry: &Registry, resource: &Value) -> IndexEntries {
             }
         }
     }
-    out
 }
 
 fn strip_tags(html: &str) -> String {
@@ -794,7 +885,10 @@ pub(crate) fn convert(t: ParamType, param: &str, grp: i64, n: Node<'_>, out: &mu
                     ..Default::default()
                 };
                 if let Some(r) = o.get("reference").and_then(Value::as_str) {
-                    if let Some(p) = parse_reference(r) {
+                    if r.starts_with('#') {
+                        // a local reference: resolved by `index_resource` within the container
+                        row.ref_url = Some(r.to_string());
+                    } else if let Some(p) = parse_reference(r) {
                         row.ref_type = p.res_type;
                         row.ref_id = p.id;
                         row.ref_version = p.version;
@@ -1030,6 +1124,74 @@ mod tests {
         assert!(sql.starts_with("INSERT INTO search_token (rid, param, grp, system, code, text_norm) VALUES (?,?,?,?,?,?),(?"));
         assert_eq!(params.len(), 6 * 4);
         assert_eq!(params[0], SqlValue::Int(7));
+    }
+
+    #[test]
+    fn contained_resources_and_local_references() {
+        let r = Registry::r4();
+        let mr = json!({"resourceType": "MedicationRequest", "id": "mr1",
+            "contained": [
+                {"resourceType": "Medication", "id": "m1", "code": {"coding": [{"code": "111"}]}},
+                {"resourceType": "Patient", "name": [{"family": "NoId"}]},
+                {"resourceType": "Practitioner", "id": "pr", "name": [{"family": "Who"}]}
+            ],
+            "medicationReference": {"reference": "#m1"},
+            "requester": {"reference": "#missing"},
+            "subject": {"reference": "Patient/p1"}});
+        assert_eq!(
+            contained_resources(&mr),
+            vec![
+                (
+                    0,
+                    "Medication".to_string(),
+                    "MedicationRequest/mr1#m1".to_string()
+                ),
+                (
+                    2,
+                    "Practitioner".to_string(),
+                    "MedicationRequest/mr1#pr".to_string()
+                ),
+            ]
+        );
+        let e = index_resource(&r, &mr);
+        let med = e
+            .references
+            .iter()
+            .find(|x| x.param == "medication")
+            .unwrap();
+        assert_eq!(med.ref_type.as_deref(), Some("Medication"));
+        assert_eq!(med.ref_id.as_deref(), Some("MedicationRequest/mr1#m1"));
+        // an unresolvable local reference keeps only its text (present for :missing)
+        let req = e
+            .references
+            .iter()
+            .find(|x| x.param == "requester")
+            .unwrap();
+        assert_eq!(
+            (req.ref_type.as_deref(), req.ref_url.as_deref()),
+            (None, Some("#missing"))
+        );
+        // a contained resource's rows; `#` is its container
+        let m = index_contained(&r, &mr, 0);
+        assert!(m
+            .tokens
+            .iter()
+            .any(|t| t.param == "code" && t.code.as_deref() == Some("111")));
+        let p = json!({"resourceType": "Observation", "id": "o1",
+            "contained": [{"resourceType": "Patient", "id": "cp", "managingOrganization": {"reference": "#"}}]});
+        let c = index_contained(&r, &p, 0);
+        let org = c
+            .references
+            .iter()
+            .find(|x| x.param == "organization")
+            .unwrap();
+        assert_eq!(
+            (org.ref_type.as_deref(), org.ref_id.as_deref()),
+            (Some("Observation"), Some("o1"))
+        );
+        assert!(index_contained(&r, &p, 5).is_empty());
+        // no id on the container: nothing to name the rows by
+        assert!(contained_resources(&json!({"resourceType": "Observation", "contained": [{"resourceType": "Patient", "id": "x"}]})).is_empty());
     }
 
     #[test]

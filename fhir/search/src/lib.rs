@@ -29,7 +29,10 @@ pub mod registry;
 pub mod value;
 
 pub use codes::{CodeSetRequest, PendingCodeSet};
-pub use index::{delete_statements, index_resource, insert_batch, schema, IndexEntries};
+pub use index::{
+    contained_resources, delete_statements, index_contained, index_resource, insert_batch, schema,
+    IndexEntries,
+};
 pub use matcher::matches;
 pub use plan::{include_sql, plan, KeyKind, PageRequest, SqlPlan};
 pub use query::{

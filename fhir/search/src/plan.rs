@@ -125,6 +125,8 @@ pub(crate) struct Builder {
     ctx_types: std::collections::HashMap<String, String>,
     /// aliases that already have an index-driving `rid IN (…)`
     driven: std::collections::HashSet<String>,
+    /// aliases whose rows may be contained resources (their `_id` is the local id)
+    contained_aliases: std::collections::HashSet<String>,
 }
 
 fn like_escape(s: &str) -> String {
@@ -157,6 +159,7 @@ impl Builder {
             now: chrono::Utc::now().timestamp_micros(),
             ctx_types: Default::default(),
             driven: Default::default(),
+            contained_aliases: Default::default(),
         }
     }
 
@@ -498,12 +501,12 @@ impl Builder {
                     // (param, ref_type, ref_id): a JOIN made SQLite walk every reference of the
                     // parameter (measured: `Encounter?subject.name=X` 34 ms → under 1 ms)
                     return format!(
-                        "{rc} IN (SELECT {x}.rid FROM search_reference {x} WHERE {x}.param = {rp} AND ({x}.ref_type, {x}.ref_id) IN (SELECT {t}.res_type, {t}.res_id FROM resources {t} WHERE {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql}))",
+                        "{rc} IN (SELECT {x}.rid FROM search_reference {x} WHERE {x}.param = {rp} AND ({x}.ref_type, {x}.ref_id) IN (SELECT {t}.res_type, {t}.res_id FROM resources {t} WHERE {t}.res_type IN ({}) AND {t}.deleted IN (0, 2) AND {inner_sql}))",
                         types.join(", ")
                     );
                 }
                 format!(
-                    "{rc} IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted = 0 AND {inner_sql})",
+                    "{rc} IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted IN (0, 2) AND {inner_sql})",
                     types.join(", ")
                 )
             }
@@ -618,6 +621,20 @@ impl Builder {
                 } else {
                     ""
                 };
+                if self.contained_aliases.contains(a) {
+                    // a contained resource's row id is `[container]/[id]#[local id]`
+                    let mut ors = vec![format!("{a}.res_id IN ({})", ids.join(", "))];
+                    for v in &c.values {
+                        if let SearchValue::Token {
+                            code: Some(code), ..
+                        } = v
+                        {
+                            let p = self.text(&format!("%#{}", like_escape(code)));
+                            ors.push(format!("{a}.res_id LIKE {p} ESCAPE '\\'"));
+                        }
+                    }
+                    return format!("{not}({})", ors.join(" OR "));
+                }
                 return format!("{a}.res_id {not}IN ({})", ids.join(", "));
             }
             "_lastUpdated" => {
@@ -863,7 +880,131 @@ fn describe(c: &Criterion) -> String {
     }
 }
 
-fn sort_expr(b: &mut Builder, key: &crate::query::SortKey) -> (String, KeyKind) {
+/// Which rows `_contained` / `_containedType` make a search return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContainedMode {
+    /// `_contained=false` (default): resources that are not contained
+    Normal,
+    /// `_containedType=contained`: the contained resources themselves (`both`: and the others)
+    Contained { both: bool },
+    /// `_containedType=container` (default with `_contained=true|both`): the containers of
+    /// matching contained resources (`both`: and the matching resources that are not contained)
+    Container { both: bool },
+}
+
+impl ContainedMode {
+    fn of(q: &SearchQuery) -> ContainedMode {
+        let both = match q.contained.as_deref() {
+            Some("true") => false,
+            Some("both") => true,
+            _ => return ContainedMode::Normal,
+        };
+        if q.contained_type.as_deref() == Some("contained") {
+            ContainedMode::Contained { both }
+        } else {
+            ContainedMode::Container { both }
+        }
+    }
+}
+
+/// The conditions a matching row of alias `a` meets besides its `deleted` state: type,
+/// compartment and every criterion (most selective first).
+fn match_conditions(
+    b: &mut Builder,
+    a: &str,
+    query: &SearchQuery,
+    explain: &mut Vec<String>,
+) -> Vec<String> {
+    let mut wh = Vec::new();
+    if let Some(t) = &query.resource_type {
+        b.ctx_types.insert(a.into(), t.clone());
+    }
+    match &query.resource_type {
+        Some(t) => {
+            let p = b.text(t);
+            wh.push(format!("{a}.res_type = {p}"));
+            explain.push(format!("{t} resources"));
+        }
+        None if !query.types.is_empty() => {
+            let ps: Vec<String> = query.types.iter().map(|t| b.text(t)).collect();
+            wh.push(format!("{a}.res_type IN ({})", ps.join(", ")));
+            explain.push(format!("resources of type {}", query.types.join(", ")));
+        }
+        None => explain.push("resources of any type".into()),
+    }
+    if let Some(comp) = &query.compartment {
+        let mut ors = Vec::new();
+        for (t, params) in &comp.params {
+            let tp = b.text(t);
+            let ps: Vec<String> = params.iter().map(|p| b.text(p)).collect();
+            let ct = b.text(&comp.compartment_type);
+            let id = b.text(&comp.id);
+            let rc = b.rid_col(a);
+            // the compartment's focal resource belongs to its own compartment
+            let itself = if *t == comp.compartment_type {
+                format!(" OR {a}.res_id = {id}")
+            } else {
+                String::new()
+            };
+            ors.push(format!(
+                "({a}.res_type = {tp} AND ({rc} IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}){itself}))",
+                ps.join(", ")
+            ));
+            explain.push(format!(
+                "in compartment {}/{} via {t}.{}",
+                comp.compartment_type,
+                comp.id,
+                params.join("|")
+            ));
+        }
+        wh.push(if ors.is_empty() {
+            "1=0".into()
+        } else {
+            format!("({})", ors.join(" OR "))
+        });
+    }
+    let mut crits: Vec<&Criterion> = query.criteria.iter().collect();
+    crits.sort_by_key(|c| selectivity(c));
+    for c in crits {
+        explain.push(describe(c));
+        wh.push(b.criterion(a, c));
+    }
+    wh
+}
+
+/// The rows whose index values give a result row's sort keys: its own, or (containers of
+/// matching contained resources) those of the resources it contains of the searched type(s),
+/// with its own when it may match itself (`_contained=both`).
+fn sort_scope(b: &mut Builder, query: &SearchQuery, mode: ContainedMode) -> Option<String> {
+    let both = match mode {
+        ContainedMode::Container { both } => both,
+        _ => return None,
+    };
+    let types = query.target_types();
+    let type_cond = |b: &mut Builder, a: &str| {
+        if types.is_empty() {
+            String::new()
+        } else {
+            let ps: Vec<String> = types.iter().map(|t| b.text(t)).collect();
+            format!(" AND {a}.res_type IN ({})", ps.join(", "))
+        }
+    };
+    let cs_types = type_cond(b, "cs");
+    let mut scope = format!(
+        "SELECT cs.rid FROM resources cs WHERE cs.container_rid = r.rid AND cs.deleted = 2{cs_types}"
+    );
+    if both {
+        let own = type_cond(b, "r");
+        scope.push_str(&format!(" UNION ALL SELECT r.rid WHERE 1=1{own}"));
+    }
+    Some(scope)
+}
+
+fn sort_expr(
+    b: &mut Builder,
+    key: &crate::query::SortKey,
+    scope: Option<&str>,
+) -> (String, KeyKind) {
     match key.code.as_str() {
         "_id" => return ("r.res_id".into(), KeyKind::Text),
         "_lastUpdated" => return ("r.last_updated".into(), KeyKind::Int),
@@ -887,9 +1028,13 @@ fn sort_expr(b: &mut Builder, key: &crate::query::SortKey) -> (String, KeyKind) 
     } else {
         String::new()
     };
+    let rows = match scope {
+        Some(sc) => format!("{s}.rid IN ({sc})"),
+        None => format!("{s}.rid = r.rid"),
+    };
     (
         format!(
-            "(SELECT {agg}({s}.{col}) FROM {table} {s}{hint} WHERE {s}.rid = r.rid AND {s}.param = {p})"
+            "(SELECT {agg}({s}.{col}) FROM {table} {s}{hint} WHERE {rows} AND {s}.param = {p})"
         ),
         kind,
     )
@@ -908,71 +1053,64 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
         .at(pending.parameter));
     }
     let mut b = Builder::new(dialect);
-    if let Some(t) = &query.resource_type {
-        b.ctx_types.insert("r".into(), t.clone());
-    }
     let mut explain = Vec::new();
-    let mut wh = vec!["r.deleted = 0".to_string()];
-    match &query.resource_type {
-        Some(t) => {
-            let p = b.text(t);
-            wh.push(format!("r.res_type = {p}"));
-            explain.push(format!("{t} resources, not deleted"));
+    let mode = ContainedMode::of(query);
+    let mut wh = Vec::new();
+    match mode {
+        ContainedMode::Normal => {
+            wh.push("r.deleted = 0".to_string());
+            explain.push("not deleted, not contained".into());
+            wh.extend(match_conditions(&mut b, "r", query, &mut explain));
         }
-        None if !query.types.is_empty() => {
-            let ps: Vec<String> = query.types.iter().map(|t| b.text(t)).collect();
-            wh.push(format!("r.res_type IN ({})", ps.join(", ")));
-            explain.push(format!(
-                "resources of type {}, not deleted",
-                query.types.join(", ")
-            ));
-        }
-        None => explain.push("resources of any type, not deleted".into()),
-    }
-    if let Some(comp) = &query.compartment {
-        let mut ors = Vec::new();
-        for (t, params) in &comp.params {
-            let tp = b.text(t);
-            let ps: Vec<String> = params.iter().map(|p| b.text(p)).collect();
-            let ct = b.text(&comp.compartment_type);
-            let id = b.text(&comp.id);
-            let rc = b.rid_col("r");
-            // the compartment's focal resource belongs to its own compartment
-            let itself = if *t == comp.compartment_type {
-                format!(" OR r.res_id = {id}")
+        ContainedMode::Contained { both } => {
+            b.contained_aliases.insert("r".into());
+            wh.push(
+                if both {
+                    "r.deleted IN (0, 2)"
+                } else {
+                    "r.deleted = 2"
+                }
+                .to_string(),
+            );
+            explain.push(if both {
+                "contained or not, not deleted".into()
             } else {
-                String::new()
-            };
-            ors.push(format!(
-                "(r.res_type = {tp} AND ({rc} IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}){itself}))",
-                ps.join(", ")
-            ));
-            explain.push(format!(
-                "in compartment {}/{} via {t}.{}",
-                comp.compartment_type,
-                comp.id,
-                params.join("|")
-            ));
+                "contained resources only".into()
+            });
+            wh.extend(match_conditions(&mut b, "r", query, &mut explain));
         }
-        wh.push(if ors.is_empty() {
-            "1=0".into()
-        } else {
-            format!("({})", ors.join(" OR "))
-        });
-    }
-    let mut crits: Vec<&Criterion> = query.criteria.iter().collect();
-    crits.sort_by_key(|c| selectivity(c));
-    for c in crits {
-        explain.push(describe(c));
-        wh.push(b.criterion("r", c));
+        ContainedMode::Container { both } => {
+            b.contained_aliases.insert("cn".into());
+            let mut inner = match_conditions(&mut b, "cn", query, &mut explain);
+            inner.insert(0, "cn.deleted = 2".into());
+            let via = format!(
+                "r.rid IN (SELECT cn.container_rid FROM resources cn WHERE {})",
+                inner.join(" AND ")
+            );
+            wh.push("r.deleted = 0".to_string());
+            if both {
+                let mut own = match_conditions(&mut b, "r", query, &mut Vec::new());
+                if own.is_empty() {
+                    own.push("1=1".into());
+                }
+                wh.push(format!("(({}) OR {via})", own.join(" AND ")));
+                explain.push(
+                    "matching resources and the containers of matching contained ones".into(),
+                );
+            } else {
+                wh.push(via);
+                explain.push("the containers of matching contained resources".into());
+            }
+        }
     }
     let where_sql = wh.join(" AND ");
     let count_sql = format!("SELECT COUNT(*) FROM resources r WHERE {where_sql}");
     let count_params = b.params.clone();
 
     let mut keys = Vec::new();
+    let scope = sort_scope(&mut b, query, mode);
     for k in &query.sort {
-        let (e, kind) = sort_expr(&mut b, k);
+        let (e, kind) = sort_expr(&mut b, k, scope.as_deref());
         keys.push((e, kind, k.descending));
         explain.push(format!(
             "sort by {}{} (missing last)",
@@ -1226,6 +1364,89 @@ mod tests {
         assert_eq!(p.params, p.count_params);
         let max = p.sql.matches('$').count();
         assert!(max >= p.params.len());
+    }
+
+    #[test]
+    fn contained_modes() {
+        // default: not contained
+        let p = plan(&q("Medication", &[("code", "x")]), Dialect::Sqlite, &page()).unwrap();
+        assert!(p.sql.contains("r.deleted = 0") && !p.sql.contains("container_rid"));
+        // the contained resources themselves; _id is their local id
+        let p = plan(
+            &q(
+                "Medication",
+                &[
+                    ("_contained", "true"),
+                    ("_containedType", "contained"),
+                    ("_id", "m1"),
+                ],
+            ),
+            Dialect::Postgres,
+            &page(),
+        )
+        .unwrap();
+        assert!(p.sql.contains("r.deleted = 2"), "{}", p.sql);
+        assert!(p.sql.contains("r.res_id LIKE"), "{}", p.sql);
+        assert!(p.params.contains(&SqlValue::Text("%#m1".into())));
+        let p = plan(
+            &q(
+                "Medication",
+                &[("_contained", "both"), ("_containedType", "contained")],
+            ),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.count_sql.contains("r.deleted IN (0, 2)"),
+            "{}",
+            p.count_sql
+        );
+        // the containers, sorted by their contained resources' values
+        let p = plan(
+            &q(
+                "Medication",
+                &[("_contained", "true"), ("code", "x"), ("_sort", "-code")],
+            ),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql.contains("r.rid IN (SELECT cn.container_rid FROM resources cn WHERE cn.deleted = 2 AND cn.res_type = "),
+            "{}",
+            p.sql
+        );
+        assert!(p.sql.contains("cs.container_rid = r.rid"), "{}", p.sql);
+        assert!(!p.sql.contains("UNION ALL SELECT r.rid"), "{}", p.sql);
+        let p = plan(
+            &q(
+                "Medication",
+                &[("_contained", "both"), ("code", "x"), ("_sort", "code")],
+            ),
+            Dialect::Postgres,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql.contains(" OR r.rid IN (SELECT cn.container_rid"),
+            "{}",
+            p.sql
+        );
+        assert!(
+            p.sql
+                .contains("UNION ALL SELECT r.rid WHERE 1=1 AND r.res_type IN"),
+            "{}",
+            p.sql
+        );
+        // chains reach into contained resources
+        let p = plan(
+            &q("MedicationRequest", &[("medication.code", "x")]),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(p.sql.contains(".deleted IN (0, 2)"), "{}", p.sql);
     }
 
     #[test]

@@ -417,21 +417,7 @@ pub fn parse(
             continue;
         }
         let mut keep = true;
-        if (base == "_contained" && matches!(value.as_str(), "true" | "both"))
-            || (base == "_containedType" && matches!(value.as_str(), "container" | "contained"))
-        {
-            // contained resources are not indexed, so they cannot be searched: handled like an
-            // unsupported parameter (strict → error; lenient → ignored, absent from `self`)
-            let msg =
-                format!("'{name}={value}' is not supported: contained resources are not searched");
-            if strict {
-                errors.push(Issue::error("not-supported", msg).at(name.clone()));
-            } else {
-                q.warnings
-                    .push(Issue::warning("not-supported", msg).at(name.clone()));
-                keep = false;
-            }
-        } else if RESULT_PARAMS.contains(&base) {
+        if RESULT_PARAMS.contains(&base) {
             if let Err(e) = parse_result_param(registry, &mut q, name, value) {
                 errors.push(e);
             }
@@ -1309,18 +1295,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn contained_is_an_unsupported_parameter() {
-        let params = p(&[("_contained", "true"), ("name", "x")]);
-        let e = parse(&R4, Some("Patient"), &params, true).unwrap_err();
-        assert_eq!(e[0].code, "not-supported");
-        let q = parse(&R4, Some("Patient"), &params, false).unwrap();
-        assert_eq!(q.self_link_params(), &p(&[("name", "x")])[..]);
-        assert_eq!(q.warnings.len(), 1);
-        // `_contained=false` is what every search does
-        let q = parse(&R4, Some("Patient"), &p(&[("_contained", "false")]), true).unwrap();
-        assert_eq!(q.contained.as_deref(), Some("false"));
+    fn contained_parameters() {
+        let params = p(&[("_contained", "true"), ("_containedType", "contained")]);
+        let q = parse(&R4, Some("Patient"), &params, true).unwrap();
+        assert_eq!(q.contained.as_deref(), Some("true"));
+        assert_eq!(q.contained_type.as_deref(), Some("contained"));
+        assert_eq!(q.self_link_params(), &params[..]);
+        let q = parse(&R4, Some("Patient"), &p(&[("_contained", "both")]), true).unwrap();
+        assert_eq!(q.contained.as_deref(), Some("both"));
         // a malformed value is an error even when lenient
         assert!(parse(&R4, Some("Patient"), &p(&[("_contained", "maybe")]), false).is_err());
+        assert!(parse(&R4, Some("Patient"), &p(&[("_containedType", "x")]), false).is_err());
     }
 
     #[test]

@@ -123,7 +123,8 @@ macro_rules! stored_from_row {
             id: row.try_get::<String, _>(2)?,
             version: row.try_get::<i64, _>(3)?,
             last_updated: row.try_get::<i64, _>(4)?,
-            deleted: row.try_get::<i64, _>(5)? != 0,
+            // 2 = a contained resource's row: current, not deleted
+            deleted: row.try_get::<i64, _>(5)? == 1,
             content: row.try_get::<String, _>(6)?,
         }
     }};
@@ -263,7 +264,7 @@ impl Pools {
             // name, a linear scan in SQLite, so hundreds of them cost quadratic time)
             let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
             let sql = format!(
-                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted = 0 AND rid IN ({})",
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({})",
                 list.join(",")
             );
             // the text varies with every page: not worth a slot in the statement cache

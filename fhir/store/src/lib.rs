@@ -168,7 +168,8 @@ impl Store {
         self.pools.read_version(resource_type, id, version).await
     }
 
-    /// Current, non-deleted resources by row id (search results), in the order given.
+    /// Current, non-deleted resources by row id (search results), in the order given. Rows of
+    /// contained resources are returned too (`id` = `[container type]/[container id]#[local id]`).
     pub async fn fetch_by_rids(&self, rids: &[i64]) -> Result<Vec<StoredResource>> {
         self.pools.fetch_by_rids(rids).await
     }

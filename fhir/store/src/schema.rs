@@ -49,11 +49,30 @@ fn core_migration(dialect: Dialect) -> Vec<String> {
     ]
 }
 
+/// Contained resources (FHIR `contained`) are indexed as rows of their own in `resources`:
+/// `deleted = 2` (so every search, read and count that asks for `deleted = 0` skips them),
+/// `res_id` = `[container type]/[container id]#[local id]`, `container_rid` = the container's
+/// row. They are written and dropped with the container's index rows (see `WriteTx`).
+fn contained_migration(dialect: Dialect) -> Vec<String> {
+    let int = match dialect {
+        Dialect::Sqlite => "INTEGER",
+        Dialect::Postgres => "BIGINT",
+    };
+    vec![
+        format!("ALTER TABLE resources ADD COLUMN container_rid {int}"),
+        "CREATE INDEX IF NOT EXISTS resources_container ON resources (container_rid) \
+         WHERE container_rid IS NOT NULL"
+            .to_string(),
+    ]
+}
+
 pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<()> {
     let dialect = pools.dialect();
     // (version, statements). Append new migrations; never edit a released one.
-    let mut migrations: Vec<(i64, &str, Vec<String>)> =
-        vec![(1, "core resource tables", core_migration(dialect))];
+    let mut migrations: Vec<(i64, &str, Vec<String>)> = vec![
+        (1, "core resource tables", core_migration(dialect)),
+        (2, "contained resource rows", contained_migration(dialect)),
+    ];
     if let Some(hook) = extra {
         // Layered schemas (search indexes) are idempotent and re-applied at every start, so a
         // new index table shipped in a later release appears without a numbered migration.

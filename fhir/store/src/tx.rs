@@ -29,6 +29,37 @@ pub trait Indexer: Send + Sync {
         dialect: Dialect,
         items: &[(i64, Value)],
     ) -> Vec<(String, Vec<SqlValue>)>;
+    /// Statements removing every index row of many rows at once (`$reindex` batches). Default:
+    /// [`Indexer::delete_statements`] once per row.
+    fn delete_many_statements(
+        &self,
+        dialect: Dialect,
+        rids: &[i64],
+    ) -> Vec<(String, Vec<SqlValue>)> {
+        let deletes = self.delete_statements(dialect);
+        rids.iter()
+            .flat_map(|rid| {
+                deletes
+                    .iter()
+                    .map(move |d| (d.clone(), vec![SqlValue::Int(*rid)]))
+            })
+            .collect()
+    }
+    /// The resources of a version's `contained` array that get index rows of their own:
+    /// (position in `contained`, resource type, row id — `[type]/[id]#[local id]` of the
+    /// container). Default: none.
+    fn contained(&self, _resource: &Value) -> Vec<(usize, String, String)> {
+        Vec::new()
+    }
+    /// Statements inserting the index rows of contained resources: (their row id, the
+    /// container, position in its `contained` array). Default: none.
+    fn insert_contained_statements(
+        &self,
+        _dialect: Dialect,
+        _items: &[(i64, &Value, usize)],
+    ) -> Vec<(String, Vec<SqlValue>)> {
+        Vec::new()
+    }
 }
 
 enum Inner {
@@ -254,15 +285,75 @@ impl WriteTx {
     }
 
     /// Drops every search index row of `rid` (pending rows of an earlier version in this
-    /// transaction included).
+    /// transaction included), and the rows of the resources it contained with theirs.
     async fn run_deletes(&mut self, rid: i64) -> Result<()> {
         self.pending.retain(|(r, _)| *r != rid);
         let Some(ix) = self.indexer.clone() else {
             return Ok(());
         };
-        for sql in ix.delete_statements(self.dialect()) {
-            self.execute_now(&sql, &[SqlValue::Int(rid)]).await?;
+        let deletes = ix.delete_statements(self.dialect());
+        for sql in &deletes {
+            self.execute_now(sql, &[SqlValue::Int(rid)]).await?;
         }
+        let contained = self
+            .query_now(
+                "SELECT rid FROM resources WHERE container_rid = $1",
+                &[SqlValue::Int(rid)],
+            )
+            .await?;
+        if !contained.is_empty() {
+            for row in &contained {
+                if let Some(crid) = row.first().and_then(SqlValue::as_i64) {
+                    for sql in &deletes {
+                        self.execute_now(sql, &[SqlValue::Int(crid)]).await?;
+                    }
+                }
+            }
+            self.execute_now(
+                "DELETE FROM resources WHERE container_rid = $1",
+                &[SqlValue::Int(rid)],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Re-computes the index rows of current versions (`(rid, resource)`, `$reindex`): their old
+    /// rows and those of the resources they contain are dropped now, the new ones written with
+    /// the transaction's other pending rows.
+    pub async fn reindex(&mut self, items: Vec<(i64, Value)>) -> Result<()> {
+        let Some(ix) = self.indexer.clone() else {
+            return Ok(());
+        };
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.flush_index().await?;
+        let list: Vec<String> = items.iter().map(|(rid, _)| rid.to_string()).collect();
+        let list = list.join(",");
+        let mut rids: Vec<i64> = items.iter().map(|(rid, _)| *rid).collect();
+        let contained = self
+            .query_now(
+                &format!("SELECT rid FROM resources WHERE container_rid IN ({list})"),
+                &[],
+            )
+            .await?;
+        rids.extend(
+            contained
+                .iter()
+                .filter_map(|r| r.first().and_then(SqlValue::as_i64)),
+        );
+        for (sql, params) in ix.delete_many_statements(self.dialect(), &rids) {
+            self.execute_now(&sql, &params).await?;
+        }
+        if !contained.is_empty() {
+            self.execute_now(
+                &format!("DELETE FROM resources WHERE container_rid IN ({list})"),
+                &[],
+            )
+            .await?;
+        }
+        self.pending.extend(items);
         Ok(())
     }
 
@@ -276,7 +367,43 @@ impl WriteTx {
             return Ok(());
         };
         let pending = std::mem::take(&mut self.pending);
-        for (sql, params) in ix.insert_statements(self.dialect(), &pending) {
+        // contained resources: a row of their own in `resources` (`deleted = 2`, version and
+        // lastUpdated of the container), which their index rows point at
+        let mut contained: Vec<(i64, &Value, usize)> = Vec::new();
+        for (rid, resource) in &pending {
+            for (pos, ty, res_id) in ix.contained(resource) {
+                let Some(item) = resource.get("contained").and_then(|c| c.get(pos)) else {
+                    continue;
+                };
+                let content = serde_json::to_string(item).map_err(|e| {
+                    StoreError::Corrupt(format!("cannot serialise contained resource: {e}"))
+                })?;
+                // a second contained resource with the same type and id (invalid) is skipped
+                let row = self
+                    .query_now(
+                        "INSERT INTO resources (res_type, res_id, version, last_updated, deleted, content, container_rid) \
+                         SELECT $1, $2, c.version, c.last_updated, 2, $3, c.rid FROM resources c WHERE c.rid = $4 \
+                         ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
+                        &[
+                            SqlValue::Text(ty),
+                            SqlValue::Text(res_id),
+                            SqlValue::Text(content),
+                            SqlValue::Int(*rid),
+                        ],
+                    )
+                    .await?;
+                if let Some(crid) = row
+                    .first()
+                    .and_then(|r| r.first())
+                    .and_then(SqlValue::as_i64)
+                {
+                    contained.push((crid, resource, pos));
+                }
+            }
+        }
+        let mut statements = ix.insert_statements(self.dialect(), &pending);
+        statements.extend(ix.insert_contained_statements(self.dialect(), &contained));
+        for (sql, params) in statements {
             self.execute_now(&sql, &params).await?;
         }
         Ok(())
@@ -340,6 +467,10 @@ impl WriteTx {
         params: &[SqlValue],
     ) -> Result<Vec<Vec<SqlValue>>> {
         self.flush_index().await?;
+        self.query_now(sql, params).await
+    }
+
+    async fn query_now(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Vec<SqlValue>>> {
         let persistent = self.dialect() == Dialect::Sqlite;
         on_tx!(&mut self.inner, |c| {
             let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params)

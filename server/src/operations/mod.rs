@@ -2,6 +2,11 @@
 //! in [`registry`]; the CapabilityStatement lists whatever is registered here.
 
 mod reindex;
+
+pub use reindex::{
+    resume_interrupted as resume_reindex_jobs, schema as reindex_schema,
+    RESUME_POLL as REINDEX_RESUME_POLL,
+};
 mod terminology;
 mod validate;
 
