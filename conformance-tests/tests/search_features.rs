@@ -1099,7 +1099,8 @@ async fn contained_resources(srv: &TestServer) {
     // $reindex re-indexes contained resources with their container
     srv.create(&json!({
         "resourceType": "SearchParameter", "url": "http://example.org/fhir/SearchParameter/medication-form-text",
-        "name": "form-text", "status": "active", "code": "form-text", "base": ["Medication"],
+        "name": "form-text", "status": "active", "description": "Text of the form",
+        "code": "form-text", "base": ["Medication"],
         "type": "string", "expression": "Medication.form.text"
     }))
     .await;
