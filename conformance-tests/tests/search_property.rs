@@ -551,7 +551,7 @@ fn random_sort(rng: &mut fastrand::Rng, ty: &str) -> Vec<SortKey> {
     };
     (0..n)
         .map(|_| SortKey {
-            code: *pick(rng, codes),
+            code: codes[rng.usize(..codes.len())],
             descending: rng.bool(),
         })
         .collect()
