@@ -1,6 +1,7 @@
 //! FHIR operations (`$name`). Each operation is one file implementing [`Operation`] plus one line
 //! in [`registry`]; the CapabilityStatement lists whatever is registered here.
 
+mod closure;
 mod reindex;
 
 pub use reindex::{
@@ -85,6 +86,7 @@ pub fn registry() -> OperationRegistry {
         r.register(Arc::new(op));
     }
     reindex::all().into_iter().for_each(|op| r.register(op));
+    r.register(Arc::new(closure::Closure::default()));
     r
 }
 
