@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// Allow `--auth off` on a non-loopback address.
     #[arg(long, env = "KILN_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Do not store the vendored R4/THO CodeSystems, ValueSets and ConceptMaps as resources at
+    /// start (they are stored once per database by default; terminology operations use them
+    /// either way).
+    #[arg(long, env = "KILN_NO_CANONICAL_TERMINOLOGY")]
+    pub no_canonical_terminology: bool,
     /// RFC 7591 dynamic client registration (default: on for loopback, off otherwise).
     #[arg(long, env = "KILN_DYNAMIC_REGISTRATION")]
     pub dynamic_registration: Option<bool>,
@@ -66,6 +71,7 @@ pub struct FileConfig {
     pub sqlite_sync_full: Option<bool>,
     pub update_create: Option<bool>,
     pub max_body_bytes: Option<usize>,
+    pub load_canonical_terminology: Option<bool>,
 }
 
 impl FileConfig {

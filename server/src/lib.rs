@@ -2,6 +2,7 @@
 //! the interactions; every error is an OperationOutcome.
 
 pub mod auth;
+pub mod canonical;
 pub mod config;
 pub mod error;
 pub mod format;
@@ -23,7 +24,11 @@ pub use state::{AppState, Settings};
 
 /// Opens the store with every schema Kiln layers on it (search indexes).
 pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
-    let hook: kiln_store::SchemaHook = std::sync::Arc::new(search::schema);
+    let hook: kiln_store::SchemaHook = std::sync::Arc::new(|d| {
+        let mut stmts = search::schema(d);
+        stmts.extend(canonical::schema(d));
+        stmts
+    });
     Store::open(config, Some(hook))
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
@@ -51,11 +56,21 @@ pub async fn open_auth(
 }
 
 /// Serves the FHIR API on `listener` until `shutdown` resolves; in-flight requests finish first.
+/// With [`Settings::load_canonical_terminology`], the vendored terminology resources are stored
+/// first (once per bundle: see [`canonical`]); connections wait in the listener's backlog
+/// meanwhile, and a failure to store them is returned (the server does not start without them).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    if state.settings.load_canonical_terminology {
+        canonical::ensure_loaded(&state).await.map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot store the canonical terminology resources: {e:#}"
+            ))
+        })?;
+    }
     // custom SearchParameters stored earlier (or by another node) join the registry now, and
     // are polled for so that every node sharing a database converges
     if let Err(e) = state.search.refresh_custom_parameters(&state.store).await {

@@ -434,6 +434,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(b) = args.max_body_bytes.or(file.max_body_bytes) {
         settings.max_body_bytes = b;
     }
+    settings.load_canonical_terminology =
+        !args.no_canonical_terminology && file.load_canonical_terminology.unwrap_or(true);
     let store_config = args.store.store_config(&file);
     settings.terminology_dir = Some(store_config.data_dir.join("terminology"));
     install_loaded_ucum(&store_config.data_dir.join("terminology"))?;

@@ -189,12 +189,21 @@ impl Reader<'_> {
         })
     }
 
-    /// Current (non-deleted) resources of `ty` whose `url` is `url`.
+    /// Current (non-deleted) resources of `ty` whose `url` is `url`, except the unchanged
+    /// stored copies of the vendored terminology (the service has those already).
     async fn by_url(&mut self, ty: &str, url: &str) -> FhirResult<Vec<Value>> {
+        let sql = format!(
+            "SELECT r.content FROM resources r WHERE r.res_type = $1 AND r.deleted = 0 AND r.rid IN (SELECT u.rid FROM search_uri u WHERE u.param = 'url' AND u.value = $2) AND NOT {} ORDER BY r.rid",
+            crate::canonical::pristine_filter(3)
+        );
         let rows = self
             .query_rows(
-                "SELECT r.content FROM resources r WHERE r.res_type = $1 AND r.deleted = 0 AND r.rid IN (SELECT u.rid FROM search_uri u WHERE u.param = 'url' AND u.value = $2) ORDER BY r.rid",
-                &[SqlValue::Text(ty.to_string()), SqlValue::Text(url.to_string())],
+                &sql,
+                &[
+                    SqlValue::Text(ty.to_string()),
+                    SqlValue::Text(url.to_string()),
+                    SqlValue::Text(crate::canonical::fingerprint().to_string()),
+                ],
             )
             .await?;
         Ok(rows

@@ -20,6 +20,10 @@ pub struct Settings {
     pub max_conditional_delete: usize,
     /// Where `kiln terminology load` saved large code systems (`<data-dir>/terminology`).
     pub terminology_dir: Option<std::path::PathBuf>,
+    /// Store the vendored R4/THO CodeSystems, ValueSets and ConceptMaps as resources when the
+    /// server starts (once per bundle; see `canonical`). On for `kiln serve`; off in
+    /// `Settings::default()` so test servers and `kiln import` do not pay for it.
+    pub load_canonical_terminology: bool,
 }
 
 impl Default for Settings {
@@ -31,6 +35,7 @@ impl Default for Settings {
             max_page_size: 1000,
             max_conditional_delete: 1000,
             terminology_dir: None,
+            load_canonical_terminology: false,
         }
     }
 }
@@ -48,6 +53,8 @@ pub struct Inner {
     pub search: SearchEngine,
     pub operations: OperationRegistry,
     pub terminology: Arc<crate::terminology::TerminologyService>,
+    /// Required-binding verdicts of the terminology service (write-time validation).
+    pub binding_cache: crate::validation::BindingCache,
     /// The SMART authorization server, when `--auth on`.
     pub auth: Option<kiln_smart_auth::AuthState>,
 }
@@ -83,6 +90,7 @@ impl AppState {
             store,
             base_url,
             terminology,
+            binding_cache: Default::default(),
             settings,
             operations: crate::operations::registry(),
             auth: auth.map(|a| {

@@ -160,6 +160,15 @@ impl TerminologyService {
             .unwrap_or_default()
     }
 
+    /// The service if it is built already (never builds, never checks for a reload).
+    pub fn current(&self) -> Option<Arc<Terminology>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|l| l.tx.clone())
+    }
+
     /// The current service; starts a background rebuild when the saved code systems changed.
     pub async fn get(self: &Arc<Self>) -> Result<Arc<Terminology>, crate::error::FhirError> {
         let stale = {

@@ -12,7 +12,9 @@ use crate::provider::{CodeSystemProvider, Concept, Designation, PropertyValue, T
 use crate::resource::{apply_supplement, arr, code_system_table, s};
 
 const TX_ISSUE_TYPE: &str = "http://hl7.org/fhir/tools/CodeSystem/tx-issue-type";
-const R4_BUNDLE_GZ: &[u8] = include_bytes!("../data/r4-terminology.json.gz");
+/// The vendored R4 + THO CodeSystems/ValueSets/ConceptMaps: a gzip'd collection Bundle (the
+/// server also stores them as resources at first start).
+pub const R4_BUNDLE_GZ: &[u8] = include_bytes!("../data/r4-terminology.json.gz");
 /// Expansions larger than this are refused unless paged with `count` (HAPI's and tx.fhir.org's
 /// default limit too).
 pub const MAX_EXPANSION: usize = 1_000;
@@ -482,6 +484,22 @@ impl Terminology {
     /// Adds a code system provider (ICD-10-CM, LOINC, SNOMED CT tables, …).
     pub fn add_code_system(&mut self, p: Arc<dyn CodeSystemProvider>) {
         self.base.add_provider(p);
+    }
+
+    /// The value set the service holds under a canonical URL (`|version` optional: the
+    /// latest added otherwise).
+    pub fn value_set(&self, canonical: &str) -> Option<Arc<Value>> {
+        let (url, version) = split_canonical(canonical);
+        let list = self.base.vs.get(url)?;
+        match version {
+            Some(v) => list.iter().find(|x| s(x, "version") == Some(v)).cloned(),
+            None => list.last().cloned(),
+        }
+    }
+
+    /// Whether the service knows a code system with this URL (any version).
+    pub fn has_code_system(&self, url: &str) -> bool {
+        self.base.cs.contains_key(split_canonical(url).0)
     }
 
     /// Number of known code systems (all versions) and value sets.

@@ -21,5 +21,5 @@ pub use model::{r4, Constraint, ElementInfo, ElementMatch, Model, TypeInfo, Type
 pub use outcome::{operation_outcome, Issue, Severity};
 pub use profile::{validate_with_profile, Profile};
 pub use summary::{select_elements, summarize, SummaryMode};
-pub use validation::{validate, Validator};
+pub use validation::{validate, validate_with, CodeValidator, CodeVerdict, Validator};
 pub use xml::{json_to_xml, xml_to_json, XmlError};

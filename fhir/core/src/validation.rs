@@ -4,7 +4,8 @@
 //! type); cardinality (min/max); primitive formats (the R4 regexes, integer ranges, real
 //! calendar dates, base64); `_name` primitive-extension shape and alignment; required bindings
 //! on `code` (and Coding/CodeableConcept codes of a known system) where the value set is
-//! enumerable; contained resources (recursively, no nested `contained`, local `#id` references
+//! enumerable, and through a [`CodeValidator`] (the server's terminology service) where it is
+//! not; contained resources (recursively, no nested `contained`, local `#id` references
 //! must resolve); Reference shape and target types; empty objects/arrays/strings; `ext-1`.
 //!
 //! The walk is driven by [`TypeInfo`] trees, so a profile's snapshot turned into `TypeInfo`s can
@@ -24,9 +25,39 @@ pub fn validate(resource: &Value) -> Vec<Issue> {
     Validator::new(r4()).validate(resource)
 }
 
+/// [`validate`], asking `codes` about required bindings the model cannot enumerate.
+pub fn validate_with(resource: &Value, codes: &dyn CodeValidator) -> Vec<Issue> {
+    Validator::new(r4())
+        .with_code_validator(codes)
+        .validate(resource)
+}
+
+/// What a [`CodeValidator`] says about one code and one value set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeVerdict {
+    /// The code is in the value set.
+    Valid,
+    /// The code is not in the value set; the text says why.
+    Invalid(String),
+    /// The value set, or the code system, is unknown: nothing can be said (no error).
+    Unknown,
+}
+
+/// Answers the required bindings whose value set the model cannot enumerate (filters, nested
+/// value sets, whole external code systems such as UCUM, THO content): the server implements it
+/// with its terminology service (`ValueSet/$validate-code` semantics), so this crate depends on
+/// none.
+pub trait CodeValidator {
+    /// Whether `code` is in the value set `value_set` (a canonical URL, maybe `|version`).
+    /// `system` is the Coding's system; `None` for a `code` element, whose system the value
+    /// set implies.
+    fn validate_code(&self, value_set: &str, system: Option<&str>, code: &str) -> CodeVerdict;
+}
+
 /// A structural validator over a [`Model`].
 pub struct Validator<'m> {
     model: &'m Model,
+    codes: Option<&'m dyn CodeValidator>,
 }
 
 struct Ctx<'a> {
@@ -153,7 +184,13 @@ fn json_primitive_class(type_code: &str) -> &'static str {
 
 impl<'m> Validator<'m> {
     pub fn new(model: &'m Model) -> Self {
-        Validator { model }
+        Validator { model, codes: None }
+    }
+
+    /// Checks the required bindings the model cannot enumerate with `codes`.
+    pub fn with_code_validator(mut self, codes: &'m dyn CodeValidator) -> Self {
+        self.codes = Some(codes);
+        self
     }
 
     /// Validates a resource (any concrete resource type).
@@ -484,13 +521,7 @@ impl<'m> Validator<'m> {
                     "Reference" => self.reference(obj, info, ctx),
                     "code" => {}
                     "Coding" => self.coding_binding(obj, info, ctx),
-                    "CodeableConcept" => {
-                        if let Some(Value::Array(codings)) = obj.get("coding") {
-                            for c in codings.iter().filter_map(Value::as_object) {
-                                self.coding_binding(c, info, ctx);
-                            }
-                        }
-                    }
+                    "CodeableConcept" => self.codeable_concept_binding(obj, info, ctx),
                     _ => {}
                 }
             }
@@ -601,7 +632,24 @@ impl<'m> Validator<'m> {
             return;
         }
         let Some(vs) = self.model.required_value_set(&b.value_set) else {
-            // Value sets defined outside the spec: check the code's syntax at least.
+            if let Some(codes) = self.codes {
+                match codes.validate_code(&b.value_set, None, code) {
+                    CodeVerdict::Valid => return,
+                    CodeVerdict::Invalid(why) => {
+                        ctx.error(
+                            "code-invalid",
+                            format!(
+                                "'{}' is not in the required value set {}: {why}",
+                                clip(code),
+                                b.value_set
+                            ),
+                        );
+                        return;
+                    }
+                    CodeVerdict::Unknown => {}
+                }
+            }
+            // Value sets the terminology cannot answer either: check the code's syntax at least.
             let ok = match b.value_set.as_str() {
                 // FHIR allows the shorthands xml/json/ttl (CapabilityStatement.format, TestScript)
                 "http://hl7.org/fhir/ValueSet/mimetypes" => {
@@ -637,13 +685,26 @@ impl<'m> Validator<'m> {
         if b.strength != "required" {
             return;
         }
-        let Some(vs) = self.model.required_value_set(&b.value_set) else {
-            return;
-        };
         let (Some(system), Some(code)) = (
             coding.get("system").and_then(Value::as_str),
             coding.get("code").and_then(Value::as_str),
         ) else {
+            return;
+        };
+        let Some(vs) = self.model.required_value_set(&b.value_set) else {
+            if let Some(CodeVerdict::Invalid(why)) = self
+                .codes
+                .map(|c| c.validate_code(&b.value_set, Some(system), code))
+            {
+                ctx.error(
+                    "code-invalid",
+                    format!(
+                        "'{system}#{}' is not in the required value set {}: {why}",
+                        clip(code),
+                        b.value_set
+                    ),
+                );
+            }
             return;
         };
         if vs.iter().any(|(s, _)| s == system) && !vs.iter().any(|(s, c)| s == system && c == code)
@@ -654,6 +715,57 @@ impl<'m> Validator<'m> {
                     "'{system}#{}' is not in the required value set {}",
                     clip(code),
                     b.value_set
+                ),
+            );
+        }
+    }
+
+    /// A CodeableConcept bound `required`: each coding of the value set's own code systems must
+    /// be in it (enumerable value sets); through the [`CodeValidator`], at least one coding must
+    /// be in the value set, unless one of them cannot be checked (unknown code system).
+    fn codeable_concept_binding(
+        &self,
+        obj: &Map<String, Value>,
+        info: &ElementInfo,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let codings: Vec<&Map<String, Value>> = match obj.get("coding") {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_object).collect(),
+            _ => return,
+        };
+        let Some(b) = &info.binding else { return };
+        if b.strength != "required" {
+            return;
+        }
+        if self.model.required_value_set(&b.value_set).is_some() {
+            for c in &codings {
+                self.coding_binding(c, info, ctx);
+            }
+            return;
+        }
+        let Some(codes) = self.codes else { return };
+        let mut invalid: Vec<String> = Vec::new();
+        for c in &codings {
+            let (Some(system), Some(code)) = (
+                c.get("system").and_then(Value::as_str),
+                c.get("code").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            match codes.validate_code(&b.value_set, Some(system), code) {
+                CodeVerdict::Valid | CodeVerdict::Unknown => return,
+                CodeVerdict::Invalid(why) => {
+                    invalid.push(format!("'{system}#{}': {why}", clip(code)))
+                }
+            }
+        }
+        if !invalid.is_empty() {
+            ctx.error(
+                "code-invalid",
+                format!(
+                    "none of the codings is in the required value set {} ({})",
+                    b.value_set,
+                    invalid.join("; ")
                 ),
             );
         }
@@ -1588,6 +1700,88 @@ mod tests {
             "valueQuantity": {"value": 1, "comparator": "=="}}),
         );
         assert_eq!(e, vec!["Observation.valueQuantity.comparator"]);
+    }
+
+    /// A terminology that knows UCUM's `mg` and `kg` in the ucum-units value set, and nothing
+    /// else (every other value set is unknown).
+    struct FakeCodes(std::cell::RefCell<Vec<String>>);
+
+    impl CodeValidator for FakeCodes {
+        fn validate_code(&self, vs: &str, system: Option<&str>, code: &str) -> CodeVerdict {
+            self.0
+                .borrow_mut()
+                .push(format!("{vs} {} {code}", system.unwrap_or("-")));
+            if vs != "http://hl7.org/fhir/ValueSet/ucum-units" {
+                return CodeVerdict::Unknown;
+            }
+            match (system, code) {
+                (Some("http://unitsofmeasure.org") | None, "mg" | "kg") => CodeVerdict::Valid,
+                (Some("http://example.org/unknown"), _) => CodeVerdict::Unknown,
+                _ => CodeVerdict::Invalid(format!("unknown unit '{code}'")),
+            }
+        }
+    }
+
+    #[test]
+    fn required_bindings_through_a_code_validator() {
+        let codes = FakeCodes(Default::default());
+        let red = |units: serde_json::Value| {
+            json!({"resourceType": "ResearchElementDefinition", "status": "active",
+                "type": "population",
+                "characteristic": [{"definitionCodeableConcept": {"text": "x"},
+                    "unitOfMeasure": units}]})
+        };
+        let errs = |r: serde_json::Value| -> Vec<(String, String)> {
+            validate_with(&r, &codes)
+                .into_iter()
+                .filter(|i| i.is_error())
+                .map(|i| (i.expression.join(","), i.diagnostics))
+                .collect()
+        };
+        let ucum = |c: &str| json!({"system": "http://unitsofmeasure.org", "code": c});
+        assert!(errs(red(json!({"coding": [ucum("mg")]}))).is_empty());
+        let e = errs(red(json!({"coding": [ucum("mgg")]})));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(
+            e[0].0,
+            "ResearchElementDefinition.characteristic[0].unitOfMeasure"
+        );
+        assert!(
+            e[0].1.contains("http://hl7.org/fhir/ValueSet/ucum-units"),
+            "{}",
+            e[0].1
+        );
+        assert!(e[0].1.contains("unknown unit 'mgg'"), "{}", e[0].1);
+        // at least one coding in the value set is enough
+        assert!(errs(red(json!({"coding": [ucum("mgg"), ucum("kg")]}))).is_empty());
+        // a coding that cannot be checked (unknown code system): no error
+        assert!(errs(red(json!({"coding": [ucum("mgg"),
+            {"system": "http://example.org/unknown", "code": "x"}]})))
+        .is_empty());
+        // text only: nothing to check
+        assert!(errs(red(json!({"text": "milligrams"}))).is_empty());
+        // unknown value sets stay unchecked, the mime type syntax check still applies
+        let att = |ct: &str| {
+            json!({"resourceType": "DocumentReference", "status": "current",
+                "content": [{"attachment": {"contentType": ct}}]})
+        };
+        assert!(errs(att("text/plain")).is_empty());
+        assert_eq!(
+            errs(att("no mime type")),
+            vec![(
+                "DocumentReference.content[0].attachment.contentType".to_string(),
+                "'no mime type' is not a valid code of http://hl7.org/fhir/ValueSet/mimetypes"
+                    .to_string()
+            )]
+        );
+        // the model's own value sets are not asked about
+        let asked = codes.0.borrow().clone();
+        assert!(
+            asked.iter().all(|a| !a.contains("administrative-gender")),
+            "{asked:?}"
+        );
+        assert!(errs(json!({"resourceType": "Patient", "gender": "male"})).is_empty());
+        assert!(!codes.0.borrow().iter().any(|a| a.contains("gender")));
     }
 
     #[test]

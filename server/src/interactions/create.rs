@@ -72,7 +72,7 @@ pub async fn create_with_id(
 ) -> FhirResult<FhirResponse> {
     check_type(ty)?;
     check_body_type(&resource, ty)?;
-    validate_for_write(&resource)?;
+    validate_for_write(state, &resource).await?;
     let stored = tx.put(ty, id, resource, None, "POST").await?;
     Ok(resource_response(
         state,

@@ -86,7 +86,7 @@ pub async fn patch(
             kiln_fhir::Issue::error("processing", "a patch may not change resourceType or id"),
         ));
     }
-    validate_for_write(&patched)?;
+    validate_for_write(state, &patched).await?;
     let stored = tx.put(ty, id, patched, Some(&current), "PATCH").await?;
     Ok(resource_response(
         state,

@@ -36,7 +36,7 @@ pub async fn update(
         }
         _ => {}
     }
-    validate_for_write(&resource)?;
+    validate_for_write(state, &resource).await?;
     write_version(state, tx, ty, id, resource, ctx).await
 }
 
@@ -151,6 +151,6 @@ pub async fn conditional_update(
             )))
         }
     };
-    validate_for_write(&resource)?;
+    validate_for_write(state, &resource).await?;
     write_version(state, tx, ty, &id, resource, ctx).await
 }

@@ -94,7 +94,8 @@ fn push_param(params: &mut Value, p: Value) {
     }
 }
 
-/// Stored resources of `ty` whose `url` is `url` (any version).
+/// Stored resources of `ty` whose `url` is `url` (any version), except the unchanged stored
+/// copies of the vendored terminology (the service has those already).
 async fn stored_by_url(state: &AppState, ty: &str, url: &str) -> FhirResult<Vec<Value>> {
     let url = url.split('|').next().unwrap_or(url);
     let mut tx = state.store.begin().await?;
@@ -109,7 +110,7 @@ async fn stored_by_url(state: &AppState, ty: &str, url: &str) -> FhirResult<Vec<
     let mut out = Vec::new();
     for id in ids {
         if let Some(r) = tx.read(ty, &id).await? {
-            if !r.deleted {
+            if !r.deleted && !crate::canonical::tx_is_pristine(&mut tx, ty, &id, r.version).await? {
                 out.push(serde_json::from_str(&r.content).map_err(|e| {
                     FhirError::internal(format!("stored resource is not JSON: {e}"))
                 })?);
@@ -158,6 +159,9 @@ impl Operation for TxOperation {
                 let r: Value = serde_json::from_str(&stored.content).map_err(|e| {
                     FhirError::internal(format!("stored resource is not JSON: {e}"))
                 })?;
+                // the unchanged copy of a vendored code system: the service has it already
+                let pristine =
+                    crate::canonical::is_pristine(&state.store, t, id, stored.version).await?;
                 let url = r.get("url").and_then(Value::as_str).map(str::to_string);
                 match kind {
                     Kind::Expand | Kind::ValidateCodeVs => {
@@ -175,7 +179,9 @@ impl Operation for TxOperation {
                                 push_param(&mut params, json!({"name": "system", "valueUri": u}));
                             }
                         }
-                        push_param(&mut params, json!({"name": "tx-resource", "resource": r}));
+                        if !pristine {
+                            push_param(&mut params, json!({"name": "tx-resource", "resource": r}));
+                        }
                     }
                 }
             } else {

@@ -106,7 +106,7 @@ impl Operation for Validate {
                             _ => {}
                         }
                     }
-                    issues.extend(crate::validation::validate(&resource));
+                    issues.extend(crate::validation::validate(state, &resource).await);
                 }
                 Some(other) => {
                     return Err(FhirError::invalid_at(
