@@ -959,6 +959,14 @@ impl SearchEngine {
         } else {
             state.store.query_rows(&plan.sql, &params).await?
         };
+        // a sort key walked from its index: the resources without a key continue the page
+        for (sql, ps) in &plan.more {
+            if summary_count || count == 0 || rows.len() > count {
+                break;
+            }
+            let ps: Vec<SqlValue> = ps.iter().cloned().map(to_store_value).collect();
+            rows.extend(state.store.query_rows(sql, &ps).await?);
+        }
         // keyset paging both ways: a forward page fetched one extra row (there is a next page);
         // a backward page (a `previous` link) came nearest-first, its extra row meaning there
         // is a page before it
@@ -1001,9 +1009,31 @@ impl SearchEngine {
             None
         };
         let matches = state.store.fetch_by_rids(&rids).await?;
+        let passthrough =
+            query.summary.is_none() && query.elements.is_empty() && access.grant().is_none();
+        // written around the stored JSON: the included entries come from the database as one
+        // text (no row per resource), unless `:iterate` needs each level's rids
+        let mut included_text = None;
+        if passthrough {
+            if let Some((sql, ps)) =
+                kiln_search::included_entries_sql(&query, dialect, &rids, &state.base_url)
+            {
+                let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
+                let found = state.store.query_rows(&sql, &ps).await?;
+                included_text = found
+                    .into_iter()
+                    .next()
+                    .and_then(|r| r.into_iter().next())
+                    .and_then(|v| match v {
+                        SqlValue::Text(t) if !t.is_empty() => Some(t),
+                        _ => None,
+                    });
+            }
+        }
         // includes, iterated until nothing new turns up
         let mut included = Vec::new();
-        if !query.includes.is_empty() || !query.revincludes.is_empty() {
+        if included_text.is_none() && (!query.includes.is_empty() || !query.revincludes.is_empty())
+        {
             let mut seen: std::collections::HashSet<i64> = rids.iter().copied().collect();
             let mut frontier = rids.clone();
             let mut first = true;
@@ -1055,8 +1085,6 @@ impl SearchEngine {
         if let Some(n) = &next {
             links.push(json!({"relation": "next", "url": link(Some(n))}));
         }
-        let passthrough =
-            query.summary.is_none() && query.elements.is_empty() && access.grant().is_none();
         if passthrough {
             // nothing to cut or filter: the stored JSON goes into the Bundle text as it is,
             // without parsing and re-serialising every resource (a `_revinclude` page carries
@@ -1073,7 +1101,10 @@ impl SearchEngine {
             bundle["link"] = Value::Array(links);
             let head = serde_json::to_string(&bundle)
                 .map_err(|e| FhirError::internal(format!("cannot serialise the Bundle: {e}")))?;
-            let n = matches.len() + included.len() + usize::from(!query.warnings.is_empty());
+            let n = matches.len()
+                + included.len()
+                + usize::from(included_text.is_some())
+                + usize::from(!query.warnings.is_empty());
             if n == 0 {
                 return Ok(FhirResponse::ok(Body::StoredJson(head)));
             }
@@ -1082,6 +1113,7 @@ impl SearchEngine {
                 .chain(included.iter())
                 .map(|s| s.content.len() + 120)
                 .sum();
+            let size = size + included_text.as_ref().map_or(0, String::len);
             let mut out = String::with_capacity(head.len() + size + 16);
             // `head` is a JSON object: its closing brace is the last byte
             out.push_str(&head[..head.len() - 1]);
@@ -1104,6 +1136,13 @@ impl SearchEngine {
                 out.push_str(",\"search\":{\"mode\":\"");
                 out.push_str(mode);
                 out.push_str("\"}}");
+            }
+            if let Some(text) = &included_text {
+                if !first {
+                    out.push(',');
+                }
+                first = false;
+                out.push_str(text);
             }
             if !query.warnings.is_empty() {
                 if !first {

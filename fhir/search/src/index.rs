@@ -174,6 +174,9 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
             "search_reference(ref_id, ref_type, param)",
         ),
         ("search_date_low", "search_date(param, low, high, rid)"),
+        // `_sort=-date` walks this in key order (greatest `high` first, ties by rid) instead of
+        // computing the key of every candidate (plan::walk_segments)
+        ("search_date_high", "search_date(param, high DESC, rid)"),
         ("search_number_value", "search_number(param, value)"),
         (
             "search_quantity_value",

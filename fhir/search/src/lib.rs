@@ -34,7 +34,7 @@ pub use index::{
     IndexEntries,
 };
 pub use matcher::matches;
-pub use plan::{include_sql, plan, KeyKind, PageRequest, SqlPlan};
+pub use plan::{include_sql, included_entries_sql, plan, KeyKind, PageRequest, SqlPlan};
 pub use query::{
     parse, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery, SearchValue, SortKey,
 };

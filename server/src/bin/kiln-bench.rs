@@ -1269,6 +1269,45 @@ async fn search(server: &Server, connections: usize, seconds: u64) -> Result<()>
             total as f64 / (p50 / 1000.0).max(1e-9)
         );
     }
+    count_large(server).await
+}
+
+/// `_summary=count` over a large match set, one connection, sequential: the counting rate
+/// (matches / p50) is meaningful only when the count dominates the request's fixed cost.
+async fn count_large(server: &Server) -> Result<()> {
+    println!(
+        "\n== _summary=count, large match sets (1 connection, 200 sequential requests each) =="
+    );
+    println!(
+        "{:<44} {:>8} {:>9} {:>9} {:>14}",
+        "query", "total", "p50 ms", "p99 ms", "resources/s"
+    );
+    for q in [
+        "Observation?status=final&_summary=count",
+        "Observation?category=vital-signs&_summary=count",
+        "Observation?_summary=count",
+    ] {
+        let total = server.get_json(q).await?["total"].as_u64().unwrap_or(0);
+        let mut lat = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t0 = Instant::now();
+            let (status, body) = exchange(server.client.get(format!("{}/{q}", server.base)))
+                .await
+                .map_err(|e| anyhow!(e))?;
+            expect(status, 200, &body).map_err(|e| anyhow!(e))?;
+            lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+        }
+        lat.sort_unstable();
+        let p50 = percentile_ms(&lat, 0.5);
+        println!(
+            "{:<44} {:>8} {:>9.2} {:>9.2} {:>14.0}",
+            q,
+            total,
+            p50,
+            percentile_ms(&lat, 0.99),
+            total as f64 / (p50 / 1000.0).max(1e-9)
+        );
+    }
     Ok(())
 }
 
