@@ -1326,6 +1326,9 @@ fn walkable_sort(query: &SearchQuery) -> Option<&crate::query::SortKey> {
 
 type Cursor = (Vec<SqlValue>, i64, bool);
 
+/// SQL text and its parameters.
+type Statement = (String, Vec<SqlValue>);
+
 /// The statements of a page sorted by one date parameter, walked from the index in key order.
 ///
 /// A resource's key is the least `low` (ascending) or the greatest `high` (descending) of its
@@ -1344,7 +1347,7 @@ fn walk_segments(
     where_sql: &str,
     page_size: usize,
     cursor: Option<&Cursor>,
-) -> ((String, Vec<SqlValue>), Vec<(String, Vec<SqlValue>)>) {
+) -> (Statement, Vec<Statement>) {
     let limit = page_size + 1;
     let desc = key.descending;
     let (col, index, cmp_first) = if desc {
@@ -1358,7 +1361,7 @@ fn walk_segments(
     };
     // the walk: `reverse` reads the order backwards (a `previous` page, nearest first);
     // `from` continues strictly after (or, reversed, before) a (key, rid) pair
-    let walk = |reverse: bool, from: Option<(i64, i64)>| -> (String, Vec<SqlValue>) {
+    let walk = |reverse: bool, from: Option<(i64, i64)>| -> Statement {
         let (mut wb, wwhere, _) = where_clause(query, dialect, true);
         let p = wb.text(&key.code);
         // key order is ascending values for `_sort=date`, descending for `_sort=-date`
@@ -1400,7 +1403,7 @@ fn walk_segments(
         (sql, wb.params)
     };
     // the resources without a key, by rid (after `after_rid`, or reversed before it)
-    let missing = |reverse: bool, from_rid: Option<i64>| -> (String, Vec<SqlValue>) {
+    let missing = |reverse: bool, from_rid: Option<i64>| -> Statement {
         let mut mb = base.clone();
         let p = mb.text(&key.code);
         let mut sql = format!(
