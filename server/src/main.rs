@@ -44,7 +44,8 @@ enum Command {
         action: ClientsAction,
     },
     /// Load a code system release (icd10cm, loinc, snomed, ucum, icd10cm-gem) into the terminology
-    /// store under <data-dir>/terminology.
+    /// store: the database with `--database postgres://…` (shared by every node), else
+    /// <data-dir>/terminology.
     Terminology {
         #[command(subcommand)]
         action: TerminologyAction,
@@ -62,7 +63,9 @@ enum Command {
 enum TerminologyAction {
     /// `kiln terminology load <system> <path>`: icd10cm (CMS tabular XML), loinc (release
     /// directory), snomed (RF2 snapshot directory), ucum (ucum-essence.xml; UCUM 2.2 is built
-    /// in), icd10cm-gem (GEM CSV). A failed load leaves the previous version in place.
+    /// in), icd10cm-gem (GEM CSV). Saved in the PostgreSQL database when the store is one
+    /// (`--database`/`--config`), else under <data-dir>/terminology. A failed or interrupted
+    /// load leaves the previous version in place.
     Load {
         system: String,
         path: PathBuf,
@@ -196,22 +199,21 @@ async fn admin_auth(
     Ok((st, auth))
 }
 
-/// Installs the UCUM table loaded with `kiln terminology load ucum` (if any) before anything
-/// uses UCUM, so quantity search and unit validation use it instead of the vendored UCUM 2.2.
-fn install_loaded_ucum(dir: &std::path::Path) -> anyhow::Result<()> {
-    if !dir.join("ucum-essence.xml.gz").exists() {
-        return Ok(());
-    }
-    let ts = kiln_terminology::TerminologyStore::open(dir)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?;
-    if let Some(essence) = ts
-        .load_ucum()
-        .map_err(|e| anyhow::anyhow!("cannot read the loaded UCUM table: {e}"))?
+/// Installs the UCUM table loaded with `kiln terminology load ucum` (if any: from the database
+/// on PostgreSQL, else from the terminology directory) before anything uses UCUM, so quantity
+/// search and unit validation use it instead of the vendored UCUM 2.2.
+async fn install_loaded_ucum(
+    dir: &std::path::Path,
+    store: &kiln_store::Store,
+) -> anyhow::Result<()> {
+    let database = (store.dialect() == kiln_store::Dialect::Postgres).then_some(store);
+    if let Some((essence, source)) =
+        kiln_server::terminology::loaded_ucum(Some(dir), database).await?
     {
         let version = essence.version.clone();
         kiln_terminology::ucum::install(essence)
             .map_err(|e| anyhow::anyhow!("cannot install the loaded UCUM table: {e}"))?;
-        tracing::info!(version = %version, "UCUM table loaded from the terminology store");
+        tracing::info!(version = %version, from = %source, "loaded UCUM table installed");
     }
     Ok(())
 }
@@ -224,109 +226,45 @@ async fn terminology(action: TerminologyAction) -> anyhow::Result<()> {
         store,
     } = action;
     let file = FileConfig::load(store.config.as_ref())?;
-    let dir = store.store_config(&file).data_dir.join("terminology");
+    let config = store.store_config(&file);
+    // PostgreSQL: into the database, shared by every node; SQLite: snapshot files beside it
+    let database = match config.database.as_deref() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Some(kiln_server::open_store(&config).await?)
+        }
+        _ => None,
+    };
+    let dir = config.data_dir.join("terminology");
     let started = std::time::Instant::now();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message(format!("loading {system} from {}", path.display()));
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let progress_bar = bar.clone();
-    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        // one progress line per release file read (name, rows), above the spinner
-        let sink = move |line: &str| {
-            if progress_bar.is_hidden() {
-                eprintln!("  {line}");
-            } else {
-                progress_bar.println(format!("  {line}"));
-            }
-        };
-        kiln_terminology::tabular::with_progress(sink, || {
-            let ts = kiln_terminology::TerminologyStore::open(&dir)
-                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?;
-            let summary = match system.as_str() {
-                "icd10cm" => {
-                    let t = ts
-                        .import_icd10cm(&path)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    format!(
-                        "{}{}",
-                        kiln_terminology::store::summary(&t),
-                        text_index(&ts, "icd10cm", &t)?
-                    )
-                }
-                "loinc" => {
-                    let t = ts
-                        .import_loinc(&path, version.as_deref())
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    format!(
-                        "{}{}",
-                        kiln_terminology::store::summary(&t),
-                        text_index(&ts, "loinc", &t)?
-                    )
-                }
-                "snomed" => {
-                    let t = ts
-                        .import_snomed(&path, version.as_deref())
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    format!(
-                        "{}{}",
-                        kiln_terminology::store::summary(&t),
-                        text_index(&ts, "snomed", &t)?
-                    )
-                }
-                "icd10cm-gem" | "gem" => {
-                    let cm = ts.import_gem(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let n = cm["group"]
-                        .as_array()
-                        .map(|g| {
-                            g.iter()
-                                .map(|x| x["element"].as_array().map_or(0, Vec::len))
-                                .sum::<usize>()
-                        })
-                        .unwrap_or(0);
-                    format!("ICD-10-CM→ICD-9-CM GEM: {n} source codes")
-                }
-                "ucum" => {
-                    let e = ts.import_ucum(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-                    format!(
-                        "UCUM {} ({}): {} prefixes, {} units (used from the next server start)",
-                        e.version,
-                        e.revision_date,
-                        e.prefixes.len(),
-                        e.units.len()
-                    )
-                }
-                other => anyhow::bail!(
-                    "unknown system `{other}`: icd10cm, loinc, snomed, ucum, icd10cm-gem"
-                ),
-            };
-            Ok(summary)
-        })
-    })
-    .await?;
+    // one progress line per release file read (name, rows), above the spinner
+    let sink = move |line: &str| {
+        if progress_bar.is_hidden() {
+            eprintln!("  {line}");
+        } else {
+            progress_bar.println(format!("  {line}"));
+        }
+    };
+    let target = match &database {
+        Some(st) => kiln_server::terminology::LoadTarget::Database(st),
+        None => kiln_server::terminology::LoadTarget::Directory(&dir),
+    };
+    let result =
+        kiln_server::terminology::load_release(target, &system, &path, version.as_deref(), sink)
+            .await;
     bar.finish_and_clear();
+    if let Some(st) = database {
+        st.close().await;
+    }
     let result = result?;
     println!(
         "{result}; loaded in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Builds the full-text index (`$expand?filter=`) of a freshly loaded code system.
-fn text_index(
-    ts: &kiln_terminology::TerminologyStore,
-    id: &str,
-    table: &kiln_terminology::ConceptTable,
-) -> anyhow::Result<String> {
-    let t0 = std::time::Instant::now();
-    let idx = ts
-        .build_text_index(id, table)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(format!(
-        "; text index of {} concepts built in {:.1} s",
-        idx.len(),
-        t0.elapsed().as_secs_f64()
-    ))
 }
 
 async fn users(action: UsersAction) -> anyhow::Result<()> {
@@ -438,11 +376,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         !args.no_canonical_terminology && file.load_canonical_terminology.unwrap_or(true);
     let store_config = args.store.store_config(&file);
     settings.terminology_dir = Some(store_config.data_dir.join("terminology"));
-    install_loaded_ucum(&store_config.data_dir.join("terminology"))?;
     let mode = kiln_server::auth::resolve_mode(args.auth, listen, args.insecure_no_auth)
         .map_err(|e| anyhow::anyhow!(e))?;
     let store = kiln_server::open_store(&store_config).await?;
     tracing::info!(store = %store.describe(), "store open");
+    install_loaded_ucum(&store_config.data_dir.join("terminology"), &store).await?;
     let auth = match mode {
         kiln_server::auth::AuthMode::Off => {
             tracing::warn!(

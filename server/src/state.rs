@@ -18,7 +18,9 @@ pub struct Settings {
     pub max_page_size: usize,
     /// Most resources one conditional delete may remove (412 above).
     pub max_conditional_delete: usize,
-    /// Where `kiln terminology load` saved large code systems (`<data-dir>/terminology`).
+    /// Where `kiln terminology load` saved large code systems (`<data-dir>/terminology`); on
+    /// PostgreSQL the database's loaded code systems are read too (and win), and this
+    /// directory also holds the node's text index cache (`db-cache/`).
     pub terminology_dir: Option<std::path::PathBuf>,
     /// Store the vendored R4/THO CodeSystems, ValueSets and ConceptMaps as resources when the
     /// server starts (once per bundle; see `canonical`). On for `kiln serve`; off in
@@ -80,8 +82,13 @@ impl AppState {
         let search = SearchEngine::new();
         store.set_indexer(search.indexer());
         let base_url = base_url.trim_end_matches('/').to_string();
-        let terminology = Arc::new(crate::terminology::TerminologyService::new(
+        // on PostgreSQL the loaded code systems live in the database, shared by every node
+        let loaded_in_database =
+            (store.dialect() == kiln_store::Dialect::Postgres).then(|| store.clone());
+        let terminology = Arc::new(crate::terminology::TerminologyService::with_sources(
             settings.terminology_dir.clone(),
+            loaded_in_database,
+            crate::terminology::RELOAD_POLL,
         ));
         search.set_terminology(terminology.clone(), base_url.clone());
         // the pickers of a standalone launch search through this state's engine

@@ -2,6 +2,12 @@
 //! directory chosen by the caller. Saving is atomic: the snapshot is written to a temporary file
 //! in the same directory and renamed over the previous one, so a failed load leaves the previous
 //! version in place.
+//!
+//! The bytes of a snapshot (gzip'd JSON of a `ConceptTable`, of a resource, or the UCUM essence
+//! XML) are also what the database keeps for a code system loaded into PostgreSQL
+//! (`kiln terminology load … --database postgres://…`, kiln-store's `terminology_*` tables):
+//! [`parse_release`] reads a release into a [`Release`], [`Release::encode`] gives those bytes,
+//! and [`decode_snapshot`], [`decode_resource`] and [`decode_ucum`] read them back.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -109,20 +115,7 @@ impl TerminologyStore {
             return Ok(None);
         }
         let f = std::fs::File::open(&path).map_err(io(&path))?;
-        // streamed: the decompressed JSON of a SNOMED CT snapshot is never held as one string
-        let reader = std::io::BufReader::with_capacity(
-            1 << 20,
-            flate2::read::GzDecoder::new(std::io::BufReader::new(f)),
-        );
-        let mut t: ConceptTable =
-            serde_json::from_reader(reader).map_err(|e| StoreError::Format {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        t.reindex();
-        // the IS-A reachability labels are built here, not on the first `$subsumes`
-        t.reachability();
-        Ok(Some(t))
+        read_snapshot(std::io::BufReader::new(f), &path.display().to_string()).map(Some)
     }
 
     /// Ids of the saved snapshots.
@@ -178,17 +171,8 @@ impl TerminologyStore {
         if !path.exists() {
             return Ok(None);
         }
-        let f = std::fs::File::open(&path).map_err(io(&path))?;
-        let mut s = String::new();
-        flate2::read::GzDecoder::new(std::io::BufReader::new(f))
-            .read_to_string(&mut s)
-            .map_err(io(&path))?;
-        serde_json::from_str(&s)
-            .map(Some)
-            .map_err(|e| StoreError::Format {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        decode_resource(&bytes, &path.display().to_string()).map(Some)
     }
 
     /// Loads the ICD-10-CM → ICD-9-CM GEM CSV and saves it as the `icd10cm-gem` ConceptMap.
@@ -247,17 +231,12 @@ impl TerminologyStore {
     /// the server installs at start-up instead of the vendored UCUM 2.2. Returns the parsed
     /// essence.
     pub fn import_ucum(&self, path: &Path) -> Result<crate::ucum::essence::Essence, StoreError> {
-        let xml = crate::tabular::read_file(path).map_err(|e| StoreError::Load(e.to_string()))?;
-        let essence = crate::ucum::essence::parse_named(&xml, &path.display().to_string())
-            .map_err(|e| StoreError::Load(e.to_string()))?;
-        crate::ucum::Ucum::new(essence.clone())
-            .map_err(|e| StoreError::Load(format!("{}: {e}", path.display())))?;
-        crate::tabular::progress(&format!(
-            "UCUM {}: {} prefixes, {} units resolved",
-            essence.version,
-            essence.prefixes.len(),
-            essence.units.len()
-        ));
+        let (essence, xml) = parse_ucum(path)?;
+        self.save_ucum_xml(&xml)?;
+        Ok(essence)
+    }
+
+    fn save_ucum_xml(&self, xml: &str) -> Result<(), StoreError> {
         let dest = self.ucum_path();
         let tmp = self
             .dir
@@ -273,7 +252,17 @@ impl TerminologyStore {
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        result.map(|_| essence)
+        result
+    }
+
+    /// Saves a parsed release (what `kiln terminology load` does with a file store); the
+    /// previous version of the same item stays in place when this fails.
+    pub fn save_release(&self, release: &Release) -> Result<(), StoreError> {
+        match release {
+            Release::CodeSystem { id, table } => self.save(id, table),
+            Release::Resource { id, resource } => self.save_resource(id, resource),
+            Release::Ucum { xml, .. } => self.save_ucum_xml(xml),
+        }
     }
 
     fn ucum_path(&self) -> PathBuf {
@@ -286,14 +275,8 @@ impl TerminologyStore {
         if !path.exists() {
             return Ok(None);
         }
-        let f = std::fs::File::open(&path).map_err(io(&path))?;
-        let mut xml = String::new();
-        flate2::read::GzDecoder::new(std::io::BufReader::new(f))
-            .read_to_string(&mut xml)
-            .map_err(io(&path))?;
-        crate::ucum::essence::parse_named(&xml, &path.display().to_string())
-            .map(Some)
-            .map_err(|e| StoreError::Load(e.to_string()))
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        decode_ucum(&bytes, &path.display().to_string()).map(Some)
     }
 
     /// Loads an ICD-10-CM tabular XML file and saves it as `icd10cm`
@@ -334,6 +317,235 @@ pub fn summary(t: &ConceptTable) -> String {
         s.push_str(&format!(", {} concept maps", t.resources.len()));
     }
     s
+}
+
+/// What a store keeps of a code system (`ConceptTable` snapshot).
+pub const KIND_CODE_SYSTEM: &str = "code-system";
+/// What a store keeps of a companion FHIR resource (the GEM ConceptMap).
+pub const KIND_RESOURCE: &str = "resource";
+/// What a store keeps of a UCUM essence (its XML).
+pub const KIND_UCUM: &str = "ucum";
+
+/// The systems `kiln terminology load` knows, as `<system>` names.
+pub const SYSTEMS: &str = "icd10cm, loinc, snomed, ucum, icd10cm-gem";
+
+/// A release read by [`parse_release`]: complete and checked, ready to be saved in a directory
+/// ([`TerminologyStore::save_release`]) or a database ([`Release::encode`]).
+#[derive(Debug)]
+// one value per load, moved once: boxing the table would buy nothing
+#[allow(clippy::large_enum_variant)]
+pub enum Release {
+    /// A code system (`icd10cm`, `loinc`, `snomed`).
+    CodeSystem { id: String, table: ConceptTable },
+    /// A FHIR resource (`icd10cm-gem`: the GEM ConceptMap).
+    Resource {
+        id: String,
+        resource: serde_json::Value,
+    },
+    /// A UCUM essence (every unit resolved) and its XML text.
+    Ucum {
+        essence: crate::ucum::essence::Essence,
+        xml: String,
+    },
+}
+
+impl Release {
+    /// The store id of the item (`icd10cm`, `loinc`, `snomed`, `icd10cm-gem`, `ucum`).
+    pub fn id(&self) -> &str {
+        match self {
+            Release::CodeSystem { id, .. } | Release::Resource { id, .. } => id,
+            Release::Ucum { .. } => "ucum",
+        }
+    }
+
+    /// [`KIND_CODE_SYSTEM`], [`KIND_RESOURCE`] or [`KIND_UCUM`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Release::CodeSystem { .. } => KIND_CODE_SYSTEM,
+            Release::Resource { .. } => KIND_RESOURCE,
+            Release::Ucum { .. } => KIND_UCUM,
+        }
+    }
+
+    /// Canonical URL of the content.
+    pub fn url(&self) -> Option<String> {
+        match self {
+            Release::CodeSystem { table, .. } => Some(table.url.clone()),
+            Release::Resource { resource, .. } => resource["url"].as_str().map(str::to_string),
+            Release::Ucum { .. } => Some("http://unitsofmeasure.org".to_string()),
+        }
+    }
+
+    /// Version of the content, when it has one.
+    pub fn version(&self) -> Option<String> {
+        match self {
+            Release::CodeSystem { table, .. } => table.version.clone(),
+            Release::Resource { resource, .. } => resource["version"].as_str().map(str::to_string),
+            Release::Ucum { essence, .. } => Some(essence.version.clone()),
+        }
+    }
+
+    /// The one-line summary `kiln terminology load` prints.
+    pub fn summary(&self) -> String {
+        match self {
+            Release::CodeSystem { table, .. } => summary(table),
+            Release::Resource { resource, .. } => {
+                let n: usize = resource["group"]
+                    .as_array()
+                    .map(|g| {
+                        g.iter()
+                            .map(|x| x["element"].as_array().map_or(0, Vec::len))
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                format!(
+                    "{}: {n} source codes",
+                    resource["title"]
+                        .as_str()
+                        .or(resource["name"].as_str())
+                        .unwrap_or("ConceptMap")
+                )
+            }
+            Release::Ucum { essence, .. } => format!(
+                "UCUM {} ({}): {} prefixes, {} units",
+                essence.version,
+                essence.revision_date,
+                essence.prefixes.len(),
+                essence.units.len()
+            ),
+        }
+    }
+
+    /// The bytes a store keeps for this release: exactly the content of its snapshot file
+    /// (gzip'd JSON of the `ConceptTable` or resource, gzip'd UCUM XML).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let name = self.id().to_string();
+        let fail = |e: std::io::Error| StoreError::Io {
+            path: name.clone(),
+            source: e,
+        };
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        match self {
+            Release::CodeSystem { table, .. } => {
+                let mut buf = std::io::BufWriter::with_capacity(1 << 20, &mut gz);
+                serde_json::to_writer(&mut buf, table).map_err(|e| StoreError::Format {
+                    path: name.clone(),
+                    message: e.to_string(),
+                })?;
+                buf.flush().map_err(fail)?;
+            }
+            Release::Resource { resource, .. } => {
+                serde_json::to_writer(&mut gz, resource).map_err(|e| StoreError::Format {
+                    path: name.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+            Release::Ucum { xml, .. } => gz.write_all(xml.as_bytes()).map_err(fail)?,
+        }
+        gz.finish().map_err(fail)
+    }
+}
+
+/// Reads a release of `system` (`icd10cm`, `loinc`, `snomed`, `ucum`, `icd10cm-gem`/`gem`) from
+/// `path`: the whole release is parsed and checked before anything is saved, and a malformed
+/// file is an error naming `file:line:column`.
+pub fn parse_release(
+    system: &str,
+    path: &Path,
+    version: Option<&str>,
+) -> Result<Release, StoreError> {
+    let load = |e: &dyn std::fmt::Display| StoreError::Load(e.to_string());
+    Ok(match system {
+        "icd10cm" => Release::CodeSystem {
+            id: "icd10cm".into(),
+            table: crate::icd10cm::load_tabular_file(path).map_err(|e| load(&e))?,
+        },
+        "loinc" => Release::CodeSystem {
+            id: "loinc".into(),
+            table: crate::loinc::load_loinc_dir(path, version).map_err(|e| load(&e))?,
+        },
+        "snomed" => Release::CodeSystem {
+            id: "snomed".into(),
+            table: crate::snomed::load_rf2_dir(path, version).map_err(|e| load(&e))?,
+        },
+        "icd10cm-gem" | "gem" => Release::Resource {
+            id: "icd10cm-gem".into(),
+            resource: crate::gem::load_gem_file(path).map_err(|e| load(&e))?,
+        },
+        "ucum" => {
+            let (essence, xml) = parse_ucum(path)?;
+            Release::Ucum { essence, xml }
+        }
+        other => {
+            return Err(StoreError::Load(format!(
+                "unknown system `{other}`: {SYSTEMS}"
+            )))
+        }
+    })
+}
+
+/// Reads and checks a `ucum-essence.xml` (grammar of the file, every unit resolves to base
+/// units).
+fn parse_ucum(path: &Path) -> Result<(crate::ucum::essence::Essence, String), StoreError> {
+    let xml = crate::tabular::read_file(path).map_err(|e| StoreError::Load(e.to_string()))?;
+    let essence = crate::ucum::essence::parse_named(&xml, &path.display().to_string())
+        .map_err(|e| StoreError::Load(e.to_string()))?;
+    crate::ucum::Ucum::new(essence.clone())
+        .map_err(|e| StoreError::Load(format!("{}: {e}", path.display())))?;
+    crate::tabular::progress(&format!(
+        "UCUM {}: {} prefixes, {} units resolved",
+        essence.version,
+        essence.prefixes.len(),
+        essence.units.len()
+    ));
+    Ok((essence, xml))
+}
+
+/// Reads a gzip'd `ConceptTable` snapshot (streamed: the decompressed JSON of a SNOMED CT
+/// snapshot is never held as one string) and prepares it for use (indexes, IS-A reachability
+/// labels).
+fn read_snapshot(r: impl Read, name: &str) -> Result<ConceptTable, StoreError> {
+    let reader = std::io::BufReader::with_capacity(1 << 20, flate2::read::GzDecoder::new(r));
+    let mut t: ConceptTable = serde_json::from_reader(reader).map_err(|e| StoreError::Format {
+        path: name.to_string(),
+        message: e.to_string(),
+    })?;
+    t.reindex();
+    // the IS-A reachability labels are built here, not on the first `$subsumes`
+    t.reachability();
+    Ok(t)
+}
+
+/// Decodes the bytes of a [`KIND_CODE_SYSTEM`] item (`name` is used in errors).
+pub fn decode_snapshot(bytes: &[u8], name: &str) -> Result<ConceptTable, StoreError> {
+    read_snapshot(bytes, name)
+}
+
+/// Decodes the bytes of a [`KIND_RESOURCE`] item.
+pub fn decode_resource(bytes: &[u8], name: &str) -> Result<serde_json::Value, StoreError> {
+    let mut s = String::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_string(&mut s)
+        .map_err(|e| StoreError::Io {
+            path: name.to_string(),
+            source: e,
+        })?;
+    serde_json::from_str(&s).map_err(|e| StoreError::Format {
+        path: name.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Decodes the bytes of a [`KIND_UCUM`] item.
+pub fn decode_ucum(bytes: &[u8], name: &str) -> Result<crate::ucum::essence::Essence, StoreError> {
+    let mut xml = String::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_string(&mut xml)
+        .map_err(|e| StoreError::Io {
+            path: name.to_string(),
+            source: e,
+        })?;
+    crate::ucum::essence::parse_named(&xml, name).map_err(|e| StoreError::Load(e.to_string()))
 }
 
 #[cfg(test)]

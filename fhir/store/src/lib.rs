@@ -10,11 +10,13 @@ mod backend;
 mod history;
 mod meta;
 mod schema;
+mod terminology;
 mod tx;
 
 pub use backend::{Dialect, SqlValue};
 pub use history::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope};
 pub use meta::{format_instant, now_micros, parse_instant};
+pub use terminology::{TerminologyHead, TerminologyItem, CHUNK_BYTES as TERMINOLOGY_CHUNK_BYTES};
 pub use tx::{Current, Indexer, WriteTx};
 
 use std::path::PathBuf;

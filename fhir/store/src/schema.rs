@@ -72,6 +72,11 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
     let mut migrations: Vec<(i64, &str, Vec<String>)> = vec![
         (1, "core resource tables", core_migration(dialect)),
         (2, "contained resource rows", contained_migration(dialect)),
+        (
+            3,
+            "loaded code systems (terminology_system, terminology_chunk)",
+            crate::terminology::migration(dialect),
+        ),
     ];
     if let Some(hook) = extra {
         // Layered schemas (search indexes) are idempotent and re-applied at every start, so a
