@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use kiln_fhir::{CodeValidator, CodeVerdict, Issue};
 use kiln_terminology::Terminology;
@@ -36,7 +36,7 @@ pub async fn validate(state: &AppState, resource: &Value) -> Vec<Issue> {
     // only when a binding needs it and no cached verdict answers.
     let current = state.terminology.current();
     let issues = {
-        let codes = TerminologyCodes::new(current.as_deref(), &state.binding_cache);
+        let codes = TerminologyCodes::new(current.as_ref(), &state.binding_cache);
         let issues = kiln_fhir::validate_with(resource, &codes);
         if current.is_some() || !codes.wanted.get() {
             return issues;
@@ -66,8 +66,9 @@ pub struct BindingCache {
 
 #[derive(Default)]
 struct CacheInner {
-    /// The service the verdicts came from (its address).
-    service: usize,
+    /// The service the verdicts came from. A `Weak` keeps the service's allocation alive, so no
+    /// later service can be built at the same address while these verdicts are kept.
+    service: Weak<Terminology>,
     verdicts: HashMap<(String, Option<String>, String), CodeVerdict>,
 }
 
@@ -75,19 +76,30 @@ struct CacheInner {
 const CACHE_LIMIT: usize = 50_000;
 
 impl BindingCache {
-    fn get(&self, service: usize, key: &(String, Option<String>, String)) -> Option<CodeVerdict> {
+    fn get(
+        &self,
+        service: &Arc<Terminology>,
+        key: &(String, Option<String>, String),
+    ) -> Option<CodeVerdict> {
         let c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if c.service != service {
+        if !std::ptr::eq(c.service.as_ptr(), Arc::as_ptr(service)) {
             return None;
         }
         c.verdicts.get(key).cloned()
     }
 
-    fn put(&self, service: usize, key: (String, Option<String>, String), v: CodeVerdict) {
+    fn put(
+        &self,
+        service: &Arc<Terminology>,
+        key: (String, Option<String>, String),
+        v: CodeVerdict,
+    ) {
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if c.service != service || c.verdicts.len() >= CACHE_LIMIT {
+        if !std::ptr::eq(c.service.as_ptr(), Arc::as_ptr(service))
+            || c.verdicts.len() >= CACHE_LIMIT
+        {
             c.verdicts.clear();
-            c.service = service;
+            c.service = Arc::downgrade(service);
         }
         c.verdicts.insert(key, v);
     }
@@ -95,14 +107,14 @@ impl BindingCache {
 
 /// The server's [`CodeValidator`]: the terminology service (when built) behind the cache.
 struct TerminologyCodes<'a> {
-    tx: Option<&'a Terminology>,
+    tx: Option<&'a Arc<Terminology>>,
     cache: &'a BindingCache,
     /// A binding needed the service, which is not built yet.
     wanted: Cell<bool>,
 }
 
 impl<'a> TerminologyCodes<'a> {
-    fn new(tx: Option<&'a Terminology>, cache: &'a BindingCache) -> Self {
+    fn new(tx: Option<&'a Arc<Terminology>>, cache: &'a BindingCache) -> Self {
         TerminologyCodes {
             tx,
             cache,
@@ -117,17 +129,16 @@ impl CodeValidator for TerminologyCodes<'_> {
             self.wanted.set(true);
             return CodeVerdict::Unknown;
         };
-        let service = tx as *const Terminology as usize;
         let key = (
             value_set.to_string(),
             system.map(str::to_string),
             code.to_string(),
         );
-        if let Some(v) = self.cache.get(service, &key) {
+        if let Some(v) = self.cache.get(tx, &key) {
             return v;
         }
         let v = check(tx, value_set, system, code);
-        self.cache.put(service, key, v.clone());
+        self.cache.put(tx, key, v.clone());
         v
     }
 }
@@ -290,11 +301,25 @@ mod tests {
     #[test]
     fn cache_answers_and_is_dropped_with_its_service() {
         let cache = BindingCache::default();
+        let (one, two) = (Arc::new(Terminology::new()), Arc::new(Terminology::new()));
         let key = ("vs".to_string(), None, "c".to_string());
-        cache.put(1, key.clone(), CodeVerdict::Valid);
-        assert_eq!(cache.get(1, &key), Some(CodeVerdict::Valid));
-        assert_eq!(cache.get(2, &key), None, "another service");
-        cache.put(2, ("vs".into(), None, "d".into()), CodeVerdict::Unknown);
-        assert_eq!(cache.get(2, &key), None, "cleared when the service changed");
+        cache.put(&one, key.clone(), CodeVerdict::Valid);
+        assert_eq!(cache.get(&one, &key), Some(CodeVerdict::Valid));
+        assert_eq!(cache.get(&two, &key), None, "another service");
+        cache.put(&two, ("vs".into(), None, "d".into()), CodeVerdict::Unknown);
+        assert_eq!(
+            cache.get(&two, &key),
+            None,
+            "cleared when the service changed"
+        );
+        // The cache holds a Weak to `two`: dropping it keeps its address from being reused, so a
+        // service built afterwards never sees `two`'s verdicts.
+        drop(two);
+        let three = Arc::new(Terminology::new());
+        assert_eq!(
+            cache.get(&three, &("vs".into(), None, "d".into())),
+            None,
+            "a later service"
+        );
     }
 }
