@@ -82,6 +82,19 @@ pub fn fingerprint() -> &'static str {
     })
 }
 
+/// Whether a row of `kiln_canonical_resources` records `ty/id` at `version` as written by Kiln
+/// from this build's bundle (parameters: [`pristine_params`]).
+const PRISTINE_SQL: &str = "SELECT 1 FROM kiln_canonical_resources WHERE res_type = $1 AND res_id = $2 AND version = $3 AND fingerprint = $4";
+
+fn pristine_params(ty: &str, id: &str, version: i64) -> [SqlValue; 4] {
+    [
+        SqlValue::Text(ty.to_string()),
+        SqlValue::Text(id.to_string()),
+        SqlValue::Int(version),
+        SqlValue::Text(fingerprint().to_string()),
+    ]
+}
+
 /// Whether `ty/id` at `version` is the unchanged copy of this build's vendored content.
 pub async fn is_pristine(
     store: &kiln_store::Store,
@@ -90,15 +103,7 @@ pub async fn is_pristine(
     version: i64,
 ) -> kiln_store::Result<bool> {
     let rows = store
-        .query_rows(
-            "SELECT 1 FROM kiln_canonical_resources WHERE res_type = $1 AND res_id = $2 AND version = $3 AND fingerprint = $4",
-            &[
-                SqlValue::Text(ty.to_string()),
-                SqlValue::Text(id.to_string()),
-                SqlValue::Int(version),
-                SqlValue::Text(fingerprint().to_string()),
-            ],
-        )
+        .query_rows(PRISTINE_SQL, &pristine_params(ty, id, version))
         .await?;
     Ok(!rows.is_empty())
 }
@@ -111,15 +116,7 @@ pub async fn tx_is_pristine(
     version: i64,
 ) -> kiln_store::Result<bool> {
     let rows = tx
-        .query_rows(
-            "SELECT 1 FROM kiln_canonical_resources WHERE res_type = $1 AND res_id = $2 AND version = $3 AND fingerprint = $4",
-            &[
-                SqlValue::Text(ty.to_string()),
-                SqlValue::Text(id.to_string()),
-                SqlValue::Int(version),
-                SqlValue::Text(fingerprint().to_string()),
-            ],
-        )
+        .query_rows(PRISTINE_SQL, &pristine_params(ty, id, version))
         .await?;
     Ok(!rows.is_empty())
 }

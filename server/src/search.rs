@@ -1089,16 +1089,7 @@ impl SearchEngine {
             // nothing to cut or filter: the stored JSON goes into the Bundle text as it is,
             // without parsing and re-serialising every resource (a `_revinclude` page carries
             // ~1,400 resources, 1.3 MB)
-            let mut bundle = json!({
-                "resourceType": "Bundle",
-                "id": uuid::Uuid::new_v4().to_string(),
-                "meta": {"lastUpdated": kiln_store::format_instant(kiln_store::now_micros())},
-                "type": "searchset",
-            });
-            if let Some(t) = total {
-                bundle["total"] = json!(t);
-            }
-            bundle["link"] = Value::Array(links);
+            let bundle = searchset_bundle(total, links);
             let head = serde_json::to_string(&bundle)
                 .map_err(|e| FhirError::internal(format!("cannot serialise the Bundle: {e}")))?;
             let n = matches.len()
@@ -1200,16 +1191,7 @@ impl SearchEngine {
                 "search": {"mode": "outcome"},
             }));
         }
-        let mut bundle = json!({
-            "resourceType": "Bundle",
-            "id": uuid::Uuid::new_v4().to_string(),
-            "meta": {"lastUpdated": kiln_store::format_instant(kiln_store::now_micros())},
-            "type": "searchset",
-        });
-        if let Some(t) = total {
-            bundle["total"] = json!(t);
-        }
-        bundle["link"] = Value::Array(links);
+        let mut bundle = searchset_bundle(total, links);
         if !entries.is_empty() {
             bundle["entry"] = Value::Array(entries);
         }
@@ -1236,4 +1218,20 @@ fn to_search_value(v: SqlValue) -> kiln_search::SqlValue {
         SqlValue::Real(f) => kiln_search::SqlValue::Real(f),
         SqlValue::Text(s) => kiln_search::SqlValue::Text(s),
     }
+}
+
+/// A `searchset` Bundle without entries: new id, `meta.lastUpdated` now, `total` when counted,
+/// and the paging links.
+fn searchset_bundle(total: Option<i64>, links: Vec<Value>) -> Value {
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": {"lastUpdated": kiln_store::format_instant(kiln_store::now_micros())},
+        "type": "searchset",
+    });
+    if let Some(t) = total {
+        bundle["total"] = json!(t);
+    }
+    bundle["link"] = Value::Array(links);
+    bundle
 }
