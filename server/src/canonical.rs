@@ -233,6 +233,11 @@ pub async fn ensure_loaded(state: &AppState) -> anyhow::Result<LoadSummary> {
             ..Default::default()
         });
     }
+    tracing::info!(
+        resources = vendored.len(),
+        upgrade = previous.is_some(),
+        "storing the canonical terminology resources"
+    );
     let summary = load(&mut tx, vendored, previous.is_some()).await?;
     tx.commit().await?;
     crate::search::refresh_statistics(state).await;
@@ -283,9 +288,6 @@ fn without_meta(mut v: Value) -> Value {
     }
     v
 }
-
-/// Resources written between two flushes of their index rows.
-const FLUSH_EVERY: usize = 500;
 
 const TYPES_IN: &str = "('CodeSystem', 'ValueSet', 'ConceptMap', 'NamingSystem')";
 
@@ -353,10 +355,31 @@ async fn load(
         }
     }
 
+    // an upgrade compares every unchanged copy with the new bundle: their contents in one query
+    let mut stored_content: HashMap<(String, String), String> = HashMap::new();
+    if upgrade {
+        for r in tx
+            .query_rows(
+                &format!(
+                    "SELECT res_type, res_id, content FROM resources WHERE deleted = 0 AND res_type IN {TYPES_IN}"
+                ),
+                &[],
+            )
+            .await?
+        {
+            let key = (text(&r[0]), text(&r[1]));
+            if current.get(&key).is_some_and(|c| pristine(&key, c)) {
+                stored_content.insert(key, text(&r[2]));
+            }
+        }
+    }
+
     let mut summary = LoadSummary::default();
     // (type, id, version) records to write
     let mut records: Vec<(String, String, i64)> = Vec::new();
     let mut seen: HashSet<(String, String)> = HashSet::new();
+    // new resources, written together (multi-row INSERTs) after the loop
+    let mut creates: Vec<(String, String, Value)> = Vec::new();
     for c in vendored {
         let key = (c.resource_type.clone(), c.id.clone());
         seen.insert(key.clone());
@@ -366,27 +389,18 @@ async fn load(
                     summary.kept_client_versions += 1;
                     continue;
                 }
-                let stored = tx
-                    .put(&c.resource_type, &c.id, c.resource, None, "POST")
-                    .await?;
-                records.push((key.0, key.1, stored.version));
-                summary.created += 1;
-                if summary.created % FLUSH_EVERY == 0 {
-                    // writes the pending index rows (bounded memory, multi-row INSERTs)
-                    tx.query_rows("SELECT 1", &[]).await?;
-                }
+                creates.push((key.0, key.1, c.resource));
             }
             Some(cur) if pristine(&key, cur) => {
                 if !upgrade {
                     records.push((key.0, key.1, cur.version));
                     continue;
                 }
-                let same = match tx.read(&c.resource_type, &c.id).await? {
-                    Some(s) => serde_json::from_str::<Value>(&s.content)
+                let same = stored_content.get(&key).is_some_and(|s| {
+                    serde_json::from_str::<Value>(s)
                         .map(without_meta)
-                        .is_ok_and(|v| v == c.resource),
-                    None => false,
-                };
+                        .is_ok_and(|v| v == c.resource)
+                });
                 if same {
                     records.push((key.0, key.1, cur.version));
                     summary.unchanged += 1;
@@ -407,6 +421,11 @@ async fn load(
             }
         }
     }
+    drop(stored_content);
+    for stored in tx.create_many(creates, "POST").await? {
+        records.push((stored.resource_type, stored.id, stored.version));
+        summary.created += 1;
+    }
     // copies of resources the new bundle no longer has: deleted if nobody changed them
     for key in ours.keys() {
         if seen.contains(key) {
@@ -422,21 +441,27 @@ async fn load(
     // the records: exactly the copies Kiln wrote and nobody changed
     tx.execute("DELETE FROM kiln_canonical_resources", &[])
         .await?;
-    for chunk in records.chunks(500) {
+    // SQLite: anonymous `?` (numbered placeholders cost sqlx a name lookup per parameter)
+    let sqlite = tx.dialect() == kiln_store::Dialect::Sqlite;
+    for chunk in records.chunks(2000) {
         let mut sql = String::from(
             "INSERT INTO kiln_canonical_resources (res_type, res_id, version, fingerprint) VALUES ",
         );
-        let mut params = Vec::with_capacity(chunk.len() * 3 + 1);
-        params.push(SqlValue::Text(fp.to_string()));
+        let mut params = Vec::with_capacity(chunk.len() * 4);
         for (i, (ty, id, v)) in chunk.iter().enumerate() {
             if i > 0 {
                 sql.push_str(", ");
             }
-            let b = params.len();
-            sql.push_str(&format!("(${}, ${}, ${}, $1)", b + 1, b + 2, b + 3));
+            if sqlite {
+                sql.push_str("(?, ?, ?, ?)");
+            } else {
+                let b = params.len();
+                sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+            }
             params.push(SqlValue::Text(ty.clone()));
             params.push(SqlValue::Text(id.clone()));
             params.push(SqlValue::Int(*v));
+            params.push(SqlValue::Text(fp.to_string()));
         }
         tx.execute(&sql, &params).await?;
     }

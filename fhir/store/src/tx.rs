@@ -76,6 +76,8 @@ macro_rules! on_tx {
     };
 }
 
+mod batch;
+
 /// An open write transaction. Dropping it without [`WriteTx::commit`] rolls everything back.
 pub struct WriteTx {
     inner: Inner,
