@@ -101,7 +101,7 @@ async fn smart_attacks_postgres() {
 }
 
 /// How many named attacks [`smart_attack_suite`] records (both backends must run all of them).
-const ATTACK_COUNT: usize = 112;
+const ATTACK_COUNT: usize = 118;
 
 /// Runs every attack against `k`; fails on any leak; returns the attack names.
 async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
@@ -213,6 +213,10 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
         format!("Patient/{PATIENT_B}/Encounter"),
         format!("Patient/{PATIENT_B}/*"),
         format!("Patient/{PATIENT_B}/$everything"),
+        format!("Patient/{PATIENT_B}/$everything?_type=Observation,Condition"),
+        "Patient/$everything".into(),
+        "Patient/$everything?_type=Patient,Observation,Practitioner&_count=1".into(),
+        "Encounter/bbbb-enc/$everything".into(),
         "Observation/_history".into(),
         "Patient/_history".into(),
         "_history".into(),
@@ -264,6 +268,57 @@ async fn smart_attack_suite(k: &Kiln) -> Vec<String> {
         });
         rep.record(&format!("search GET {q}"), res);
     }
+    // $everything at type level with a patient token is that patient's $everything: exactly
+    // A's own resources (the shared Practitioner lies outside A's compartment, which a
+    // patient-scoped grant cannot see), over every page
+    let r = k.fhir_get(&tok, "Patient/$everything?_count=2").await;
+    let mut ids = Vec::new();
+    let mut res = ensure(r.status == StatusCode::OK, r.short());
+    if res.is_ok() {
+        let mut page = r.json();
+        loop {
+            ids.extend(bundle_ids(&page));
+            let next = page["link"].as_array().and_then(|ls| {
+                ls.iter()
+                    .find(|l| l["relation"] == "next")
+                    .and_then(|l| l["url"].as_str())
+                    .map(str::to_string)
+            });
+            let Some(next) = next else { break };
+            let r = k.fhir_get(&tok, &next).await;
+            if r.status != StatusCode::OK {
+                res = Err(format!("next page: {}", r.short()));
+                break;
+            }
+            page = r.json();
+        }
+    }
+    ids.sort();
+    rep.record(
+        "Patient/$everything with A's token pages through exactly A's 5 resources",
+        res.and_then(|_| {
+            let mut want: Vec<String> = vec![
+                format!("Patient/{PATIENT_A}"),
+                "Condition/aaaa-cond".into(),
+                "Encounter/aaaa-enc".into(),
+                "Observation/aaaa-obs-lab".into(),
+                "Observation/aaaa-obs-vital".into(),
+            ];
+            want.sort();
+            ensure(ids == want, format!("{ids:?}"))
+        }),
+    );
+    let r = k
+        .fhir_send(
+            &tok,
+            Method::POST,
+            &format!("Patient/{PATIENT_B}/$everything"),
+            &json!({"resourceType": "Parameters", "parameter": [{"name": "_type", "valueCode": "Observation"}]}),
+        )
+        .await;
+    let path = format!("POST Patient/{PATIENT_B}/$everything");
+    rep.record(&format!("{path} → 404/403"), refused_read(&r, &path));
+
     // POST _search with the parameters in the body
     let auth = format!("Bearer {tok}");
     for form in [

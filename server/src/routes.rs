@@ -535,7 +535,7 @@ async fn operation(
             "${name} takes GET or POST"
         )));
     };
-    operation.invoke(state, target, params, ctx).await
+    operation.invoke(state, target, params, ctx, access).await
 }
 
 #[cfg(test)]

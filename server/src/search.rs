@@ -660,7 +660,7 @@ impl SearchEngine {
         self.indexer.clone()
     }
 
-    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+    pub(crate) fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
         match self.registry.read() {
             Ok(r) => r,
             Err(p) => p.into_inner(),
@@ -920,7 +920,9 @@ impl SearchEngine {
             .await
     }
 
-    async fn execute(
+    /// Runs a parsed query as a searchset page (also `$everything`, which builds its query in
+    /// `operations/everything.rs`). `path` is what the paging links repeat after the base.
+    pub(crate) async fn execute(
         &self,
         state: &AppState,
         query: kiln_search::SearchQuery,
@@ -1112,7 +1114,7 @@ impl SearchEngine {
             let mut first = true;
             for (stored, mode) in matches
                 .iter()
-                .map(|s| (s, "match"))
+                .map(|s| (s, entry_mode(&query, s)))
                 .chain(included.iter().map(|s| (s, "include")))
             {
                 if !first {
@@ -1153,7 +1155,10 @@ impl SearchEngine {
         let mut entries = Vec::with_capacity(matches.len() + included.len());
         for (stored, mode) in matches
             .into_iter()
-            .map(|s| (s, "match"))
+            .map(|s| {
+                let mode = entry_mode(&query, &s);
+                (s, mode)
+            })
             .chain(included.into_iter().map(|s| (s, "include")))
         {
             let mut resource: Value = serde_json::from_str(&stored.content)
@@ -1196,6 +1201,18 @@ impl SearchEngine {
             bundle["entry"] = Value::Array(entries);
         }
         Ok(FhirResponse::ok(Body::Resource(bundle)))
+    }
+}
+
+/// `search.mode` of a row the query matched: `include` for the resources outside the
+/// compartment that match only because a member references them (`$everything`).
+fn entry_mode(
+    query: &kiln_search::SearchQuery,
+    stored: &kiln_store::StoredResource,
+) -> &'static str {
+    match &query.compartment {
+        Some(c) if c.referenced.contains(&stored.resource_type) => "include",
+        _ => "match",
     }
 }
 

@@ -92,7 +92,9 @@ fn request_of(c: &ParamClause, v: &SearchValue) -> Option<PendingCodeSet> {
 fn visit_clauses<'q>(c: &'q Criterion, f: &mut dyn FnMut(&'q ParamClause)) {
     match c {
         Criterion::Param(p) => f(p),
-        Criterion::Chain { inner, .. } | Criterion::Has { inner, .. } => visit_clauses(inner, f),
+        Criterion::Chain { inner, .. }
+        | Criterion::Has { inner, .. }
+        | Criterion::ForTypes { inner, .. } => visit_clauses(inner, f),
         Criterion::Filter(node) => visit_filter(node, f),
         _ => {}
     }
@@ -113,9 +115,9 @@ fn visit_filter<'q>(n: &'q FilterNode, f: &mut dyn FnMut(&'q ParamClause)) {
 fn visit_clauses_mut(c: &mut Criterion, f: &mut dyn FnMut(&mut ParamClause)) {
     match c {
         Criterion::Param(p) => f(p),
-        Criterion::Chain { inner, .. } | Criterion::Has { inner, .. } => {
-            visit_clauses_mut(inner, f)
-        }
+        Criterion::Chain { inner, .. }
+        | Criterion::Has { inner, .. }
+        | Criterion::ForTypes { inner, .. } => visit_clauses_mut(inner, f),
         Criterion::Filter(node) => visit_filter_mut(node, f),
         _ => {}
     }

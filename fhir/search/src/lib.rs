@@ -36,7 +36,8 @@ pub use index::{
 pub use matcher::matches;
 pub use plan::{include_sql, included_entries_sql, plan, KeyKind, PageRequest, SqlPlan};
 pub use query::{
-    parse, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery, SearchValue, SortKey,
+    parse, Compartment, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery,
+    SearchValue, SortKey, ANY_COMPARTMENT,
 };
 pub use registry::{ParamType, Registry, SearchParam};
 

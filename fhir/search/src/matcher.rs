@@ -33,17 +33,19 @@ pub fn matches(registry: &Registry, query: &SearchQuery, resource: &Value) -> bo
         now: chrono::Utc::now().timestamp_micros(),
     };
     if let Some(comp) = &query.compartment {
+        // `Compartment::referenced` needs the other resources: never matches here
         let Some((_, params)) = comp.params.iter().find(|(t, _)| t == rt) else {
             return false;
         };
+        let any = comp.id == crate::query::ANY_COMPARTMENT;
         let itself = rt == comp.compartment_type
-            && resource.get("id").and_then(Value::as_str) == Some(comp.id.as_str());
+            && (any || resource.get("id").and_then(Value::as_str) == Some(comp.id.as_str()));
         let ok = itself
             || params.iter().any(|p| {
                 let rows = m.rows(p);
                 rows.references.iter().any(|r| {
                     r.ref_type.as_deref() == Some(comp.compartment_type.as_str())
-                        && r.ref_id.as_deref() == Some(comp.id.as_str())
+                        && (any || r.ref_id.as_deref() == Some(comp.id.as_str()))
                 })
             });
         if !ok {
@@ -116,6 +118,9 @@ impl Matcher<'_> {
             Criterion::Param(p) => self.clause(p),
             // need other resources (the List): never match here
             Criterion::Chain { .. } | Criterion::Has { .. } | Criterion::List(_) => false,
+            Criterion::ForTypes { types, inner } => {
+                !types.iter().any(|t| t == self.rt) || self.criterion(inner)
+            }
             Criterion::Near {
                 latitude,
                 longitude,

@@ -548,6 +548,11 @@ impl Builder {
                 )
             }
             Criterion::Filter(f) => self.filter(a, f),
+            Criterion::ForTypes { types, inner } => {
+                let ts: Vec<String> = types.iter().map(|t| self.text(t)).collect();
+                let inner = self.criterion(a, inner);
+                format!("({a}.res_type NOT IN ({}) OR {inner})", ts.join(", "))
+            }
             Criterion::List(ids) => {
                 let ids: Vec<String> = ids.iter().map(|i| self.text(i)).collect();
                 let l = self.alias("l");
@@ -837,6 +842,8 @@ fn selectivity(c: &Criterion) -> u8 {
         Criterion::Filter(_) => 7,
         Criterion::List(_) => 1,
         Criterion::Near { .. } => 4,
+        // other types pass: never selective on its own
+        Criterion::ForTypes { .. } => 8,
     }
 }
 
@@ -884,6 +891,9 @@ fn describe(c: &Criterion) -> String {
             longitude,
             km,
         } => format!("position within {km} km of ({latitude}, {longitude})"),
+        Criterion::ForTypes { types, inner } => {
+            format!("{} resources: [{}]", types.join("|"), describe(inner))
+        }
     }
 }
 
@@ -940,21 +950,30 @@ fn match_conditions(
         None => explain.push("resources of any type".into()),
     }
     if let Some(comp) = &query.compartment {
+        let any = comp.id == crate::query::ANY_COMPARTMENT;
         let mut ors = Vec::new();
         for (t, params) in &comp.params {
             let tp = b.text(t);
             let ps: Vec<String> = params.iter().map(|p| b.text(p)).collect();
             let ct = b.text(&comp.compartment_type);
-            let id = b.text(&comp.id);
+            let id_cond = if any {
+                String::new()
+            } else {
+                let id = b.text(&comp.id);
+                format!(" AND cx.ref_id = {id}")
+            };
             let rc = b.rid_col(a);
             // the compartment's focal resource belongs to its own compartment
-            let itself = if *t == comp.compartment_type {
-                format!(" OR {a}.res_id = {id}")
-            } else {
-                String::new()
+            let itself = match (*t == comp.compartment_type, any) {
+                (false, _) => String::new(),
+                (true, true) => " OR 1=1".to_string(),
+                (true, false) => {
+                    let id = b.text(&comp.id);
+                    format!(" OR {a}.res_id = {id}")
+                }
             };
             ors.push(format!(
-                "({a}.res_type = {tp} AND ({rc} IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct} AND cx.ref_id = {id}){itself}))",
+                "({a}.res_type = {tp} AND ({rc} IN (SELECT cx.rid FROM search_reference cx WHERE cx.param IN ({}) AND cx.ref_type = {ct}{id_cond}){itself}))",
                 ps.join(", ")
             ));
             explain.push(format!(
@@ -962,6 +981,13 @@ fn match_conditions(
                 comp.compartment_type,
                 comp.id,
                 params.join("|")
+            ));
+        }
+        if !comp.referenced.is_empty() && !comp.params.is_empty() {
+            ors.push(referenced_condition(b, a, comp, &query.criteria));
+            explain.push(format!(
+                "or a {} a member of the compartment references",
+                comp.referenced.join("|")
             ));
         }
         wh.push(if ors.is_empty() {
@@ -977,6 +1003,60 @@ fn match_conditions(
         wh.push(b.criterion(a, c));
     }
     wh
+}
+
+/// `Compartment::referenced`: a resource of one of those types that a current member of the
+/// compartment (the focal resource, or a resource linked through its type's compartment
+/// parameters) references through any reference search parameter.
+/// Members are subject to the query's type-scoped criteria (`Criterion::ForTypes`: what is
+/// referenced only from records outside `$everything`'s care-date window is not matched).
+fn referenced_condition(
+    b: &mut Builder,
+    a: &str,
+    comp: &crate::query::Compartment,
+    criteria: &[Criterion],
+) -> String {
+    let any = comp.id == crate::query::ANY_COMPARTMENT;
+    let ct = b.text(&comp.compartment_type);
+    let mut members = Vec::new();
+    for (t, params) in &comp.params {
+        let tp = b.text(t);
+        let ps: Vec<String> = params.iter().map(|p| b.text(p)).collect();
+        let id_cond = if any {
+            String::new()
+        } else {
+            let id = b.text(&comp.id);
+            format!(" AND mx.ref_id = {id}")
+        };
+        let mut scoped = String::new();
+        for c in criteria {
+            if let Criterion::ForTypes { types, .. } = c {
+                if types.iter().any(|x| x == t) {
+                    scoped.push_str(" AND ");
+                    scoped.push_str(&b.criterion("ms", c));
+                }
+            }
+        }
+        members.push(format!(
+            "SELECT mx.rid FROM search_reference mx JOIN resources ms ON ms.rid = mx.rid WHERE ms.res_type = {tp} AND ms.deleted = 0 AND mx.param IN ({}) AND mx.ref_type = {ct}{id_cond}{scoped}",
+            ps.join(", ")
+        ));
+    }
+    let focal = if any {
+        format!("SELECT mf.rid FROM resources mf WHERE mf.res_type = {ct} AND mf.deleted = 0")
+    } else {
+        let id = b.text(&comp.id);
+        format!(
+            "SELECT mf.rid FROM resources mf WHERE mf.res_type = {ct} AND mf.res_id = {id} AND mf.deleted = 0"
+        )
+    };
+    members.push(focal);
+    let rts: Vec<String> = comp.referenced.iter().map(|t| b.text(t)).collect();
+    let rts = rts.join(", ");
+    format!(
+        "({a}.res_type IN ({rts}) AND ({a}.res_type, {a}.res_id) IN (SELECT rx.ref_type, rx.ref_id FROM search_reference rx WHERE rx.ref_type IN ({rts}) AND rx.rid IN ({})))",
+        members.join(" UNION ")
+    )
 }
 
 /// The rows whose index values give a result row's sort keys: its own, or (containers of

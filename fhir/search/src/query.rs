@@ -160,6 +160,12 @@ pub enum Criterion {
         longitude: f64,
         km: f64,
     },
+    /// `inner` applies to the resources of `types` only; resources of other types pass
+    /// (`$everything`'s care-date window: each type filtered on its own clinical date).
+    ForTypes {
+        types: Vec<String>,
+        inner: Box<Criterion>,
+    },
 }
 
 /// Distance assumed when `near` gives none (the spec leaves it to the server).
@@ -230,10 +236,19 @@ pub struct Include {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Compartment {
     pub compartment_type: String,
+    /// The focal resource's id; [`ANY_COMPARTMENT`] (`*`, which no FHIR id can be) for the
+    /// compartments of every resource of `compartment_type` (type-level `Patient/$everything`).
     pub id: String,
     /// Per resource type, the reference parameters linking it to the compartment.
     pub params: Vec<(String, Vec<String>)>,
+    /// Types outside the compartment whose resources also match when a member of the
+    /// compartment references them through a reference search parameter (`$everything`:
+    /// the Practitioners, Organizations, Medications… the patient's records point at).
+    pub referenced: Vec<String>,
 }
+
+/// [`Compartment::id`] meaning every compartment of the type.
+pub const ANY_COMPARTMENT: &str = "*";
 
 /// A parsed search.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -322,8 +337,66 @@ impl SearchQuery {
             compartment_type: compartment_type.to_string(),
             id: id.to_string(),
             params,
+            referenced: Vec::new(),
         });
         Ok(self)
+    }
+
+    /// Also matches the resources of `types` (types outside the compartment) that a member of
+    /// the compartment references (see [`Compartment::referenced`]). Needs a compartment.
+    pub fn with_referenced(mut self, types: Vec<String>) -> SearchQuery {
+        if let Some(comp) = &mut self.compartment {
+            for t in types {
+                if !self.types.contains(&t) {
+                    self.types.push(t.clone());
+                }
+                if !comp.referenced.contains(&t) {
+                    comp.referenced.push(t);
+                }
+            }
+        }
+        self
+    }
+
+    /// Adds a criterion applied to the resources of `ty` only (see [`Criterion::ForTypes`]):
+    /// any of the `alternatives` (`(name, value)` search parameters, OR-ed) must match.
+    pub fn add_for_type(
+        &mut self,
+        registry: &Registry,
+        ty: &str,
+        alternatives: &[(&str, &str)],
+    ) -> Result<(), Vec<Issue>> {
+        let mut parsed = Vec::new();
+        for (name, value) in alternatives {
+            match parse_criterion(registry, &[ty.to_string()], name, value) {
+                Ok(c) => parsed.push(c),
+                Err(CritError::Unknown(msg)) => {
+                    return Err(vec![Issue::error("not-supported", msg).at(name.to_string())])
+                }
+                Err(CritError::Invalid(issue)) => return Err(vec![issue]),
+            }
+        }
+        let inner = if parsed.len() == 1 {
+            parsed.remove(0)
+        } else {
+            Criterion::Filter(FilterNode::Or(
+                parsed
+                    .into_iter()
+                    .map(|c| FilterNode::Leaf(Box::new(c)))
+                    .collect(),
+            ))
+        };
+        self.criteria.push(Criterion::ForTypes {
+            types: vec![ty.to_string()],
+            inner: Box::new(inner),
+        });
+        Ok(())
+    }
+
+    /// Replaces the parameters the paging links repeat (an operation such as `$everything`
+    /// pages with its own parameters, not the search parameters it was translated into).
+    pub fn set_self_link_params(&mut self, params: Vec<(String, String)>) {
+        self.self_params = params;
     }
 }
 

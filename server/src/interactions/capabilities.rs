@@ -41,9 +41,10 @@ pub fn capability_statement(state: &AppState) -> Value {
                 (d.type_level || d.instance)
                     && (d.resource_types.is_empty() || d.resource_types.contains(&ty))
             })
-            .map(
-                |op| json!({"name": op.definition().name, "definition": op.definition().canonical}),
-            )
+            .map(|op| {
+                let d = op.definition();
+                json!({"name": d.name, "definition": d.canonical.replace("{type}", ty)})
+            })
             .collect();
         let mut r = json!({
             "type": ty,

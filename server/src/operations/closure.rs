@@ -480,6 +480,7 @@ impl Operation for Closure {
         _target: Target,
         params: Value,
         _ctx: &'a RequestContext,
+        _access: &'a crate::auth::Access,
     ) -> BoxFuture<'a, FhirResult<FhirResponse>> {
         Box::pin(async move {
             if params.get("resourceType").and_then(Value::as_str) != Some("Parameters") {

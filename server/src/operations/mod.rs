@@ -2,6 +2,7 @@
 //! in [`registry`]; the CapabilityStatement lists whatever is registered here.
 
 mod closure;
+mod everything;
 mod reindex;
 
 pub use reindex::{
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::auth::Access;
 use crate::error::FhirResult;
 use crate::format::FhirResponse;
 use crate::interactions::RequestContext;
@@ -37,7 +39,8 @@ pub enum Target {
 pub struct Definition {
     /// Without the `$`.
     pub name: &'static str,
-    /// Canonical URL of its OperationDefinition.
+    /// Canonical URL of its OperationDefinition (`{type}` stands for the resource type when
+    /// each type has its own, e.g. `Patient-everything` / `Encounter-everything`).
     pub canonical: &'static str,
     pub system: bool,
     pub type_level: bool,
@@ -51,13 +54,16 @@ pub struct Definition {
 pub trait Operation: Send + Sync {
     fn definition(&self) -> &Definition;
     /// `params` is a `Parameters` resource (built from the query string for GET), or for
-    /// operations that take a resource body, the resource itself.
+    /// operations that take a resource body, the resource itself. `access` is the caller's
+    /// grant: the router has checked the level (read of the type, the instance visible, update
+    /// for `affects_state`); an operation returning stored resources filters them with it.
     fn invoke<'a>(
         &'a self,
         state: &'a AppState,
         target: Target,
         params: Value,
         ctx: &'a RequestContext,
+        access: &'a Access,
     ) -> BoxFuture<'a, FhirResult<FhirResponse>>;
 }
 
@@ -87,6 +93,7 @@ pub fn registry() -> OperationRegistry {
     }
     reindex::all().into_iter().for_each(|op| r.register(op));
     r.register(Arc::new(closure::Closure::default()));
+    r.register(Arc::new(everything::Everything::default()));
     r
 }
 

@@ -349,6 +349,7 @@ impl Operation for Reindex {
         target: Target,
         _params: Value,
         _ctx: &'a RequestContext,
+        _access: &'a crate::auth::Access,
     ) -> BoxFuture<'a, FhirResult<FhirResponse>> {
         Box::pin(async move {
             // index with the newest parameter definitions (another node may have added one)
@@ -448,6 +449,7 @@ impl Operation for ReindexStatus {
         _target: Target,
         params: Value,
         _ctx: &'a RequestContext,
+        _access: &'a crate::auth::Access,
     ) -> BoxFuture<'a, FhirResult<FhirResponse>> {
         Box::pin(async move {
             let Some(id) = param_str(&params, "job") else {

@@ -42,6 +42,7 @@ impl Operation for Validate {
         target: Target,
         params: Value,
         _ctx: &'a RequestContext,
+        _access: &'a crate::auth::Access,
     ) -> BoxFuture<'a, FhirResult<FhirResponse>> {
         Box::pin(async move {
             let (ty, id) = match &target {
