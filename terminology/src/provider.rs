@@ -224,6 +224,20 @@ pub trait CodeSystemProvider: Send + Sync {
         let total = all.len();
         (all.into_iter().skip(offset).take(count).collect(), total)
     }
+    /// `search_page` restricted to the concepts that satisfy every compose filter of `filters`
+    /// (property, op, value), ranked the same way. `None` when the implementation has no faster
+    /// way than the general path (materialise the filters' codes, then rank them), which the
+    /// caller then takes.
+    fn search_page_filtered(
+        &self,
+        _text: &str,
+        _filters: &[(&str, &str, &str)],
+        _active_only: bool,
+        _offset: usize,
+        _count: usize,
+    ) -> Option<(Vec<String>, usize)> {
+        None
+    }
     /// All ancestors (transitive).
     fn ancestors(&self, code: &str) -> HashSet<String> {
         let mut out = HashSet::new();
@@ -364,6 +378,11 @@ pub trait TextSearcher: Send + Sync + std::fmt::Debug {
         offset: usize,
         count: usize,
     ) -> Option<(Vec<u32>, usize)>;
+    /// The match tiers of `query`, best first (`rank_tiers` reads a page off them), or `None`
+    /// as for `ranked`. Default: none (callers fall back to `ranked` or the scan).
+    fn tiers(&self, _query: &str) -> Option<Vec<ConceptSet>> {
+        None
+    }
 }
 
 /// A set of concepts of one `ConceptTable` (their positions), as a bitset.
@@ -408,6 +427,16 @@ impl ConceptSet {
     pub fn intersect_with(&mut self, other: &ConceptSet) {
         for (k, w) in self.bits.iter_mut().enumerate() {
             *w &= other.bits.get(k).copied().unwrap_or(0);
+        }
+    }
+
+    /// Adds every member of `other`.
+    pub fn union_with(&mut self, other: &ConceptSet) {
+        if self.bits.len() < other.bits.len() {
+            self.bits.resize(other.bits.len(), 0);
+        }
+        for (k, w) in other.bits.iter().enumerate() {
+            self.bits[k] |= *w;
         }
     }
 
@@ -1141,6 +1170,58 @@ impl CodeSystemProvider for ConceptTable {
             .map(|(_, i)| self.concepts[i].code.clone())
             .collect();
         (page, total)
+    }
+    fn search_page_filtered(
+        &self,
+        text: &str,
+        filters: &[(&str, &str, &str)],
+        active_only: bool,
+        offset: usize,
+        count: usize,
+    ) -> Option<(Vec<String>, usize)> {
+        // hierarchy filters only (`is-a`, `descendent-of`, as `filter_indexes` answers them for
+        // any property): each text match is checked against the filters' roots through the
+        // reachability labels, instead of materialising every descendant of the roots
+        let mut roots: Vec<(Option<u32>, bool)> = Vec::with_capacity(filters.len());
+        for (property, op, value) in filters {
+            if matches!((*property, *op), ("constraint" | "expression", "=")) {
+                return None;
+            }
+            match *op {
+                "is-a" => roots.push((self.index_of(value), true)),
+                "descendent-of" => roots.push((self.index_of(value), false)),
+                _ => return None,
+            }
+        }
+        let tiers = self.text_index.as_ref()?.tiers(text)?;
+        let mut within = ConceptSet::new(self.concepts.len());
+        if roots.iter().all(|(r, _)| r.is_some()) {
+            let mut candidates = ConceptSet::new(self.concepts.len());
+            for t in &tiers {
+                candidates.union_with(t);
+            }
+            for i in candidates.iter() {
+                let Some(c) = self.concepts.get(i as usize) else {
+                    continue;
+                };
+                if active_only && c.inactive {
+                    continue;
+                }
+                let member = roots.iter().all(|(root, include_self)| {
+                    let root = root.unwrap_or(u32::MAX);
+                    (*include_self && i == root) || self.has_ancestor(i, root)
+                });
+                if member {
+                    within.insert(i);
+                }
+            }
+        }
+        let (page, total) = rank_tiers(&tiers, Some(&within), offset, count);
+        let codes = page
+            .into_iter()
+            .filter_map(|i| self.concepts.get(i as usize).map(|c| c.code.clone()))
+            .collect();
+        Some((codes, total))
     }
     fn subsumes(&self, a: &str, b: &str) -> Option<Subsumption> {
         let ia = self.index_of(a)?;

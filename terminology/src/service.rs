@@ -1376,10 +1376,23 @@ impl<'a> Ctx<'a> {
         let inc = &includes[0];
         if inc
             .as_object()
-            .map(|o| o.keys().any(|k| k != "system" && k != "version"))
+            .map(|o| {
+                o.keys()
+                    .any(|k| k != "system" && k != "version" && k != "filter")
+            })
             .unwrap_or(true)
         {
             return Ok(None);
+        }
+        // an include with filters (e.g. `?fhir_vs=isa/…`): when the provider can intersect its
+        // text index with the filters itself (`search_page_filtered`)
+        let mut filters: Vec<(&str, &str, &str)> = Vec::new();
+        for f in arr(inc, "filter") {
+            let (Some(prop), Some(op), Some(val)) = (s(f, "property"), s(f, "op"), s(f, "value"))
+            else {
+                return Ok(None);
+            };
+            filters.push((prop, op, val));
         }
         let Some(system) = s(inc, "system") else {
             return Ok(None);
@@ -1395,10 +1408,23 @@ impl<'a> Ctx<'a> {
         if provider.size().unwrap_or(0) <= LARGE_SYSTEM {
             return Ok(None);
         }
-        used.cs(entry.canonical());
         let offset = p.int("offset").unwrap_or(0).max(0) as usize;
         let active_only = p.bool("activeOnly") == Some(true);
-        let (page, total) = provider.search_page(f, active_only, offset, count.max(0) as usize);
+        let (page, total) = if filters.is_empty() {
+            provider.search_page(f, active_only, offset, count.max(0) as usize)
+        } else {
+            match provider.search_page_filtered(
+                f,
+                &filters,
+                active_only,
+                offset,
+                count.max(0) as usize,
+            ) {
+                Some(r) => r,
+                None => return Ok(None),
+            }
+        };
+        used.cs(entry.canonical());
         let lang = self.display_language();
         let cs_language = provider.language().map(str::to_string);
         let items = page

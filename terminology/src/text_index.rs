@@ -396,6 +396,10 @@ impl TextSearcher for TextIndex {
             .ok()
             .flatten()
     }
+
+    fn tiers(&self, query: &str) -> Option<Vec<ConceptSet>> {
+        TextIndex::tiers(self, query).ok().flatten().map(Vec::from)
+    }
 }
 
 #[cfg(test)]
@@ -648,6 +652,158 @@ mod tests {
             assert_eq!(total, expected.len(), "{q}");
             assert_eq!(page, expected, "{q}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `$expand?filter=` of an is-a value set (`?fhir_vs=isa/…`, a compose `is-a` or
+    /// `descendent-of` filter) over a large indexed system: the index's tiers intersected with
+    /// the hierarchy give the general path's page and total, and the scan's ranking restricted
+    /// to the value set's members.
+    #[test]
+    fn filtered_expand_of_is_a_value_set_equals_the_general_path() {
+        let vocab = [
+            "renal", "Chronic", "acute", "diabetes", "fracture", "left", "cardiac", "type",
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let url = "http://example.org/large-dag";
+        let mut t = ConceptTable::new(url, None);
+        let n = 3000;
+        for i in 0..n {
+            let words: Vec<&str> = (0..1 + next(3)).map(|_| vocab[next(vocab.len())]).collect();
+            let mut c = Concept::new(format!("C{i}"), Some(words.join(" ")));
+            c.inactive = next(9) == 0;
+            if next(3) == 0 {
+                c.designations.push(Designation {
+                    value: vocab[next(vocab.len())].to_string(),
+                    ..Default::default()
+                });
+            }
+            t.add(c);
+        }
+        // a DAG: 1-2 parents among the earlier concepts (C0 is the root)
+        for i in 1..n {
+            let mut ps = vec![next(i)];
+            if i > 10 && next(2) == 0 {
+                ps.push(next(i));
+            }
+            ps.sort_unstable();
+            ps.dedup();
+            for p in ps {
+                t.concepts[i].parents.push(p as u32);
+                t.concepts[p].children.push(i as u32);
+            }
+        }
+        t.reindex();
+        let dir = temp_dir("isa");
+        let idx = TextIndex::build(&dir, &t).unwrap();
+        let mut indexed = t.clone();
+        indexed.set_text_index(Arc::new(idx));
+        let indexed = Arc::new(indexed);
+        let mut tx = crate::Terminology::new();
+        tx.add_code_system(indexed.clone());
+        let page = |v: &serde_json::Value| -> (Vec<String>, u64) {
+            let codes = v["expansion"]["contains"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|c| c["code"].as_str().unwrap().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (codes, v["expansion"]["total"].as_u64().unwrap())
+        };
+        let mut checked = 0;
+        for root in ["C0", "C1", "C7", "C40", "C333"] {
+            for (op, include_self) in [("is-a", true), ("descendent-of", false)] {
+                let ri = t.index_of(root).unwrap();
+                let members: ConceptSet = t
+                    .filter_indexes("concept", op, root)
+                    .unwrap()
+                    .into_iter()
+                    .collect();
+                assert_eq!(members.contains(ri), include_self);
+                for q in ["ren", "chronic", "c1", "diab type", "acute left", "zzz"] {
+                    for active_only in [false, true] {
+                        // the scan's ranking, restricted to the members (the oracle)
+                        let scan: Vec<String> = t
+                            .search_page(q, active_only, 0, usize::MAX)
+                            .0
+                            .into_iter()
+                            .filter(|c| members.contains(t.index_of(c).unwrap()))
+                            .collect();
+                        for (offset, count) in [(0, 10), (5, 7), (40, 25)] {
+                            let common = |mut p: Vec<serde_json::Value>| {
+                                p.push(serde_json::json!({"name": "filter", "valueString": q}));
+                                p.push(
+                                    serde_json::json!({"name": "offset", "valueInteger": offset}),
+                                );
+                                p.push(serde_json::json!({"name": "count", "valueInteger": count}));
+                                p.push(serde_json::json!({"name": "activeOnly", "valueBoolean": active_only}));
+                                serde_json::json!({"resourceType": "Parameters", "parameter": p})
+                            };
+                            let include = serde_json::json!({"system": url, "filter": [
+                                {"property": "concept", "op": op, "value": root}]});
+                            // the fast path: one include with the filter
+                            let fast = tx
+                                .expand(&common(vec![
+                                    serde_json::json!({"name": "valueSet", "resource": {
+                                    "resourceType": "ValueSet", "id": "fast", "status": "active",
+                                    "compose": {"include": [include.clone()]}}}),
+                                ]))
+                                .unwrap();
+                            // the general path: the same members, but an exclude (of a code
+                            // that does not exist) keeps the value set off the fast path
+                            let general = tx
+                                .expand(&common(vec![
+                                    serde_json::json!({"name": "valueSet", "resource": {
+                                    "resourceType": "ValueSet", "id": "general", "status": "active",
+                                    "compose": {"include": [include], "exclude": [
+                                        {"system": url, "concept": [{"code": "no-such-code"}]}]}}}),
+                                ]))
+                                .unwrap();
+                            let (fast_codes, fast_total) = page(&fast);
+                            // the provider answers it from the index (not the general path)
+                            assert_eq!(
+                                indexed.search_page_filtered(
+                                    q,
+                                    &[("concept", op, root)],
+                                    active_only,
+                                    offset,
+                                    count
+                                ),
+                                Some((fast_codes.clone(), fast_total as usize)),
+                                "{root} {op} {q:?}"
+                            );
+                            assert_eq!(
+                                (fast_codes.clone(), fast_total),
+                                page(&general),
+                                "{root} {op} {q:?} active {active_only} {offset}/{count}"
+                            );
+                            assert_eq!(fast_total as usize, scan.len(), "{root} {op} {q:?}");
+                            let want: Vec<String> =
+                                scan.iter().skip(offset).take(count).cloned().collect();
+                            assert_eq!(fast_codes, want, "{root} {op} {q:?} {offset}/{count}");
+                            if op == "is-a" {
+                                // the implicit value set `?fhir_vs=isa/…` takes the same path
+                                let implicit = tx
+                                    .expand(&common(vec![serde_json::json!({"name": "url",
+                                        "valueUri": format!("{url}?fhir_vs=isa/{root}")})]))
+                                    .unwrap();
+                                assert_eq!(page(&implicit), (fast_codes, fast_total));
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 5 * 2 * 6 * 2 * 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

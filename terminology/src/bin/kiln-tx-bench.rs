@@ -9,7 +9,9 @@
 //! `kiln-tx-bench expand ID STORE_DIR [FILTER…]` reads the code system `ID` saved in STORE_DIR
 //! (by `load`), builds its text index (with the `text-index` feature), and prints p50/p99 of
 //! `$expand ?fhir_vs filter=… count=10` (and `offset=100`) through the service API for each
-//! filter (default: a set of 3-letter prefixes and two 2-word filters).
+//! filter (default: a set of 3-letter prefixes and two 2-word filters), then of `isa/{root}`
+//! value sets (two roots picked by subtree size) with 3-letter filters, through the text index
+//! and through the general path.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,6 +90,30 @@ fn expand_bench(id: &str, store_dir: &std::path::Path, filters: &[String]) {
         table.set_text_index(Arc::new(idx));
     }
     let url = table.url.clone();
+    // is-a value sets to expand with a filter: the largest top-level subtree, then the largest
+    // child subtree down to one of 5–20 % and one of < 2 % of the system
+    let mut isa_roots: Vec<(String, usize)> = Vec::new();
+    let size = |i: u32| table.descendants(i, true).len();
+    let mut cur: Option<u32> = table
+        .concepts
+        .iter()
+        .position(|c| c.parents.is_empty())
+        .map(|i| i as u32);
+    let n = table.len().max(1);
+    let mut want = [0.20, 0.02].into_iter().peekable();
+    while let (Some(i), Some(frac)) = (cur, want.peek().copied()) {
+        let children = &table.concepts[i as usize].children;
+        let best = children
+            .iter()
+            .map(|c| (size(*c), *c))
+            .max_by_key(|(s, c)| (*s, std::cmp::Reverse(*c)));
+        let Some((s, c)) = best else { break };
+        if (s as f64) < frac * n as f64 {
+            isa_roots.push((table.concepts[c as usize].code.clone(), s));
+            want.next();
+        }
+        cur = Some(c);
+    }
     let mut tx = Terminology::new();
     tx.add_code_system(Arc::new(table));
     let default: Vec<String> = [
@@ -147,6 +173,55 @@ fn expand_bench(id: &str, store_dir: &std::path::Path, filters: &[String]) {
             all.sort();
             println!(
                 "{id}: all 3-letter filters, offset={offset}: {} requests, p50 {:?}, p99 {:?}",
+                all.len(),
+                all[all.len() / 2],
+                all[all.len() * 99 / 100]
+            );
+        }
+    }
+    expand_isa_bench(&tx, &url, &isa_roots);
+}
+
+/// p50/p99 of `$expand` of `isa/{root}` with a 3-letter filter, `count=10`: the implicit value
+/// set (index tiers ∩ hierarchy) and the same members through the general path (a compose with an
+/// exclude of a code that does not exist, which keeps it off the index path).
+fn expand_isa_bench(tx: &Terminology, url: &str, roots: &[(String, usize)]) {
+    let filters = ["dia", "chr", "ren", "fra", "glu", "car", "acu"];
+    for (root, members) in roots {
+        for general in [false, true] {
+            let mut all = Vec::new();
+            let mut totals = Vec::new();
+            for f in filters {
+                let vs = if general {
+                    json!({"name": "valueSet", "resource": {"resourceType": "ValueSet",
+                        "status": "active", "compose": {
+                        "include": [{"system": url, "filter": [
+                            {"property": "concept", "op": "is-a", "value": root}]}],
+                        "exclude": [{"system": url, "concept": [{"code": "no-such-code"}]}]}}})
+                } else {
+                    json!({"name": "url", "valueUri": format!("{url}?fhir_vs=isa/{root}")})
+                };
+                let params = json!({"resourceType": "Parameters", "parameter": [vs,
+                    {"name": "filter", "valueString": f},
+                    {"name": "count", "valueInteger": 10}]});
+                let reps = if general { 5 } else { 50 };
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    let r = tx.expand(&params);
+                    all.push(t.elapsed());
+                    let v = r.unwrap_or_else(|e| {
+                        eprintln!("expand isa/{root} {f:?}: {:?}", e.issues);
+                        std::process::exit(1)
+                    });
+                    if totals.len() < filters.len() && all.len() % reps == 1 {
+                        totals.push(v["expansion"]["total"].as_u64().unwrap_or(0));
+                    }
+                }
+            }
+            all.sort();
+            println!(
+                "isa/{root} ({members} members), {}: 3-letter filters count=10: {} requests, p50 {:?}, p99 {:?}; totals {totals:?}",
+                if general { "general path" } else { "index ∩ is-a" },
                 all.len(),
                 all[all.len() / 2],
                 all[all.len() * 99 / 100]
