@@ -141,6 +141,15 @@ impl CodeValidator for TerminologyCodes<'_> {
         self.cache.put(tx, key, v.clone());
         v
     }
+
+    fn includes_system(&self, value_set: &str, system: &str) -> Option<bool> {
+        let Some(tx) = self.tx else {
+            self.wanted.set(true);
+            return None;
+        };
+        let vs = tx.value_set(value_set)?;
+        kiln_fhir::value_set_includes_system(&vs, system)
+    }
 }
 
 /// `ValueSet/$validate-code` of one code, turned into a verdict.
@@ -296,6 +305,30 @@ mod tests {
             ),
             CodeVerdict::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn value_set_systems_for_extensible_bindings() {
+        let cache = BindingCache::default();
+        let t = Arc::new(Terminology::with_r4_content().unwrap());
+        let codes = TerminologyCodes::new(Some(&t), &cache);
+        let vs = "http://terminology.hl7.org/ValueSet/v3-ActEncounterCode";
+        assert_eq!(
+            codes.includes_system(vs, "http://terminology.hl7.org/CodeSystem/v3-ActCode"),
+            Some(true)
+        );
+        assert_eq!(
+            codes.includes_system(vs, "http://snomed.info/sct"),
+            Some(false)
+        );
+        assert_eq!(
+            codes.includes_system("http://example.org/ValueSet/none", "http://x"),
+            None
+        );
+        // no service yet: nothing can be told, and the service is asked for
+        let none = TerminologyCodes::new(None, &cache);
+        assert_eq!(none.includes_system(vs, "http://x"), None);
+        assert!(none.wanted.get());
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub mod xml;
 
 pub use model::{r4, Constraint, ElementInfo, ElementMatch, Model, TypeInfo, TypeKind};
 pub use outcome::{operation_outcome, Issue, Severity};
-pub use profile::{validate_with_profile, Profile};
+pub use profile::{validate_with_profile, validate_with_profile_and_codes, Profile};
 pub use summary::{select_elements, summarize, SummaryMode};
-pub use validation::{validate, validate_with, CodeValidator, CodeVerdict, Validator};
+pub use validation::{
+    validate, validate_with, value_set_includes_system, CodeValidator, CodeVerdict, Validator,
+};
 pub use xml::{json_to_xml, xml_to_json, XmlError};

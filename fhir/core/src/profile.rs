@@ -5,14 +5,22 @@
 //! elements, per parent instance); `fixed[x]` (exact) and `pattern[x]` (contains) values;
 //! choice types restricted by the profile; slices whose discriminators are `value`/`pattern`
 //! (incl. extensions sliced by `url`): per-slice cardinality and closed slicing.
+//! Bindings the profile declares (with [`Profile::validate_with`] and a [`CodeValidator`], the
+//! trait the base validation asks about required bindings): `required` — a `code`/`Coding` not
+//! in the value set, or a CodeableConcept none of whose codings is, is an error; `extensible` —
+//! a code of a code system the value set includes that is not in it is a warning (codes of other
+//! systems are what extensible allows). A verdict the validator cannot give (unknown value set
+//! or code system) is no issue. Bindings identical to the base element's required binding are
+//! left to the base validation.
 //! Not checked (reported nowhere, silently skipped): `type`/`profile`/`exists` discriminators,
-//! constraints inside slices, invariants (FHIRPath), bindings to value sets outside the base
-//! spec, target profiles, mustSupport.
+//! constraints and bindings inside slices, bindings on `string`/`uri` elements, invariants
+//! (FHIRPath), target profiles, mustSupport.
 
 use serde_json::Value;
 
-use crate::model::{r4, ElementInfo, Model};
+use crate::model::{r4, Binding, ElementInfo, Model};
 use crate::outcome::Issue;
+use crate::validation::{CodeValidator, CodeVerdict};
 
 /// How a slice recognises its items: the values at `path` (`$this` = the item itself).
 #[derive(Debug, Clone)]
@@ -45,6 +53,8 @@ struct ProfileElement {
     allowed_types: Option<Vec<String>>,
     slices: Vec<Slice>,
     slicing_closed: bool,
+    /// A `required`/`extensible` binding the base element does not already require.
+    binding: Option<Binding>,
 }
 
 /// A profile prepared for validation.
@@ -253,6 +263,20 @@ impl Profile {
                 }
                 slicing_closed &= all_known;
             }
+            let binding = e["binding"]["valueSet"].as_str().and_then(|vs| {
+                let strength = e["binding"]["strength"].as_str()?;
+                if strength != "required" && strength != "extensible" {
+                    return None;
+                }
+                let value_set = vs.split('|').next().unwrap_or(vs).to_string();
+                let same_as_base = base
+                    .and_then(|b| b.binding.as_ref())
+                    .is_some_and(|b| b.strength == "required" && b.value_set == value_set);
+                (!same_as_base).then(|| Binding {
+                    strength: strength.to_string(),
+                    value_set,
+                })
+            });
             out.push(ProfileElement {
                 path: path.to_string(),
                 min,
@@ -264,6 +288,7 @@ impl Profile {
                 allowed_types,
                 slices,
                 slicing_closed,
+                binding,
             });
         }
         Ok(Profile {
@@ -340,8 +365,19 @@ impl Profile {
     }
 
     /// Checks the profile's constraints (not the base structure: use
-    /// [`crate::validation::validate`] as well, or [`validate_with_profile`]).
+    /// [`crate::validation::validate`] as well, or [`validate_with_profile`]). Bindings are not
+    /// checked: see [`Profile::validate_with`].
     pub fn validate(&self, resource: &Value) -> Vec<Issue> {
+        self.check(resource, None)
+    }
+
+    /// [`Profile::validate`] plus the profile's `required` and `extensible` bindings, asked of
+    /// `codes`.
+    pub fn validate_with(&self, resource: &Value, codes: &dyn CodeValidator) -> Vec<Issue> {
+        self.check(resource, Some(codes))
+    }
+
+    fn check(&self, resource: &Value, codes: Option<&dyn CodeValidator>) -> Vec<Issue> {
         let model = r4();
         let mut issues = Vec::new();
         if resource["resourceType"] != self.type_name.as_str() {
@@ -427,6 +463,9 @@ impl Profile {
                             );
                         }
                     }
+                    if let (Some(b), Some(codes)) = (&pe.binding, codes) {
+                        self.binding(b, item, codes, &mut issues);
+                    }
                     if let Some(allowed) = &pe.allowed_types {
                         if !allowed.contains(&item.type_name) {
                             issues.push(
@@ -504,10 +543,108 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// The profile's binding `b` on one value (`code`, `Coding` or `CodeableConcept`).
+    fn binding(
+        &self,
+        b: &Binding,
+        item: &Node<'_>,
+        codes: &dyn CodeValidator,
+        out: &mut Vec<Issue>,
+    ) {
+        let required = b.strength == "required";
+        // (system, code) pairs; `None` system: a `code` element, its system implied by the value set
+        let pairs: Vec<(Option<&str>, &str)> = match item.type_name.as_str() {
+            "code" => item.value.as_str().map(|c| (None, c)).into_iter().collect(),
+            "Coding" => coding(item.value).into_iter().collect(),
+            "CodeableConcept" => item.value["coding"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(coding)
+                .collect(),
+            _ => return,
+        };
+        if pairs.is_empty() {
+            return;
+        }
+        let mut invalid = Vec::new();
+        for (system, code) in &pairs {
+            match codes.validate_code(&b.value_set, *system, code) {
+                // one coding in the value set (or one that cannot be checked) satisfies it
+                CodeVerdict::Valid | CodeVerdict::Unknown => return,
+                CodeVerdict::Invalid(why) => invalid.push((*system, *code, why)),
+            }
+        }
+        let name = |s: Option<&str>, c: &str| match s {
+            Some(s) => format!("'{s}#{c}'"),
+            None => format!("'{c}'"),
+        };
+        if required {
+            let what: Vec<String> = invalid
+                .iter()
+                .map(|(s, c, why)| format!("{}: {why}", name(*s, c)))
+                .collect();
+            out.push(
+                Issue::error(
+                    "code-invalid",
+                    format!(
+                        "not in the value set {} required by the profile {} ({})",
+                        b.value_set,
+                        self.url,
+                        what.join("; ")
+                    ),
+                )
+                .at(item.expr.clone()),
+            );
+            return;
+        }
+        // extensible: only codes of systems the value set draws from should have been in it
+        for (system, code, why) in invalid {
+            let included = match system {
+                None => Some(true),
+                Some(s) => codes.includes_system(&b.value_set, s),
+            };
+            if included == Some(true) {
+                out.push(
+                    Issue::warning(
+                        "code-invalid",
+                        format!(
+                            "{} is from a code system of the value set {} (extensible binding of the profile {}) but not in it: {why}",
+                            name(system, code),
+                            b.value_set,
+                            self.url
+                        ),
+                    )
+                    .at(item.expr.clone()),
+                );
+            }
+        }
+    }
+}
+
+/// `(system, code)` of a Coding with a code.
+fn coding(v: &Value) -> Option<(Option<&str>, &str)> {
+    let code = v["code"].as_str()?;
+    Some((Some(v["system"].as_str()?), code))
+}
+
 /// Base validation plus the profile's constraints.
 pub fn validate_with_profile(resource: &Value, profile: &Profile) -> Vec<Issue> {
     let mut issues = crate::validation::validate(resource);
     issues.extend(profile.validate(resource));
+    issues
+}
+
+/// Base validation and the profile's constraints, both asking `codes` about bindings the model
+/// cannot enumerate (the profile's `required` and `extensible` bindings among them).
+pub fn validate_with_profile_and_codes(
+    resource: &Value,
+    profile: &Profile,
+    codes: &dyn CodeValidator,
+) -> Vec<Issue> {
+    let mut issues = crate::validation::validate_with(resource, codes);
+    issues.extend(profile.validate_with(resource, codes));
     issues
 }
 
@@ -662,6 +799,132 @@ mod tests {
         );
         let wrong = exprs(profile().validate(&json!({"resourceType": "Observation"})));
         assert_eq!(wrong.len(), 1);
+    }
+
+    /// Value set `http://vs/status`: codes `final`, `amended` (system `http://s`);
+    /// `http://vs/codes`: `http://loinc.org#1`, `#2`, draws from LOINC only.
+    struct Codes;
+
+    impl CodeValidator for Codes {
+        fn validate_code(&self, vs: &str, system: Option<&str>, code: &str) -> CodeVerdict {
+            let ok = match vs {
+                "http://vs/status" => system.is_none() && ["final", "amended"].contains(&code),
+                "http://vs/codes" => {
+                    system == Some("http://loinc.org") && ["1", "2"].contains(&code)
+                }
+                _ => return CodeVerdict::Unknown,
+            };
+            if ok {
+                CodeVerdict::Valid
+            } else {
+                CodeVerdict::Invalid(format!("{code} is not in {vs}"))
+            }
+        }
+
+        fn includes_system(&self, vs: &str, system: &str) -> Option<bool> {
+            (vs == "http://vs/codes").then_some(system == "http://loinc.org")
+        }
+    }
+
+    fn bound(strength: &str) -> Profile {
+        Profile::from_structure_definition(&json!({
+            "resourceType": "StructureDefinition", "url": "http://example.org/obs", "type": "Observation",
+            "snapshot": {"element": [
+                {"id": "Observation", "path": "Observation", "min": 0, "max": "*"},
+                {"id": "Observation.status", "path": "Observation.status", "min": 1, "max": "1",
+                 "binding": {"strength": "required", "valueSet": "http://vs/status|1.0"}},
+                {"id": "Observation.code", "path": "Observation.code", "min": 1, "max": "1",
+                 "binding": {"strength": strength, "valueSet": "http://vs/codes"}},
+                {"id": "Observation.category", "path": "Observation.category", "min": 0, "max": "*",
+                 "binding": {"strength": "required", "valueSet": "http://vs/unknown"}},
+                {"id": "Observation.interpretation", "path": "Observation.interpretation", "min": 0, "max": "*",
+                 "binding": {"strength": "preferred", "valueSet": "http://vs/codes"}}
+            ]}
+        }))
+        .unwrap()
+    }
+
+    fn obs(status: &str, codings: Value) -> Value {
+        json!({"resourceType": "Observation", "status": status, "code": {"coding": codings},
+               "category": [{"coding": [{"system": "http://x", "code": "y"}]}],
+               "interpretation": [{"coding": [{"system": "http://loinc.org", "code": "9"}]}]})
+    }
+
+    fn found(issues: Vec<Issue>) -> Vec<(bool, String)> {
+        issues
+            .into_iter()
+            .map(|i| (i.is_error(), i.expression.join(",")))
+            .collect()
+    }
+
+    #[test]
+    fn required_bindings() {
+        let p = bound("required");
+        let good = obs(
+            "final",
+            json!([{"system": "http://loinc.org", "code": "2"}]),
+        );
+        assert_eq!(found(p.validate_with(&good, &Codes)), vec![]);
+        // one coding in the value set is enough
+        let mixed = obs(
+            "amended",
+            json!([{"system": "http://other", "code": "z"}, {"system": "http://loinc.org", "code": "1"}]),
+        );
+        assert_eq!(found(p.validate_with(&mixed, &Codes)), vec![]);
+        let bad = obs(
+            "preliminary",
+            json!([{"system": "http://other", "code": "z"}]),
+        );
+        assert_eq!(
+            found(p.validate_with(&bad, &Codes)),
+            vec![
+                (true, "Observation.status".to_string()),
+                (true, "Observation.code".to_string())
+            ]
+        );
+        // without a CodeValidator, bindings are not checked
+        assert_eq!(found(p.validate(&bad)), vec![]);
+    }
+
+    #[test]
+    fn extensible_bindings() {
+        let p = bound("extensible");
+        // another code system: what extensible allows
+        let other = obs(
+            "final",
+            json!([{"system": "http://snomed.info/sct", "code": "1"}]),
+        );
+        assert_eq!(found(p.validate_with(&other, &Codes)), vec![]);
+        // a LOINC code the value set does not have: a warning
+        let loinc = obs(
+            "final",
+            json!([{"system": "http://loinc.org", "code": "3"}]),
+        );
+        let issues = p.validate_with(&loinc, &Codes);
+        assert_eq!(
+            found(issues.clone()),
+            vec![(false, "Observation.code".to_string())]
+        );
+        assert!(
+            issues[0].diagnostics.contains("http://loinc.org#3"),
+            "{:?}",
+            issues[0]
+        );
+    }
+
+    #[test]
+    fn base_required_bindings_are_not_checked_twice() {
+        // Observation.status is bound `required` to observation-status in R4 already
+        let p = Profile::from_structure_definition(&json!({
+            "resourceType": "StructureDefinition", "url": "http://example.org/o2", "type": "Observation",
+            "snapshot": {"element": [
+                {"id": "Observation", "path": "Observation"},
+                {"id": "Observation.status", "path": "Observation.status", "min": 1, "max": "1",
+                 "binding": {"strength": "required", "valueSet": "http://hl7.org/fhir/ValueSet/observation-status|4.0.1"}}
+            ]}
+        }))
+        .unwrap();
+        assert!(p.elements.iter().all(|e| e.binding.is_none()));
     }
 
     #[test]

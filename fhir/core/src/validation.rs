@@ -52,6 +52,33 @@ pub trait CodeValidator {
     /// `system` is the Coding's system; `None` for a `code` element, whose system the value
     /// set implies.
     fn validate_code(&self, value_set: &str, system: Option<&str>, code: &str) -> CodeVerdict;
+
+    /// Whether the value set draws codes from `system` (`Some(true)`/`Some(false)`), or `None`
+    /// when that cannot be told (unknown value set, nested value sets). Extensible bindings in
+    /// profiles use it: a code of an included system that is not in the value set is a warning,
+    /// a code of another system is allowed. See [`value_set_includes_system`].
+    fn includes_system(&self, _value_set: &str, _system: &str) -> Option<bool> {
+        None
+    }
+}
+
+/// Whether a ValueSet resource's `compose` includes codes of `system`: `Some(true)` when an
+/// `include` names it, `Some(false)` when none does and none imports another value set, `None`
+/// otherwise (no compose, or nested value sets that might).
+pub fn value_set_includes_system(vs: &Value, system: &str) -> Option<bool> {
+    let includes = vs.pointer("/compose/include")?.as_array()?;
+    let mut nested = false;
+    for i in includes {
+        if i.get("system").and_then(Value::as_str) == Some(system) {
+            return Some(true);
+        }
+        nested |= i.get("valueSet").is_some();
+    }
+    if nested {
+        None
+    } else {
+        Some(false)
+    }
 }
 
 /// A structural validator over a [`Model`].
