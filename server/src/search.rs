@@ -956,10 +956,12 @@ impl SearchEngine {
             .map(to_store_value)
             .collect();
         let params: Vec<SqlValue> = plan.params.iter().cloned().map(to_store_value).collect();
+        // every statement of the request on one reader connection (one pool visit)
+        let mut db = state.store.reader().await?;
         let mut rows = if summary_count || count == 0 {
             Vec::new()
         } else {
-            state.store.query_rows(&plan.sql, &params).await?
+            db.query_rows(&plan.sql, &params).await?
         };
         // a sort key walked from its index: the resources without a key continue the page
         for (sql, ps) in &plan.more {
@@ -967,7 +969,7 @@ impl SearchEngine {
                 break;
             }
             let ps: Vec<SqlValue> = ps.iter().cloned().map(to_store_value).collect();
-            rows.extend(state.store.query_rows(sql, &ps).await?);
+            rows.extend(db.query_rows(sql, &ps).await?);
         }
         // keyset paging both ways: a forward page fetched one extra row (there is a next page);
         // a backward page (a `previous` link) came nearest-first, its extra row meaning there
@@ -1000,17 +1002,14 @@ impl SearchEngine {
             .collect();
         let total_mode = query.total.as_deref().unwrap_or("estimate");
         let total = if summary_count || total_mode == "accurate" {
-            let r = state
-                .store
-                .query_rows(&plan.count_sql, &count_params)
-                .await?;
+            let r = db.query_rows(&plan.count_sql, &count_params).await?;
             r.first().and_then(|x| x.first()).and_then(SqlValue::as_i64)
         } else if total_mode != "none" && next.is_none() && page.cursor.is_none() {
             Some(rids.len() as i64)
         } else {
             None
         };
-        let matches = state.store.fetch_by_rids(&rids).await?;
+        let matches = db.fetch_by_rids(&rids).await?;
         let passthrough =
             query.summary.is_none() && query.elements.is_empty() && access.grant().is_none();
         // written around the stored JSON: the included entries come from the database as one
@@ -1021,7 +1020,7 @@ impl SearchEngine {
                 kiln_search::included_entries_sql(&query, dialect, &rids, &state.base_url)
             {
                 let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
-                let found = state.store.query_rows(&sql, &ps).await?;
+                let found = db.query_rows(&sql, &ps).await?;
                 included_text = found
                     .into_iter()
                     .next()
@@ -1046,17 +1045,19 @@ impl SearchEngine {
                     break;
                 };
                 let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
-                let found = state.store.query_rows(&sql, &ps).await?;
+                let found = db.query_rows(&sql, &ps).await?;
                 let new: Vec<i64> = found
                     .iter()
                     .filter_map(|r| r.first().and_then(SqlValue::as_i64))
                     .filter(|r| seen.insert(*r))
                     .collect();
-                included.extend(state.store.fetch_by_rids(&new).await?);
+                included.extend(db.fetch_by_rids(&new).await?);
                 frontier = new;
                 first = false;
             }
         }
+        // the connection goes back before the response is written
+        drop(db);
         // Bundle
         let link = |cursor: Option<&str>| {
             let mut ps: Vec<String> = query

@@ -131,6 +131,88 @@ macro_rules! stored_from_row {
 }
 pub(crate) use stored_from_row;
 
+/// `SELECT` of the current, non-deleted resources with these row ids, in the order given, on
+/// one executor (a pool or a connection).
+macro_rules! fetch_by_rids_on {
+    ($exec:expr, $rids:expr) => {{
+        let rids: &[i64] = $rids;
+        let mut out = Vec::with_capacity(rids.len());
+        for chunk in rids.chunks(500) {
+            // row ids are integers: inlined, not bound (sqlx looks up each bound parameter's
+            // name, a linear scan in SQLite, so hundreds of them cost quadratic time)
+            let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
+            let sql = format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({})",
+                list.join(",")
+            );
+            // the text varies with every page: not worth a slot in the statement cache
+            let q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            let rows = q.fetch_all(&mut *$exec).await?;
+            let mut v = Vec::with_capacity(rows.len());
+            for r in &rows {
+                v.push(stored_from_row!(r));
+            }
+            // keep the caller's order
+            let pos: std::collections::HashMap<i64, usize> =
+                chunk.iter().enumerate().map(|(i, r)| (*r, i)).collect();
+            v.sort_by_key(|r| pos.get(&r.rid).copied().unwrap_or(usize::MAX));
+            out.extend(v);
+        }
+        Ok::<_, StoreError>(out)
+    }};
+}
+
+/// Runs one statement with bound values on an executor; every column decoded.
+macro_rules! query_rows_on {
+    ($exec:expr, $sql:expr, $params:expr, $persistent:expr) => {{
+        let q = bind_values!(sqlx::query(AssertSqlSafe($sql.to_string())), $params)
+            .persistent($persistent);
+        let rows = q.fetch_all($exec).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let n = r.len();
+            let mut cols = Vec::with_capacity(n);
+            for i in 0..n {
+                cols.push(decode_column!(r, i));
+            }
+            out.push(cols);
+        }
+        Ok::<_, StoreError>(out)
+    }};
+}
+
+/// A reader connection taken from the pool for several statements (see [`Pools::reader`]).
+pub enum ReadConn {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+impl ReadConn {
+    /// [`crate::Store::query_rows`] on this connection.
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+    ) -> Result<Vec<Vec<SqlValue>>> {
+        match self {
+            ReadConn::Sqlite(c) => query_rows_on!(&mut **c, sql, params, true),
+            // see WriteTx::execute: generated SQL is not kept prepared on PostgreSQL
+            ReadConn::Postgres(c) => query_rows_on!(&mut **c, sql, params, false),
+        }
+    }
+
+    /// [`crate::Store::fetch_by_rids`] on this connection.
+    pub async fn fetch_by_rids(&mut self, rids: &[i64]) -> Result<Vec<StoredResource>> {
+        if rids.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            ReadConn::Sqlite(c) => fetch_by_rids_on!(&mut **c, rids),
+            ReadConn::Postgres(c) => fetch_by_rids_on!(&mut **c, rids),
+        }
+    }
+}
+
 impl Pools {
     pub(crate) async fn connect(config: &StoreConfig) -> Result<Pools> {
         match config.database.as_deref() {
@@ -143,6 +225,9 @@ impl Pools {
                 let pool = PgPoolOptions::new()
                     .max_connections(config.max_connections.max(2))
                     .acquire_timeout(BUSY_TIMEOUT)
+                    // no ping before every acquire: a round trip per statement (sqlx still
+                    // pings on release, and a broken connection fails its statement once)
+                    .test_before_acquire(false)
                     .connect_with(opts)
                     .await?;
                 Ok(Pools::Postgres {
@@ -192,11 +277,15 @@ impl Pools {
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(BUSY_TIMEOUT)
+            // the ping is a round trip to the connection's worker thread; a local file does
+            // not hang up
+            .test_before_acquire(false)
             .connect_with(opts.clone())
             .await?;
         let read = SqlitePoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(BUSY_TIMEOUT)
+            .test_before_acquire(false)
             .connect_with(opts.read_only(false))
             .await?;
         Ok(Pools::Sqlite { read, write, path })
@@ -258,32 +347,10 @@ impl Pools {
         if rids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut out = Vec::with_capacity(rids.len());
-        for chunk in rids.chunks(500) {
-            // row ids are integers: inlined, not bound (sqlx looks up each bound parameter's
-            // name, a linear scan in SQLite, so hundreds of them cost quadratic time)
-            let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
-            let sql = format!(
-                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({})",
-                list.join(",")
-            );
-            // the text varies with every page: not worth a slot in the statement cache
-            let mut rows: Vec<StoredResource> = on_read_pool!(self, |p| {
-                let q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-                let rows = q.fetch_all(p).await?;
-                let mut v = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    v.push(stored_from_row!(r));
-                }
-                Ok::<_, StoreError>(v)
-            })?;
-            // keep the caller's order
-            let pos: std::collections::HashMap<i64, usize> =
-                chunk.iter().enumerate().map(|(i, r)| (*r, i)).collect();
-            rows.sort_by_key(|r| pos.get(&r.rid).copied().unwrap_or(usize::MAX));
-            out.extend(rows);
-        }
-        Ok(out)
+        on_read_pool!(self, |p| {
+            let mut c = p.acquire().await?;
+            fetch_by_rids_on!(&mut *c, rids)
+        })
     }
 
     pub(crate) async fn query_rows(
@@ -293,20 +360,15 @@ impl Pools {
     ) -> Result<Vec<Vec<SqlValue>>> {
         // see WriteTx::execute: generated SQL is not kept prepared on PostgreSQL
         let persistent = self.dialect() == Dialect::Sqlite;
-        on_read_pool!(self, |p| {
-            let q = bind_values!(sqlx::query(AssertSqlSafe(sql.to_string())), params)
-                .persistent(persistent);
-            let rows = q.fetch_all(p).await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let n = r.len();
-                let mut cols = Vec::with_capacity(n);
-                for i in 0..n {
-                    cols.push(decode_column!(r, i));
-                }
-                out.push(cols);
-            }
-            Ok(out)
+        on_read_pool!(self, |p| query_rows_on!(p, sql, params, persistent))
+    }
+
+    /// One pooled reader connection, held until the returned value is dropped (several
+    /// statements of one request without a pool round trip each).
+    pub(crate) async fn reader(&self) -> Result<ReadConn> {
+        Ok(match self {
+            Pools::Sqlite { read, .. } => ReadConn::Sqlite(read.acquire().await?),
+            Pools::Postgres { pool, .. } => ReadConn::Postgres(pool.acquire().await?),
         })
     }
 
@@ -375,5 +437,64 @@ mod tests {
             "postgres://u:***@h/db"
         );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    /// One reader connection runs several statements: rows in the caller's order, deleted
+    /// resources left out, bound values and a later commit seen by the next statement.
+    #[tokio::test]
+    async fn reader_connection_runs_several_statements() {
+        use crate::{SqlValue, Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &StoreConfig {
+                data_dir: dir.path().to_path_buf(),
+                max_connections: 1,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let mut rids = Vec::new();
+        for id in ["a", "b", "c"] {
+            let r = serde_json::json!({"resourceType": "Basic", "code": {"text": id}});
+            rids.push(tx.put("Basic", id, r, None, "POST").await.unwrap().rid);
+        }
+        let cur = tx.current("Basic", "b").await.unwrap().unwrap();
+        tx.delete("Basic", "b", &cur).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut db = store.reader().await.unwrap();
+        let rows = db
+            .query_rows(
+                "SELECT res_id FROM resources WHERE res_type = $1 AND deleted = 0 ORDER BY rid",
+                &[SqlValue::Text("Basic".into())],
+            )
+            .await
+            .unwrap();
+        let ids: Vec<&str> = rows.iter().filter_map(|r| r[0].as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        let found = db
+            .fetch_by_rids(&[rids[2], rids[1], rids[0]])
+            .await
+            .unwrap();
+        let ids: Vec<&str> = found.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["c", "a"], "caller's order, deleted left out");
+        assert!(found[0].content.contains("\"text\":\"c\""));
+        assert!(db.fetch_by_rids(&[]).await.unwrap().is_empty());
+        // the pool's only reader is held: the statement after a write still sees it
+        let mut tx = store.begin().await.unwrap();
+        let r = serde_json::json!({"resourceType": "Basic"});
+        tx.put("Basic", "d", r, None, "POST").await.unwrap();
+        tx.commit().await.unwrap();
+        let rows = db
+            .query_rows("SELECT COUNT(*) FROM resources WHERE deleted = 0", &[])
+            .await
+            .unwrap();
+        assert_eq!(rows[0][0].as_i64(), Some(3));
+        drop(db);
+        // given back: the pool of one serves the next request
+        assert_eq!(store.count(Some("Basic")).await.unwrap(), 3);
     }
 }

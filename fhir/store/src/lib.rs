@@ -13,7 +13,7 @@ mod schema;
 mod terminology;
 mod tx;
 
-pub use backend::{Dialect, SqlValue};
+pub use backend::{Dialect, ReadConn, SqlValue};
 pub use history::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope};
 pub use meta::{format_instant, now_micros, parse_instant};
 pub use terminology::{TerminologyHead, TerminologyItem, CHUNK_BYTES as TERMINOLOGY_CHUNK_BYTES};
@@ -179,6 +179,14 @@ impl Store {
     /// Runs a read-only query produced by the search planner; returns the rows as strings/ints.
     pub async fn query_rows(&self, sql: &str, params: &[SqlValue]) -> Result<Vec<Vec<SqlValue>>> {
         self.pools.query_rows(sql, params).await
+    }
+
+    /// One reader connection for several statements of one request (a search's page, its
+    /// resources, includes and count): the pool is visited once instead of once per statement.
+    /// Each statement still reads its own snapshot (no transaction). Drop it to give the
+    /// connection back.
+    pub async fn reader(&self) -> Result<ReadConn> {
+        self.pools.reader().await
     }
 
     /// History at instance, type or system level.
