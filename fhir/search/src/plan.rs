@@ -1017,6 +1017,9 @@ fn referenced_condition(
     criteria: &[Criterion],
 ) -> String {
     let any = comp.id == crate::query::ANY_COMPARTMENT;
+    if any {
+        return referenced_by_any(b, a, comp, criteria);
+    }
     let ct = b.text(&comp.compartment_type);
     let mut members = Vec::new();
     for (t, params) in &comp.params {
@@ -1056,6 +1059,40 @@ fn referenced_condition(
     format!(
         "({a}.res_type IN ({rts}) AND ({a}.res_type, {a}.res_id) IN (SELECT rx.ref_type, rx.ref_id FROM search_reference rx WHERE rx.ref_type IN ({rts}) AND rx.rid IN ({})))",
         members.join(" UNION ")
+    )
+}
+
+/// [`referenced_condition`] for every compartment of the type (type-level `$everything`): a
+/// current resource of a member type references the row. Probed per candidate through the
+/// reverse reference index instead of collecting every member's references (measured, debug
+/// build, 100 Synthea patients on SQLite: the member set took 3.8 s per page).
+fn referenced_by_any(
+    b: &mut Builder,
+    a: &str,
+    comp: &crate::query::Compartment,
+    criteria: &[Criterion],
+) -> String {
+    let rts: Vec<String> = comp.referenced.iter().map(|t| b.text(t)).collect();
+    let mts: Vec<String> = comp.params.iter().map(|(t, _)| b.text(t)).collect();
+    let mut scoped = String::new();
+    for c in criteria {
+        if matches!(c, Criterion::ForTypes { .. }) {
+            scoped.push_str(" AND ");
+            scoped.push_str(&b.criterion("rs", c));
+        }
+    }
+    // PostgreSQL: compared under the index's collation ("C") so the reverse index serves
+    let (id, ty) = match b.dialect {
+        Dialect::Postgres => (
+            format!("{a}.res_id COLLATE \"C\""),
+            format!("{a}.res_type COLLATE \"C\""),
+        ),
+        Dialect::Sqlite => (format!("{a}.res_id"), format!("{a}.res_type")),
+    };
+    format!(
+        "({a}.res_type IN ({}) AND EXISTS (SELECT 1 FROM search_reference rx JOIN resources rs ON rs.rid = rx.rid WHERE rx.ref_id = {id} AND rx.ref_type = {ty} AND rs.deleted = 0 AND rs.res_type IN ({}){scoped}))",
+        rts.join(", "),
+        mts.join(", ")
     )
 }
 
