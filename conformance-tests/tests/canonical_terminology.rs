@@ -353,7 +353,75 @@ async fn required_bindings_via_terminology(srv: &TestServer) {
     .assert_status(400);
 }
 
-kiln_conformance_tests::backend_tests!(required_bindings_via_terminology);
+/// `$validate?profile=`: a stored profile's binding (`Encounter.class` tightened from extensible
+/// to required on THO's v3-ActEncounterCode) is checked through the terminology service.
+async fn profile_bindings_via_terminology(srv: &TestServer) {
+    let url = "http://example.org/fhir/StructureDefinition/strict-encounter";
+    let sd = json!({"resourceType": "StructureDefinition", "url": url, "name": "StrictEncounter",
+    "status": "active", "kind": "resource", "abstract": false, "type": "Encounter",
+    "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Encounter",
+    "derivation": "constraint",
+    "snapshot": {"element": [
+        {"id": "Encounter", "path": "Encounter", "min": 0, "max": "*"},
+        {"id": "Encounter.class", "path": "Encounter.class", "min": 1, "max": "1",
+         "binding": {"strength": "required",
+             "valueSet": "http://terminology.hl7.org/ValueSet/v3-ActEncounterCode"}}
+    ]}});
+    srv.create(&sd).await.1.assert_status(201);
+    let enc = |code: &str| {
+        json!({"resourceType": "Encounter", "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": code}})
+    };
+    let path = format!("Encounter/$validate?profile={url}");
+    let errors = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["issue"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["severity"] == "error")
+            .cloned()
+            .collect()
+    };
+    let r = srv.post_json(&path, &enc("AMB")).await;
+    r.assert_status(200);
+    assert_eq!(errors(&r.json()), Vec::<serde_json::Value>::new());
+    // NOPE is no ActCode: fine for the base (extensible), an error for the profile
+    let r = srv.post_json("Encounter/$validate", &enc("NOPE")).await;
+    r.assert_status(200);
+    assert_eq!(errors(&r.json()), Vec::<serde_json::Value>::new());
+    let r = srv.post_json(&path, &enc("NOPE")).await;
+    r.assert_status(200);
+    let e = errors(&r.json());
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0]["expression"][0], "Encounter.class");
+    assert!(
+        e[0]["diagnostics"]
+            .as_str()
+            .is_some_and(|d| d.contains("v3-ActEncounterCode") && d.contains(url)),
+        "{e:?}"
+    );
+    // the same through Parameters
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": enc("NOPE")},
+        {"name": "profile", "valueCanonical": url}
+    ]});
+    let r = srv.post_json("Encounter/$validate", &params).await;
+    assert_eq!(errors(&r.json()).len(), 1);
+    // an unknown profile: the validation cannot run
+    let r = srv
+        .post_json(
+            "Encounter/$validate?profile=http://example.org/none",
+            &enc("AMB"),
+        )
+        .await;
+    r.assert_status(400);
+    r.assert_outcome();
+}
+
+kiln_conformance_tests::backend_tests!(
+    required_bindings_via_terminology,
+    profile_bindings_via_terminology
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_and_searchable_sqlite() {

@@ -58,6 +58,70 @@ pub async fn validate(state: &AppState, resource: &Value) -> Vec<Issue> {
     }
 }
 
+/// Issues of `resource` against `profile`: its constraints and its `required`/`extensible`
+/// bindings, asked of the terminology service (built on first use, as in [`validate`]).
+pub async fn validate_profile(
+    state: &AppState,
+    resource: &Value,
+    profile: &kiln_fhir::Profile,
+) -> Vec<Issue> {
+    let current = state.terminology.current();
+    {
+        let codes = TerminologyCodes::new(current.as_ref(), &state.binding_cache);
+        let issues = profile.validate_with(resource, &codes);
+        if current.is_some() || !codes.wanted.get() {
+            return issues;
+        }
+    }
+    match state.terminology.get().await {
+        Ok(tx) => {
+            let codes = TerminologyCodes::new(Some(&tx), &state.binding_cache);
+            profile.validate_with(resource, &codes)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "terminology service unavailable; profile bindings not checked: {:?}",
+                e.issues
+            );
+            profile.validate(resource)
+        }
+    }
+}
+
+/// The stored StructureDefinition whose `url` is `canonical` (`url|version` picks the version;
+/// the most recently created one otherwise), prepared as a [`kiln_fhir::Profile`]. 400 when
+/// there is none or it cannot serve as a profile.
+pub async fn stored_profile(state: &AppState, canonical: &str) -> FhirResult<kiln_fhir::Profile> {
+    let (url, version) = match canonical.split_once('|') {
+        Some((u, v)) => (u, Some(v)),
+        None => (canonical, None),
+    };
+    let rows = state
+        .store
+        .query_rows(
+            "SELECT r.content FROM resources r WHERE r.res_type = 'StructureDefinition' AND r.deleted = 0 AND r.rid IN (SELECT u.rid FROM search_uri u WHERE u.param = 'url' AND u.value = $1) ORDER BY r.rid DESC",
+            &[kiln_store::SqlValue::Text(url.to_string())],
+        )
+        .await?;
+    let sd = rows
+        .iter()
+        .filter_map(|r| r.first().and_then(kiln_store::SqlValue::as_str))
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .find(|sd| version.is_none_or(|v| sd["version"].as_str() == Some(v)))
+        .ok_or_else(|| {
+            FhirError::invalid_at(
+                format!("no StructureDefinition with url `{canonical}` is stored on this server"),
+                "profile",
+            )
+        })?;
+    kiln_fhir::Profile::from_structure_definition(&sd).map_err(|why| {
+        FhirError::invalid_at(
+            format!("the StructureDefinition `{canonical}` cannot be used as a profile: {why}"),
+            "profile",
+        )
+    })
+}
+
 /// Cached binding verdicts of one terminology service (cleared when it is replaced).
 #[derive(Default)]
 pub struct BindingCache {

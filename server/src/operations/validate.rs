@@ -1,5 +1,7 @@
 //! `$validate` (type and instance level, `mode=create|update|delete`): the write-time validation,
-//! answered as an OperationOutcome, nothing stored.
+//! answered as an OperationOutcome, nothing stored. `profile=[canonical]` also validates against a
+//! StructureDefinition stored on the server (`kiln_fhir::Profile`: cardinalities, fixed/pattern
+//! values, slices, and its required/extensible bindings through the terminology service).
 
 use axum::http::StatusCode;
 use kiln_fhir::Issue;
@@ -41,7 +43,7 @@ impl Operation for Validate {
         state: &'a AppState,
         target: Target,
         params: Value,
-        _ctx: &'a RequestContext,
+        ctx: &'a RequestContext,
         _access: &'a crate::auth::Access,
     ) -> BoxFuture<'a, FhirResult<FhirResponse>> {
         Box::pin(async move {
@@ -53,15 +55,26 @@ impl Operation for Validate {
                 }
             };
             // the body is either Parameters(resource=…, mode=…) or the resource itself
-            let (resource, mode) =
-                if params.get("resourceType").and_then(Value::as_str) == Some("Parameters") {
-                    (
-                        param_resource(&params, "resource").cloned(),
-                        param_str(&params, "mode").map(str::to_string),
-                    )
-                } else {
-                    (Some(params.clone()), None)
-                };
+            let is_parameters =
+                params.get("resourceType").and_then(Value::as_str) == Some("Parameters");
+            let (resource, mode) = if is_parameters {
+                (
+                    param_resource(&params, "resource").cloned(),
+                    param_str(&params, "mode").map(str::to_string),
+                )
+            } else {
+                (Some(params.clone()), None)
+            };
+            // `profile`: also validate against a stored StructureDefinition (with its bindings)
+            let profile_url = if is_parameters {
+                param_str(&params, "profile").or_else(|| ctx.param("profile"))
+            } else {
+                ctx.param("profile")
+            };
+            let profile = match profile_url {
+                Some(url) => Some(crate::validation::stored_profile(state, url).await?),
+                None => None,
+            };
             let mut issues: Vec<Issue> = Vec::new();
             match mode.as_deref() {
                 Some("delete") => {
@@ -108,6 +121,10 @@ impl Operation for Validate {
                         }
                     }
                     issues.extend(crate::validation::validate(state, &resource).await);
+                    if let Some(p) = &profile {
+                        issues
+                            .extend(crate::validation::validate_profile(state, &resource, p).await);
+                    }
                 }
                 Some(other) => {
                     return Err(FhirError::invalid_at(
