@@ -1051,7 +1051,12 @@ fn median<T: Clone + Ord>(mut v: Vec<T>) -> Option<T> {
 }
 
 async fn pick_values(server: &Server) -> Result<Picks> {
-    let patients = server.get_json("Patient?_count=100").await?;
+    // Sorted by name, not by row id: a 4-client ingest stores the Bundles in a different order
+    // each run (and server-assigned ids differ), so "the first Patient" by rid made runs search
+    // different values and their figures incomparable.
+    let patients = server
+        .get_json("Patient?_count=100&_sort=family,given,birthdate")
+        .await?;
     let entries: Vec<&Value> = patients["entry"]
         .as_array()
         .map(|a| a.iter().map(|e| &e["resource"]).collect())
@@ -1108,7 +1113,7 @@ async fn pick_values(server: &Server) -> Result<Picks> {
         .map(|v| format!("{v}"))
         .unwrap_or_else(|| "0".into());
     let date = median(dates).unwrap_or_else(|| "2015-01-01".into());
-    let conditions = server.get_json("Condition?_count=50").await?;
+    let conditions = server.get_json("Condition?_count=50&_sort=code").await?;
     let condition_text = conditions["entry"]
         .as_array()
         .into_iter()
