@@ -22,6 +22,10 @@ pub struct StoreArgs {
     /// SQLite: fsync every commit (survives power loss; the default survives process crashes).
     #[arg(long, env = "KILN_SQLITE_SYNC_FULL")]
     pub sqlite_sync_full: bool,
+    /// Pooled database connections for reads (PostgreSQL: also the writers' pool), default 16.
+    /// On SQLite each reader is a connection with its own worker thread and page cache.
+    #[arg(long, env = "KILN_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_connections: Option<u32>,
     /// Optional TOML configuration file (keys: listen, data_dir, database, base_url, …).
     #[arg(long, env = "KILN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -69,6 +73,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub database: Option<String>,
     pub sqlite_sync_full: Option<bool>,
+    pub max_connections: Option<u32>,
     pub update_create: Option<bool>,
     pub max_body_bytes: Option<usize>,
     pub load_canonical_terminology: Option<bool>,
@@ -101,7 +106,10 @@ impl StoreArgs {
             database: self.database.clone().or_else(|| file.database.clone()),
             sqlite_synchronous_full: self.sqlite_sync_full
                 || file.sqlite_sync_full.unwrap_or(false),
-            ..Default::default()
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(kiln_store::StoreConfig::default().max_connections),
         }
     }
 }
@@ -116,5 +124,24 @@ mod tests {
             toml::from_str("listen = \"0.0.0.0:9000\"\ndata_dir = \"/tmp/x\"").unwrap();
         assert_eq!(c.listen.unwrap().port(), 9000);
         assert!(toml::from_str::<FileConfig>("lisen = 1").is_err());
+    }
+
+    #[test]
+    fn max_connections_from_file_unless_given_on_the_command_line() {
+        let file: FileConfig = toml::from_str("max_connections = 4").unwrap();
+        let mut args = StoreArgs {
+            data_dir: None,
+            database: None,
+            sqlite_sync_full: false,
+            max_connections: None,
+            config: None,
+        };
+        assert_eq!(args.store_config(&file).max_connections, 4);
+        assert_eq!(
+            args.store_config(&FileConfig::default()).max_connections,
+            kiln_store::StoreConfig::default().max_connections
+        );
+        args.max_connections = Some(8);
+        assert_eq!(args.store_config(&file).max_connections, 8);
     }
 }
