@@ -931,6 +931,50 @@ async fn contained_resources(srv: &TestServer) {
         contained_matches(srv, "Medication?code=111").await,
         t(&[("Medication", "medtop", "Medication/medtop")])
     );
+    // a count by one token reads the token index alone: contained resources (mra#m1, mrb#m1),
+    // other types with the same code, a second coding with the same code and deleted
+    // resources are not counted
+    put(
+        "Medication/meddup".into(),
+        json!({"resourceType": "Medication", "id": "meddup", "code": {"coding": [
+            {"system": RXNORM, "code": "111"}, {"system": "http://example.org/local", "code": "111"},
+            {"system": RXNORM, "code": "111"}]}}),
+    )
+    .await;
+    put(
+        "Observation/obs111".into(),
+        json!({"resourceType": "Observation", "id": "obs111", "status": "final",
+               "code": {"coding": [{"system": RXNORM, "code": "111"}]}}),
+    )
+    .await;
+    let count = |path: &'static str| async move {
+        let r = srv.get(path).await;
+        r.assert_status(200);
+        let b = r.json();
+        assert!(entries(&b).is_empty(), "{path}: {b}");
+        b["total"].as_i64().unwrap_or(-1)
+    };
+    assert_eq!(count("Medication?code=111&_summary=count").await, 2);
+    assert_eq!(
+        count("Medication?code=http://www.nlm.nih.gov/research/umls/rxnorm|111&_summary=count")
+            .await,
+        2
+    );
+    assert_eq!(
+        count("Medication?code=http://example.org/local|111&_summary=count").await,
+        1
+    );
+    assert_eq!(count("Medication?code=111,222&_summary=count").await, 2);
+    assert_eq!(count("Medication?code=222&_summary=count").await, 0);
+    assert_eq!(count("Observation?code=111&_summary=count").await, 1);
+    assert_eq!(
+        count("Medication?code=111&_contained=both&_containedType=contained&_summary=count").await,
+        3
+    );
+    srv.delete("Medication/meddup").await.assert_status(200);
+    srv.delete("Observation/obs111").await.assert_status(200);
+    assert_eq!(count("Medication?code=111&_summary=count").await, 1);
+    assert_eq!(count("Observation?code=111&_summary=count").await, 0);
     assert_eq!(
         contained_matches(srv, "Patient?family=Taylor").await,
         t(&[("Patient", "pa", "Patient/pa")])

@@ -50,12 +50,38 @@ pub const ANALYZE_AFTER_ENTRIES: usize = 50;
 /// Refreshes missing or stale planner statistics of the search tables (PostgreSQL only; a
 /// catalog query when nothing is stale). Failures are logged, not returned: statistics are an
 /// optimisation.
+/// On PostgreSQL the stale tables get `VACUUM (ANALYZE)`: besides statistics, VACUUM sets the
+/// visibility map, without which index-only scans (the counts) read every heap row after a
+/// bulk load. Where the catalog cannot say (no `n_ins_since_vacuum` before PostgreSQL 13), the
+/// stale tables are analyzed only.
 pub async fn refresh_statistics(state: &AppState) {
-    if let Some(sql) =
-        kiln_search::index::analyze_stale_statement(to_search_dialect(state.store.dialect()))
-    {
-        if let Err(e) = state.store.query_rows(&sql, &[]).await {
-            tracing::warn!("could not refresh planner statistics: {e}");
+    let dialect = to_search_dialect(state.store.dialect());
+    let Some(stale) = kiln_search::index::stale_tables_statement(dialect) else {
+        return;
+    };
+    match state.store.query_rows(&stale, &[]).await {
+        Ok(rows) => {
+            for t in rows
+                .iter()
+                .filter_map(|r| r.first().and_then(SqlValue::as_str))
+            {
+                // the names come from the fixed list of searched tables in the statement
+                if let Err(e) = state
+                    .store
+                    .query_rows(&format!("VACUUM (ANALYZE) {t}"), &[])
+                    .await
+                {
+                    tracing::warn!("could not vacuum {t}: {e}");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!("stale tables unknown ({e}); analyzing only");
+            if let Some(sql) = kiln_search::index::analyze_stale_statement(dialect) {
+                if let Err(e) = state.store.query_rows(&sql, &[]).await {
+                    tracing::warn!("could not refresh planner statistics: {e}");
+                }
+            }
         }
     }
 }

@@ -92,6 +92,10 @@ pub struct IndexEntries {
     pub numbers: Vec<NumberRow>,
     pub quantities: Vec<QuantityRow>,
     pub uris: Vec<UriRow>,
+    /// The resource's type when it is not a contained resource (`None` for a contained one):
+    /// written to `search_token.res_type`, so a count by a token of one type is one range of
+    /// the `search_token_type` index (contained rows never match a normal search).
+    pub res_type: Option<String>,
 }
 
 /// Names of the index tables.
@@ -146,7 +150,9 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
     let common = format!("{rid}, param {text} NOT NULL, grp INTEGER NOT NULL DEFAULT 0");
     let mut v = vec![
         format!("CREATE TABLE IF NOT EXISTS search_string ({common}, value_norm {text} NOT NULL, value_exact {text} NOT NULL)"),
-        format!("CREATE TABLE IF NOT EXISTS search_token ({common}, system {text}, code {text}, text_norm {text})"),
+        // res_type: the resource's type, NULL for the rows of contained resources (added to
+        // existing databases by kiln-store's migration 4, which also fills it)
+        format!("CREATE TABLE IF NOT EXISTS search_token ({common}, system {text}, code {text}, text_norm {text}, res_type {text})"),
         format!("CREATE TABLE IF NOT EXISTS search_reference ({common}, ref_type {text}, ref_id {text}, ref_version {text}, ref_url {text}, ident_system {text}, ident_value {text})"),
         format!("CREATE TABLE IF NOT EXISTS search_date ({common}, low BIGINT NOT NULL, high BIGINT NOT NULL)"),
         format!("CREATE TABLE IF NOT EXISTS search_number ({common}, value {real} NOT NULL)"),
@@ -161,9 +167,13 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
             "search_string_value",
             "search_string(param, value_norm, rid)",
         ),
+        // (param, code) ranges for searches (system checked in the index); with res_type
+        // the rows of one type come in rid order, so `Type?token=X&_summary=count` is one
+        // covering range counted without a sort (`token_count`). Replaces the former
+        // search_token_code (param, code, system, rid), dropped below.
         (
-            "search_token_code",
-            "search_token(param, code, system, rid)",
+            "search_token_type",
+            "search_token(param, code, res_type, rid, system)",
         ),
         (
             "search_reference_target",
@@ -196,6 +206,7 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
     for (name, on) in idx {
         v.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {on}"));
     }
+    v.push("DROP INDEX IF EXISTS search_token_code".to_string());
     for t in TABLES {
         // (rid, param): per-resource lookups (sort keys, deletes, includes)
         v.push(format!(
@@ -214,6 +225,32 @@ pub fn analyze_stale_statement(dialect: Dialect) -> Option<String> {
     (dialect == Dialect::Postgres).then(postgres_analyze_stale)
 }
 
+/// PostgreSQL: the tables searched (`resources` and the index tables) whose planner statistics
+/// or visibility map are stale: more rows changed since the last `ANALYZE`, or inserted since
+/// the last `VACUUM`, than 10% of the table (as autovacuum would decide). `VACUUM (ANALYZE)` of
+/// each (see the server's `refresh_statistics`, after large Bundles) refreshes both: without a
+/// visibility map an index-only scan still visits every heap row, so a count right after a bulk
+/// load read the heap (`Observation?status=final&_summary=count` 0.04–0.18 M rows/s). A
+/// newly loaded table's pages only become all-visible through a VACUUM. `None` on SQLite.
+pub fn stale_tables_statement(dialect: Dialect) -> Option<String> {
+    (dialect == Dialect::Postgres).then(|| {
+        format!(
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema() \
+             AND relname IN ({}) AND (n_mod_since_analyze > 50 + 0.1 * n_live_tup \
+             OR n_ins_since_vacuum > 50 + 0.1 * n_live_tup) ORDER BY relname",
+            searched_tables().join(", ")
+        )
+    })
+}
+
+/// `'resources', 'search_string', …` quoted for an `IN` list.
+fn searched_tables() -> Vec<String> {
+    std::iter::once("resources")
+        .chain(TABLES.iter().copied())
+        .map(|t| format!("'{t}'"))
+        .collect()
+}
+
 /// PostgreSQL: `ANALYZE` the tables searched whose statistics are missing or stale (more rows
 /// changed since the last analyze than 10% of the table, as autovacuum would), run at each start.
 /// Without statistics (bulk load, autovacuum off or not yet run) the planner takes the index
@@ -224,10 +261,7 @@ pub fn analyze_stale_statement(dialect: Dialect) -> Option<String> {
 /// tables have no statistics until autovacuum gets to them (up to a minute), and chained
 /// searches over 210 resources took 300–1,000 ms instead of a few.
 fn postgres_analyze_stale() -> String {
-    let tables: Vec<String> = std::iter::once("resources")
-        .chain(TABLES.iter().copied())
-        .map(|t| format!("'{t}'"))
-        .collect();
+    let tables = searched_tables();
     format!(
         "DO $kiln$ DECLARE t record; BEGIN \
          FOR t IN SELECT relname FROM pg_stat_user_tables \
@@ -383,6 +417,7 @@ pub fn insert_batch(
                     bounded_opt(&x.system),
                     bounded_opt(&x.code),
                     opt(&x.text),
+                    opt(&e.res_type),
                 ]
             })
             .collect()
@@ -390,7 +425,7 @@ pub fn insert_batch(
     if !r.is_empty() {
         emit(
             "search_token",
-            "rid, param, grp, system, code, text_norm",
+            "rid, param, grp, system, code, text_norm, res_type",
             r,
         );
     }
@@ -538,7 +573,12 @@ pub fn index_contained(registry: &Registry, container: &Value, pos: usize) -> In
 /// contained resource, id `[type]/[id]#[local id]`), so chains are evaluated inside contained
 /// resources; `#` alone is the resource itself.
 pub fn index_resource(registry: &Registry, resource: &Value) -> IndexEntries {
-    index_in(registry, resource, resource)
+    let mut out = index_in(registry, resource, resource);
+    out.res_type = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    out
 }
 
 fn index_in(registry: &Registry, resource: &Value, container: &Value) -> IndexEntries {
@@ -1124,9 +1164,16 @@ mod tests {
         let stmts = e.insert_statements(Dialect::Sqlite, 7);
         assert_eq!(stmts.len(), 3); // token, date, quantity
         let (sql, params) = &stmts[0];
-        assert!(sql.starts_with("INSERT INTO search_token (rid, param, grp, system, code, text_norm) VALUES (?,?,?,?,?,?),(?"));
-        assert_eq!(params.len(), 6 * 4);
+        assert!(sql.starts_with("INSERT INTO search_token (rid, param, grp, system, code, text_norm, res_type) VALUES (?,?,?,?,?,?,?),(?"));
+        assert_eq!(params.len(), 7 * 4);
         assert_eq!(params[0], SqlValue::Int(7));
+        // the resource's type on every token row (NULL on contained resources' rows)
+        assert_eq!(e.res_type.as_deref(), Some("Observation"));
+        assert_eq!(params[6], SqlValue::Text("Observation".into()));
+        let dr = json!({"resourceType": "DiagnosticReport", "id": "dr",
+            "contained": [{"resourceType": "Observation", "id": "o", "code": {"coding": [{"code": "x"}]}}]});
+        let c = index_contained(&reg(), &dr, 0);
+        assert!(!c.tokens.is_empty() && c.res_type.is_none());
     }
 
     #[test]

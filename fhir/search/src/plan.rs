@@ -1230,6 +1230,56 @@ fn where_clause(
     (b, wh.join(" AND "), explain)
 }
 
+/// The count of a search whose only criterion is one token parameter of one resource type
+/// (`Observation?code=X&_summary=count`): the distinct rids of one range of the
+/// `search_token_type` index (param, code, res_type, rid, system), without visiting
+/// `resources`. Exact because index rows exist only for current, non-deleted versions (a
+/// delete or update drops them) and `res_type` is NULL on contained resources' rows. With one
+/// value and a code the rids come in index order, so the DISTINCT needs no sort.
+fn token_count(query: &SearchQuery, dialect: Dialect) -> Option<(String, Vec<SqlValue>)> {
+    if ContainedMode::of(query) != ContainedMode::Normal || query.compartment.is_some() {
+        return None;
+    }
+    let ty = query.resource_type.as_ref()?;
+    let [Criterion::Param(c)] = query.criteria.as_slice() else {
+        return None;
+    };
+    if c.param_type != ParamType::Token
+        || c.modifier != Modifier::None
+        || matches!(
+            c.code.as_str(),
+            "_id" | "_lastUpdated" | "_content" | "_text"
+        )
+        || c.values.is_empty()
+        || !c
+            .values
+            .iter()
+            .all(|v| matches!(v, SearchValue::Token { .. } | SearchValue::Codes(_)))
+    {
+        return None;
+    }
+    let mut b = Builder::new(dialect);
+    let p = b.text(&c.code);
+    let t = b.text(ty);
+    let conds: Vec<String> = c
+        .values
+        .iter()
+        .map(|v| b.value_cond("i", ParamType::Token, &Modifier::None, v))
+        .collect();
+    let hint = if dialect == Dialect::Sqlite {
+        " INDEXED BY search_token_type"
+    } else {
+        ""
+    };
+    Some((
+        format!(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT i.rid FROM search_token i{hint} WHERE i.param = {p} AND i.res_type = {t} AND ({})) c",
+            conds.join(" OR ")
+        ),
+        b.params,
+    ))
+}
+
 /// Plans a search.
 pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result<SqlPlan, Issue> {
     if let Some(pending) = query.code_set_requests().into_iter().next() {
@@ -1244,8 +1294,13 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
     }
     let (mut b, where_sql, mut explain) = where_clause(query, dialect, false);
     let mode = ContainedMode::of(query);
-    let count_sql = format!("SELECT COUNT(*) FROM resources r WHERE {where_sql}");
-    let count_params = b.params.clone();
+    let (count_sql, count_params) = match token_count(query, dialect) {
+        Some(fast) => fast,
+        None => (
+            format!("SELECT COUNT(*) FROM resources r WHERE {where_sql}"),
+            b.params.clone(),
+        ),
+    };
     let base = b.clone();
 
     let mut keys = Vec::new();
@@ -1742,6 +1797,60 @@ mod tests {
         assert_eq!(p.params, p.count_params);
         let max = p.sql.matches('$').count();
         assert!(max >= p.params.len());
+    }
+
+    #[test]
+    fn count_by_one_token_reads_the_token_index() {
+        let p = plan(
+            &q("Observation", &[("code", "http://loinc.org|8302-2")]),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.count_sql,
+            "SELECT COUNT(*) FROM (SELECT DISTINCT i.rid FROM search_token i INDEXED BY search_token_type WHERE i.param = $1 AND i.res_type = $2 AND ((i.system = $3 AND i.code = $4))) c"
+        );
+        assert_eq!(
+            p.count_params,
+            vec![
+                SqlValue::Text("code".into()),
+                SqlValue::Text("Observation".into()),
+                SqlValue::Text("http://loinc.org".into()),
+                SqlValue::Text("8302-2".into())
+            ]
+        );
+        let p = plan(
+            &q("Observation", &[("status", "final,amended")]),
+            Dialect::Postgres,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.count_sql.starts_with(
+                "SELECT COUNT(*) FROM (SELECT DISTINCT i.rid FROM search_token i WHERE"
+            ),
+            "{}",
+            p.count_sql
+        );
+        // anything else counts over `resources`
+        for list in [
+            vec![("code", "x"), ("status", "final")],
+            vec![("code:not", "x")],
+            vec![("code:text", "x")],
+            vec![("code:missing", "true")],
+            vec![("_id", "x")],
+            vec![("code", "x"), ("_contained", "both")],
+            vec![("date", "ge2020")],
+        ] {
+            let p = plan(&q("Observation", &list), Dialect::Sqlite, &page()).unwrap();
+            assert!(
+                p.count_sql
+                    .starts_with("SELECT COUNT(*) FROM resources r WHERE"),
+                "{list:?}: {}",
+                p.count_sql
+            );
+        }
     }
 
     #[test]

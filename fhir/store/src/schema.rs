@@ -66,22 +66,77 @@ fn contained_migration(dialect: Dialect) -> Vec<String> {
     ]
 }
 
+/// Migration 4: `search_token.res_type` (the resource's type; NULL on contained resources'
+/// rows), so a count by a token of one type is a single index range (`search_token_type`,
+/// created by the search schema). The table belongs to the layered search schema: a database
+/// that has it (created by an earlier release) gets the column and every existing row's type
+/// here, in place; a new database gets the column from the layered schema's CREATE TABLE, so
+/// the guard below finds nothing to do.
+fn token_type_migration(dialect: Dialect) -> Migration {
+    let (guard, add) = match dialect {
+        Dialect::Sqlite => (
+            "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'search_token') \
+             - (SELECT COUNT(*) FROM pragma_table_info('search_token') WHERE name = 'res_type')",
+            "ALTER TABLE search_token ADD COLUMN res_type TEXT",
+        ),
+        Dialect::Postgres => (
+            "SELECT COUNT(*) FROM information_schema.tables t WHERE t.table_schema = current_schema() \
+             AND t.table_name = 'search_token' AND NOT EXISTS (SELECT 1 FROM information_schema.columns c \
+             WHERE c.table_schema = current_schema() AND c.table_name = 'search_token' AND c.column_name = 'res_type')",
+            "ALTER TABLE search_token ADD COLUMN res_type TEXT COLLATE \"C\"",
+        ),
+    };
+    Migration {
+        version: 4,
+        description: "search_token.res_type (count by token as one index range)",
+        only_if: Some(guard.to_string()),
+        statements: vec![
+            add.to_string(),
+            // contained resources' rows (deleted = 2) keep NULL; deleted resources have no rows
+            "UPDATE search_token SET res_type = (SELECT r.res_type FROM resources r \
+             WHERE r.rid = search_token.rid AND r.deleted = 0)"
+                .to_string(),
+        ],
+    }
+}
+
+/// One numbered migration. `only_if`: a query returning a count; when it is 0 the statements
+/// are skipped (the migration is still recorded as applied).
+struct Migration {
+    version: i64,
+    description: &'static str,
+    only_if: Option<String>,
+    statements: Vec<String>,
+}
+
+impl Migration {
+    fn new(version: i64, description: &'static str, statements: Vec<String>) -> Migration {
+        Migration {
+            version,
+            description,
+            only_if: None,
+            statements,
+        }
+    }
+}
+
 pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<()> {
     let dialect = pools.dialect();
     // (version, statements). Append new migrations; never edit a released one.
-    let mut migrations: Vec<(i64, &str, Vec<String>)> = vec![
-        (1, "core resource tables", core_migration(dialect)),
-        (2, "contained resource rows", contained_migration(dialect)),
-        (
+    let mut migrations: Vec<Migration> = vec![
+        Migration::new(1, "core resource tables", core_migration(dialect)),
+        Migration::new(2, "contained resource rows", contained_migration(dialect)),
+        Migration::new(
             3,
             "loaded code systems (terminology_system, terminology_chunk)",
             crate::terminology::migration(dialect),
         ),
+        token_type_migration(dialect),
     ];
     if let Some(hook) = extra {
         // Layered schemas (search indexes) are idempotent and re-applied at every start, so a
         // new index table shipped in a later release appears without a numbered migration.
-        migrations.push((0, "layered schemas", hook(dialect)));
+        migrations.push(Migration::new(0, "layered schemas", hook(dialect)));
     }
     match pools {
         Pools::Sqlite { write, .. } => {
@@ -92,7 +147,13 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
             )
             .execute(&mut *conn)
             .await?;
-            for (version, description, stmts) in migrations {
+            for m in migrations {
+                let Migration {
+                    version,
+                    description,
+                    only_if,
+                    statements: stmts,
+                } = m;
                 let done: Option<i64> =
                     sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE version = $1")
                         .bind(version)
@@ -103,7 +164,16 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
                 }
                 sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
                 let r: Result<()> = async {
-                    for s in &stmts {
+                    let wanted = match &only_if {
+                        Some(q) => {
+                            sqlx::query_scalar::<_, i64>(AssertSqlSafe(q.clone()))
+                                .fetch_one(&mut *conn)
+                                .await?
+                                > 0
+                        }
+                        None => true,
+                    };
+                    for s in stmts.iter().filter(|_| wanted) {
                         sqlx::query(AssertSqlSafe(s.clone()))
                             .execute(&mut *conn)
                             .await?;
@@ -145,7 +215,13 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
             )
             .execute(&mut *tx)
             .await?;
-            for (version, description, stmts) in migrations {
+            for m in migrations {
+                let Migration {
+                    version,
+                    description,
+                    only_if,
+                    statements: stmts,
+                } = m;
                 let done: Option<i64> =
                     sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE version = $1")
                         .bind(version)
@@ -154,7 +230,16 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
                 if done.is_some() && version != 0 {
                     continue;
                 }
-                for s in &stmts {
+                let wanted = match &only_if {
+                    Some(q) => {
+                        sqlx::query_scalar::<_, i64>(AssertSqlSafe(q.clone()))
+                            .fetch_one(&mut *tx)
+                            .await?
+                            > 0
+                    }
+                    None => true,
+                };
+                for s in stmts.iter().filter(|_| wanted) {
                     sqlx::query(AssertSqlSafe(s.clone()))
                         .execute(&mut *tx)
                         .await?;
@@ -175,4 +260,156 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{SchemaHook, SqlValue, Store, StoreConfig};
+
+    /// The layered `search_token` table as a release before migration 4 created it, or as the
+    /// search schema creates it now (`res_type`, the `search_token_type` index).
+    fn hook(new: bool) -> SchemaHook {
+        Arc::new(move |_d| {
+            let mut v = vec![format!(
+                "CREATE TABLE IF NOT EXISTS search_token (rid BIGINT NOT NULL, param TEXT NOT NULL, \
+                 grp INTEGER NOT NULL DEFAULT 0, system TEXT, code TEXT, text_norm TEXT{})",
+                if new { ", res_type TEXT" } else { "" }
+            )];
+            if new {
+                v.push("CREATE INDEX IF NOT EXISTS search_token_type ON search_token(param, code, res_type, rid, system)".into());
+                v.push("DROP INDEX IF EXISTS search_token_code".into());
+            } else {
+                v.push("CREATE INDEX IF NOT EXISTS search_token_code ON search_token(param, code, system, rid)".into());
+            }
+            v
+        })
+    }
+
+    async fn exec(store: &Store, sql: &str) {
+        store
+            .query_rows(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    async fn texts(store: &Store, sql: &str) -> Vec<Option<String>> {
+        store
+            .query_rows(sql, &[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| match r.into_iter().next() {
+                Some(SqlValue::Text(s)) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A database of the release before migration 4 (rows without `res_type`) is upgraded in
+    /// place: the column is added and filled from `resources` (NULL for contained rows), the
+    /// old index replaced; a second start changes nothing.
+    async fn upgrade_in_place(config: StoreConfig) {
+        let old = Store::open(&config, Some(hook(false))).await.unwrap();
+        // as the earlier release left it: migration 4 unknown
+        exec(&old, "DELETE FROM kiln_migrations WHERE version = 4").await;
+        exec(
+            &old,
+            "INSERT INTO resources (rid, res_type, res_id, version, last_updated, deleted, content) VALUES \
+             (1, 'Observation', 'o1', 1, 1, 0, '{}'), (2, 'MedicationRequest', 'm1', 1, 1, 0, '{}'), \
+             (3, 'Medication', 'MedicationRequest/m1#med', 1, 1, 2, '{}')",
+        )
+        .await;
+        exec(
+            &old,
+            "INSERT INTO search_token (rid, param, system, code) VALUES \
+             (1, 'code', 's', 'x'), (1, 'status', NULL, 'final'), (2, 'status', NULL, 'active'), \
+             (3, 'code', 's', 'x')",
+        )
+        .await;
+        old.close().await;
+        for _ in 0..2 {
+            let store = Store::open(&config, Some(hook(true))).await.unwrap();
+            assert_eq!(
+                texts(
+                    &store,
+                    "SELECT res_type FROM search_token ORDER BY rid, param"
+                )
+                .await,
+                vec![
+                    Some("Observation".to_string()),
+                    Some("Observation".to_string()),
+                    Some("MedicationRequest".to_string()),
+                    None
+                ]
+            );
+            let applied = store
+                .query_rows(
+                    "SELECT COUNT(*) FROM kiln_migrations WHERE version = 4",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(applied[0][0].as_i64(), Some(1));
+            let count = store
+                .query_rows(
+                    "SELECT COUNT(*) FROM search_token WHERE param = 'code' AND code = 'x' AND res_type = 'Observation'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(count[0][0].as_i64(), Some(1));
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn token_type_upgrade_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        upgrade_in_place(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        })
+        .await;
+        // a new database: the layered schema creates the column, the migration finds nothing to do
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let store = Store::open(&config, Some(hook(true))).await.unwrap();
+        exec(&store, "INSERT INTO search_token (rid, param, code, res_type) VALUES (1, 'code', 'x', 'Patient')").await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn token_type_upgrade_postgres() {
+        use sqlx::Connection;
+        let Ok(admin) = std::env::var("KILN_TEST_DATABASE_URL") else {
+            eprintln!("notice: KILN_TEST_DATABASE_URL is not set: skipping the PostgreSQL variant");
+            return;
+        };
+        let name = format!("kiln_mig_{}", uuid::Uuid::new_v4().simple());
+        let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut c)
+            .await
+            .unwrap();
+        let url = match admin.rfind('/') {
+            Some(i) => format!("{}/{name}", &admin[..i]),
+            None => panic!("KILN_TEST_DATABASE_URL must end in /database: {admin}"),
+        };
+        upgrade_in_place(StoreConfig {
+            database: Some(url),
+            max_connections: 2,
+            ..Default::default()
+        })
+        .await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut c)
+        .await;
+    }
 }
