@@ -408,6 +408,13 @@ impl ConceptSet {
         self.bits[w] |= 1 << (i % 64);
     }
 
+    /// Removes position `i`.
+    pub fn remove(&mut self, i: u32) {
+        if let Some(w) = self.bits.get_mut((i / 64) as usize) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
     pub fn contains(&self, i: u32) -> bool {
         self.bits
             .get((i / 64) as usize)
@@ -800,6 +807,25 @@ impl ConceptTable {
         out
     }
 
+    /// `descendants` as a bitset (same members), walking the subtree once.
+    pub fn descendant_set(&self, i: u32, include_self: bool) -> ConceptSet {
+        let mut seen = ConceptSet::new(self.concepts.len());
+        let mut todo = vec![i];
+        while let Some(x) = todo.pop() {
+            if seen.contains(x) {
+                continue;
+            }
+            seen.insert(x);
+            if let Some(c) = self.concepts.get(x as usize) {
+                todo.extend(c.children.iter().filter(|ch| !seen.contains(**ch)));
+            }
+        }
+        if !include_self {
+            seen.remove(i);
+        }
+        seen
+    }
+
     /// The IS-A reachability index, built on first use (see `Reachability`); `None` when the
     /// IS-A links have a cycle.
     pub fn reachability(&self) -> Option<&Reachability> {
@@ -1180,8 +1206,10 @@ impl CodeSystemProvider for ConceptTable {
         count: usize,
     ) -> Option<(Vec<String>, usize)> {
         // hierarchy filters only (`is-a`, `descendent-of`, as `filter_indexes` answers them for
-        // any property): each text match is checked against the filters' roots through the
-        // reachability labels, instead of materialising every descendant of the roots
+        // any property): the members as a bitset (a walk down the root's subtree), intersected
+        // with the index's match tiers, without materialising codes or concepts. (Checking each
+        // match against the root with `has_ancestor` instead was 4× slower than the general path
+        // on the synthetic SNOMED CT DAG, whose labels leave many pairs undecided.)
         let mut roots: Vec<(Option<u32>, bool)> = Vec::with_capacity(filters.len());
         for (property, op, value) in filters {
             if matches!((*property, *op), ("constraint" | "expression", "=")) {
@@ -1194,27 +1222,24 @@ impl CodeSystemProvider for ConceptTable {
             }
         }
         let tiers = self.text_index.as_ref()?.tiers(text)?;
-        let mut within = ConceptSet::new(self.concepts.len());
-        if roots.iter().all(|(r, _)| r.is_some()) {
-            let mut candidates = ConceptSet::new(self.concepts.len());
-            for t in &tiers {
-                candidates.union_with(t);
+        let mut within: Option<ConceptSet> = None;
+        for (root, include_self) in roots {
+            let members = match root {
+                Some(r) => self.descendant_set(r, include_self),
+                None => ConceptSet::new(self.concepts.len()),
+            };
+            match &mut within {
+                None => within = Some(members),
+                Some(w) => w.intersect_with(&members),
             }
-            for i in candidates.iter() {
-                let Some(c) = self.concepts.get(i as usize) else {
-                    continue;
-                };
-                if active_only && c.inactive {
-                    continue;
-                }
-                let member = roots.iter().all(|(root, include_self)| {
-                    let root = root.unwrap_or(u32::MAX);
-                    (*include_self && i == root) || self.has_ancestor(i, root)
-                });
-                if member {
-                    within.insert(i);
-                }
-            }
+        }
+        let mut within = within.unwrap_or_else(|| ConceptSet::new(self.concepts.len()));
+        if active_only {
+            let active: ConceptSet = within
+                .iter()
+                .filter(|i| self.concepts.get(*i as usize).is_some_and(|c| !c.inactive))
+                .collect();
+            within = active;
         }
         let (page, total) = rank_tiers(&tiers, Some(&within), offset, count);
         let codes = page
