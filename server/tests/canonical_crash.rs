@@ -22,7 +22,31 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn start(data_dir: &Path, database: Option<&str>, port: u16, log: &Path) -> Child {
+/// A `kiln serve` child that is killed when dropped, so a failing assertion leaves no server
+/// running behind the test.
+struct Server(Child);
+
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(data_dir: &Path, database: Option<&str>, port: u16, log: &Path) -> Server {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -46,7 +70,7 @@ fn start(data_dir: &Path, database: Option<&str>, port: u16, log: &Path) -> Chil
     if let Some(db) = database {
         cmd.arg("--database").arg(db);
     }
-    cmd.spawn().expect("start kiln serve")
+    Server(cmd.spawn().expect("start kiln serve"))
 }
 
 async fn ready(client: &reqwest::Client, port: u16) -> bool {
