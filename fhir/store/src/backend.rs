@@ -273,7 +273,10 @@ impl Pools {
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(false)
             .pragma("cache_size", "-65536")
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // pages read from the OS page cache shared by every connection instead of being
+            // copied into each connection's own cache
+            .pragma("mmap_size", "1073741824");
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(BUSY_TIMEOUT)
