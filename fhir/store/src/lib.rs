@@ -11,6 +11,8 @@ mod history;
 mod meta;
 mod schema;
 mod terminology;
+#[cfg(test)]
+mod test_pg;
 mod tx;
 
 pub use backend::{Dialect, ReadConn, SqlValue};

@@ -385,31 +385,10 @@ mod tests {
 
     #[tokio::test]
     async fn token_type_upgrade_postgres() {
-        use sqlx::Connection;
-        let Ok(admin) = std::env::var("KILN_TEST_DATABASE_URL") else {
-            eprintln!("notice: KILN_TEST_DATABASE_URL is not set: skipping the PostgreSQL variant");
+        let Some(db) = crate::test_pg::TestDatabase::create("kiln_mig").await else {
             return;
         };
-        let name = format!("kiln_mig_{}", uuid::Uuid::new_v4().simple());
-        let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut c)
-            .await
-            .unwrap();
-        let url = match admin.rfind('/') {
-            Some(i) => format!("{}/{name}", &admin[..i]),
-            None => panic!("KILN_TEST_DATABASE_URL must end in /database: {admin}"),
-        };
-        upgrade_in_place(StoreConfig {
-            database: Some(url),
-            max_connections: 2,
-            ..Default::default()
-        })
-        .await;
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut c)
-        .await;
+        upgrade_in_place(db.config(2)).await;
+        db.drop().await;
     }
 }

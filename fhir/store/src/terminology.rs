@@ -380,48 +380,16 @@ mod tests {
         (store, dir)
     }
 
-    /// A fresh database on `KILN_TEST_DATABASE_URL`, dropped by the caller's `drop_pg`.
-    async fn postgres() -> Option<(Store, String, String)> {
-        use sqlx::Connection;
-        let Ok(admin) = std::env::var("KILN_TEST_DATABASE_URL") else {
-            eprintln!("notice: KILN_TEST_DATABASE_URL is not set: skipping the PostgreSQL variant");
-            return None;
-        };
-        let name = format!("kiln_txdb_{}", uuid::Uuid::new_v4().simple());
-        let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut c)
-            .await
-            .unwrap();
-        let _ = c.close().await;
-        let url = match admin.rfind('/') {
-            Some(i) if admin[..i].contains("://") && !admin[..i].ends_with('/') => {
-                format!("{}/{name}", &admin[..i])
-            }
-            _ => panic!("KILN_TEST_DATABASE_URL must end in /database: {admin}"),
-        };
-        let store = Store::open(
-            &StoreConfig {
-                database: Some(url),
-                max_connections: 4,
-                ..Default::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
-        Some((store, admin, name))
+    /// A store on a fresh database on `KILN_TEST_DATABASE_URL`, dropped by `drop_pg`.
+    async fn postgres() -> Option<(Store, crate::test_pg::TestDatabase)> {
+        let db = crate::test_pg::TestDatabase::create("kiln_txdb").await?;
+        let store = Store::open(&db.config(4), None).await.unwrap();
+        Some((store, db))
     }
 
-    async fn drop_pg(store: Store, admin: String, name: String) {
-        use sqlx::Connection;
+    async fn drop_pg(store: Store, db: crate::test_pg::TestDatabase) {
         store.close().await;
-        let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut c)
-        .await;
+        db.drop().await;
     }
 
     async fn atomic_saves(store: &Store) {
@@ -528,11 +496,11 @@ mod tests {
 
     #[tokio::test]
     async fn saves_are_atomic_postgres() {
-        let Some((store, admin, name)) = postgres().await else {
+        let Some((store, db)) = postgres().await else {
             return;
         };
         atomic_saves(&store).await;
-        drop_pg(store, admin, name).await;
+        drop_pg(store, db).await;
     }
 
     /// A load stopped half-way, as seen from another connection: while it writes, readers get
@@ -603,18 +571,18 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_killed_load_changes_nothing_postgres() {
-        let Some((store, admin, name)) = postgres().await else {
+        let Some((store, db)) = postgres().await else {
             return;
         };
         stopped_mid_load(&store, true).await;
-        drop_pg(store, admin, name).await;
+        drop_pg(store, db).await;
     }
 
     /// Two loads of one item at once on PostgreSQL: they queue on the item's row, both
     /// complete, and the item ends as the later one, complete.
     #[tokio::test]
     async fn concurrent_saves_queue_postgres() {
-        let Some((store, admin, name)) = postgres().await else {
+        let Some((store, db)) = postgres().await else {
             return;
         };
         let a = content(3 * CHUNK_BYTES, 1);
@@ -633,6 +601,6 @@ mod tests {
             store.terminology_chunk_rows("snomed").await.unwrap(),
             h.chunks
         );
-        drop_pg(store, admin, name).await;
+        drop_pg(store, db).await;
     }
 }

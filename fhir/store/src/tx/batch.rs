@@ -250,39 +250,12 @@ mod tests {
 
     #[tokio::test]
     async fn create_many_postgres() {
-        use sqlx::Connection;
-        let Ok(admin) = std::env::var("KILN_TEST_DATABASE_URL") else {
-            eprintln!("notice: KILN_TEST_DATABASE_URL is not set: skipping the PostgreSQL variant");
+        let Some(db) = crate::test_pg::TestDatabase::create("kiln_batch").await else {
             return;
         };
-        let name = format!("kiln_batch_{}", uuid::Uuid::new_v4().simple());
-        let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut c)
-            .await
-            .unwrap();
-        let url = match admin.rfind('/') {
-            Some(i) if admin[..i].contains("://") && !admin[..i].ends_with('/') => {
-                format!("{}/{name}", &admin[..i])
-            }
-            _ => panic!("KILN_TEST_DATABASE_URL must end in /database: {admin}"),
-        };
-        let store = Store::open(
-            &StoreConfig {
-                database: Some(url),
-                max_connections: 4,
-                ..Default::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
+        let store = Store::open(&db.config(4), None).await.unwrap();
         batch_creates(&store).await;
         store.close().await;
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut c)
-        .await;
+        db.drop().await;
     }
 }
