@@ -76,6 +76,13 @@ enum Cmd {
         connections: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Drive a server already running at this base URL (e.g. http://127.0.0.1:8080/fhir)
+        /// holding the ingested data: no child process, no ingest, no storage figures.
+        #[arg(long)]
+        url: Option<String>,
+        /// Run only the queries of the mix whose label contains this text (e.g. `_has`).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Exec of `kiln serve` to the first 200 on /fhir/metadata (median of N), idle RSS.
     Startup {
@@ -188,15 +195,28 @@ async fn run(cmd: Cmd) -> Result<()> {
             r
         }
         Cmd::Search {
+            url: Some(url),
+            target,
+            connections,
+            seconds,
+            only,
+            ..
+        } => {
+            let server = Server::attach(&target, &url)?;
+            search(&server, connections, seconds, only.as_deref()).await
+        }
+        Cmd::Search {
             target,
             data,
             connections,
             seconds,
+            url: None,
+            only,
         } => {
             let server = Server::start(&target).await?;
             let r = async {
                 let json_bytes = ingest(&server, &data).await?;
-                search(&server, connections, seconds).await?;
+                search(&server, connections, seconds, only.as_deref()).await?;
                 storage(&server, json_bytes).await
             }
             .await;
@@ -227,7 +247,7 @@ async fn run(cmd: Cmd) -> Result<()> {
                 let server = Server::start(&target).await?;
                 let json_bytes = report(ingest(&server, &data).await).unwrap_or(0);
                 report(storage(&server, json_bytes).await);
-                report(search(&server, 32, seconds.unwrap_or(10)).await);
+                report(search(&server, 32, seconds.unwrap_or(10), None).await);
                 report(read(&server, 64, seconds.unwrap_or(20)).await);
                 report(crud(&server, 32, seconds.unwrap_or(20)).await);
                 server.stop().await;
@@ -254,7 +274,8 @@ fn report<T>(r: Result<T>) -> Option<T> {
 
 /// A `kiln serve` child process with its own data directory or PostgreSQL database.
 struct Server {
-    child: Child,
+    /// `None` when attached to a server the operator runs (`search --url`).
+    child: Option<Child>,
     base: String,
     client: reqwest::Client,
     backend: Backend,
@@ -445,7 +466,7 @@ impl Server {
         .await;
         match spawned {
             Ok((child, base, _)) => Ok(Server {
-                child,
+                child: Some(child),
                 base,
                 client,
                 backend: target.backend,
@@ -461,8 +482,25 @@ impl Server {
         }
     }
 
+    /// A server the operator started (the data dir field is an unused empty temp dir).
+    fn attach(target: &Target, url: &str) -> Result<Server> {
+        Ok(Server {
+            child: None,
+            base: url.trim_end_matches('/').to_string(),
+            client: http_client(64)?,
+            backend: target.backend,
+            data_dir: tempfile::Builder::new()
+                .prefix("kiln-bench-")
+                .tempdir()
+                .context("cannot create a temp dir")?,
+            pg: None,
+        })
+    }
+
     async fn stop(mut self) {
-        terminate(&mut self.child);
+        if let Some(child) = self.child.as_mut() {
+            terminate(child);
+        }
         if let Some((m, name, _)) = &self.pg {
             drop_pg_database(m, name).await;
         }
@@ -1195,9 +1233,20 @@ fn percent_encode_query(q: &str) -> String {
     q.replace(' ', "%20").replace('|', "%7C")
 }
 
-async fn search(server: &Server, connections: usize, seconds: u64) -> Result<()> {
+async fn search(
+    server: &Server,
+    connections: usize,
+    seconds: u64,
+    only: Option<&str>,
+) -> Result<()> {
     let picks = pick_values(server).await?;
-    let mix = search_mix(&picks);
+    let mut mix = search_mix(&picks);
+    if let Some(only) = only {
+        mix.retain(|(label, _)| label.contains(only));
+        if mix.is_empty() {
+            bail!("no query of the mix has a label containing `{only}`");
+        }
+    }
     println!(
         "\n== search mix: queries ({:?}; values picked from the data) ==",
         server.backend
@@ -1273,6 +1322,9 @@ async fn search(server: &Server, connections: usize, seconds: u64) -> Result<()>
             "count by code: {total} matches / p50 {p50:.2} ms = {:.0} resources/s counted per connection",
             total as f64 / (p50 / 1000.0).max(1e-9)
         );
+    }
+    if only.is_some() {
+        return Ok(());
     }
     count_large(server).await
 }
