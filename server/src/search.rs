@@ -966,13 +966,42 @@ impl SearchEngine {
             count: if summary_count { 0 } else { count },
             cursor: ctx.param("_cursor").map(str::to_string),
         };
-        let plan = kiln_search::plan::plan(&query, dialect, &page)
+        // every statement of the request on one reader connection (one pool visit)
+        let mut db = state.store.reader().await?;
+        // the sizes of the index ranges the planner chooses between (SQLite)
+        let mut estimates = kiln_search::Estimates::new();
+        if let Some((sql, ps, keys)) = kiln_search::estimate_sql(&query, dialect) {
+            let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
+            let row = db.query_rows(&sql, &ps).await?.into_iter().next();
+            for (key, v) in keys.into_iter().zip(row.unwrap_or_default()) {
+                if let Some(n) = v.as_i64() {
+                    estimates.insert(key, n.max(0) as u64);
+                }
+            }
+        }
+        let plan = kiln_search::plan_with(&query, dialect, &page, &estimates)
             .map_err(|i| FhirError::with_issues(StatusCode::BAD_REQUEST, vec![i]))?;
         if ctx.param("_explain").is_some() || ctx.param("__explain").is_some() {
-            let oo = kiln_fhir::operation_outcome(&[
+            let mut issues = vec![
                 kiln_fhir::Issue::information("informational", plan.explain.clone()),
                 kiln_fhir::Issue::information("informational", format!("SQL: {}", plan.sql)),
-            ]);
+            ];
+            if !estimates.is_empty() {
+                let mut e: Vec<String> = estimates
+                    .iter()
+                    .map(|(k, n)| format!("{k} ≈ {n}"))
+                    .collect();
+                e.sort();
+                issues.push(kiln_fhir::Issue::information(
+                    "informational",
+                    format!(
+                        "estimates (index rows, counted up to {}): {}",
+                        kiln_search::plan::ESTIMATE_CAP,
+                        e.join(", ")
+                    ),
+                ));
+            }
+            let oo = kiln_fhir::operation_outcome(&issues);
             return Ok(FhirResponse::ok(Body::Resource(oo)));
         }
         let count_params: Vec<SqlValue> = plan
@@ -982,8 +1011,6 @@ impl SearchEngine {
             .map(to_store_value)
             .collect();
         let params: Vec<SqlValue> = plan.params.iter().cloned().map(to_store_value).collect();
-        // every statement of the request on one reader connection (one pool visit)
-        let mut db = state.store.reader().await?;
         let mut rows = if summary_count || count == 0 {
             Vec::new()
         } else {

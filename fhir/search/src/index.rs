@@ -93,8 +93,9 @@ pub struct IndexEntries {
     pub quantities: Vec<QuantityRow>,
     pub uris: Vec<UriRow>,
     /// The resource's type when it is not a contained resource (`None` for a contained one):
-    /// written to `search_token.res_type`, so a count by a token of one type is one range of
-    /// the `search_token_type` index (contained rows never match a normal search).
+    /// written to `search_token.res_type` and `search_reference.res_type`, so a token or a
+    /// reference of one type is one range of `search_token_type` / `search_reference_type` in
+    /// rid order (contained rows never match a normal search).
     pub res_type: Option<String>,
 }
 
@@ -153,7 +154,8 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
         // res_type: the resource's type, NULL for the rows of contained resources (added to
         // existing databases by kiln-store's migration 4, which also fills it)
         format!("CREATE TABLE IF NOT EXISTS search_token ({common}, system {text}, code {text}, text_norm {text}, res_type {text})"),
-        format!("CREATE TABLE IF NOT EXISTS search_reference ({common}, ref_type {text}, ref_id {text}, ref_version {text}, ref_url {text}, ident_system {text}, ident_value {text})"),
+        // res_type as in search_token (migration 5 adds and fills it in older databases)
+        format!("CREATE TABLE IF NOT EXISTS search_reference ({common}, ref_type {text}, ref_id {text}, ref_version {text}, ref_url {text}, ident_system {text}, ident_value {text}, res_type {text})"),
         format!("CREATE TABLE IF NOT EXISTS search_date ({common}, low BIGINT NOT NULL, high BIGINT NOT NULL)"),
         format!("CREATE TABLE IF NOT EXISTS search_number ({common}, value {real} NOT NULL)"),
         format!("CREATE TABLE IF NOT EXISTS search_quantity ({common}, value {real} NOT NULL, system {text}, code {text}, canon_value {real}, canon_code {text})"),
@@ -175,13 +177,20 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
             "search_token_type",
             "search_token(param, code, res_type, rid, system)",
         ),
+        // references to one target of one type's parameter in rid order, covering: a search
+        // by reference drives from this range in page order (`Observation?patient=X`), and it
+        // is a single probe per candidate when another criterion drives. Replaces the former
+        // search_reference_target (param, ref_type, ref_id, rid), dropped below.
         (
-            "search_reference_target",
-            "search_reference(param, ref_type, ref_id, rid)",
+            "search_reference_type",
+            "search_reference(param, ref_type, ref_id, res_type, rid)",
         ),
+        // the references to a resource (`_revinclude`, `_has`, `$everything`), covering the
+        // referencing resource's type and rid. Replaces search_reference_rev (ref_id,
+        // ref_type, param), whose matches each needed a table row for `rid`.
         (
-            "search_reference_rev",
-            "search_reference(ref_id, ref_type, param)",
+            "search_reference_back",
+            "search_reference(ref_id, ref_type, param, res_type, rid)",
         ),
         ("search_date_low", "search_date(param, low, high, rid)"),
         // `_sort=-date` walks this in key order (greatest `high` first, ties by rid) instead of
@@ -206,7 +215,13 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
     for (name, on) in idx {
         v.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {on}"));
     }
-    v.push("DROP INDEX IF EXISTS search_token_code".to_string());
+    for replaced in [
+        "search_token_code",
+        "search_reference_target",
+        "search_reference_rev",
+    ] {
+        v.push(format!("DROP INDEX IF EXISTS {replaced}"));
+    }
     for t in TABLES {
         // (rid, param): per-resource lookups (sort keys, deletes, includes)
         v.push(format!(
@@ -443,6 +458,7 @@ pub fn insert_batch(
                     opt(&x.ref_url),
                     opt(&x.ident_system),
                     opt(&x.ident_value),
+                    opt(&e.res_type),
                 ]
             })
             .collect()
@@ -450,7 +466,7 @@ pub fn insert_batch(
     if !r.is_empty() {
         emit(
             "search_reference",
-            "rid, param, grp, ref_type, ref_id, ref_version, ref_url, ident_system, ident_value",
+            "rid, param, grp, ref_type, ref_id, ref_version, ref_url, ident_system, ident_value, res_type",
             r,
         );
     }

@@ -34,7 +34,10 @@ pub use index::{
     IndexEntries,
 };
 pub use matcher::matches;
-pub use plan::{include_sql, included_entries_sql, plan, KeyKind, PageRequest, SqlPlan};
+pub use plan::{
+    estimate_sql, include_sql, included_entries_sql, plan, plan_with, Estimates, KeyKind,
+    PageRequest, SqlPlan,
+};
 pub use query::{
     parse, Compartment, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery,
     SearchValue, SortKey, ANY_COMPARTMENT,

@@ -133,6 +133,11 @@ pub(crate) struct Builder {
     driven: std::collections::HashSet<String>,
     /// aliases whose rows may be contained resources (their `_id` is the local id)
     contained_aliases: std::collections::HashSet<String>,
+    /// selectivity estimates from the database (SQLite; see [`estimate_sql`])
+    estimates: Estimates,
+    /// aliases over `resources` rows that are never contained resources (`deleted = 0`): their
+    /// index rows carry their type, so a [`RidRange`] of that type can be probed for them
+    plain_rows: std::collections::HashSet<String>,
 }
 
 fn like_escape(s: &str) -> String {
@@ -151,6 +156,124 @@ fn prefix_end(s: &str) -> String {
     format!("{s}\u{10FFFF}")
 }
 
+/// A criterion that one covering index range answers for one resource type, rids in
+/// ascending order: one token value with a code (`search_token_type`: param, code, res_type,
+/// rid, system) or one reference with its type and id (`search_reference_type`: param,
+/// ref_type, ref_id, res_type, rid). Such a range can drive a page (walked in rid order, the
+/// walk stopping after the page), be probed for one candidate (a single index seek), and be
+/// counted cheaply (selectivity estimates). Index rows exist only for current, non-deleted
+/// versions and carry `res_type` NULL on contained resources' rows, so a range of a type holds
+/// exactly the matching resources of that type that a normal search can return.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum RidRange<'a> {
+    Token {
+        param: &'a str,
+        system: &'a Option<Option<String>>,
+        code: &'a str,
+    },
+    Reference {
+        param: &'a str,
+        ref_type: &'a str,
+        id: &'a str,
+    },
+}
+
+impl RidRange<'_> {
+    fn of_clause(c: &ParamClause) -> Option<RidRange<'_>> {
+        if matches!(
+            c.code.as_str(),
+            "_id" | "_lastUpdated" | "_content" | "_text" | "_list" | "_filter"
+        ) {
+            return None;
+        }
+        let [v] = c.values.as_slice() else {
+            return None;
+        };
+        match (c.param_type, &c.modifier, v) {
+            (
+                ParamType::Token,
+                Modifier::None,
+                SearchValue::Token {
+                    system,
+                    code: Some(code),
+                },
+            ) => Some(RidRange::Token {
+                param: &c.code,
+                system,
+                code,
+            }),
+            (
+                ParamType::Reference,
+                Modifier::None | Modifier::Type(_),
+                SearchValue::Reference {
+                    ref_type: Some(ref_type),
+                    id: Some(id),
+                    version: None,
+                    url: None,
+                },
+            ) => Some(RidRange::Reference {
+                param: &c.code,
+                ref_type,
+                id,
+            }),
+            _ => None,
+        }
+    }
+
+    fn of(c: &Criterion) -> Option<RidRange<'_>> {
+        match c {
+            Criterion::Param(p) => RidRange::of_clause(p),
+            _ => None,
+        }
+    }
+
+    /// (table, covering index) of the range.
+    fn index(&self) -> (&'static str, &'static str) {
+        match self {
+            RidRange::Token { .. } => ("search_token", "search_token_type"),
+            RidRange::Reference { .. } => ("search_reference", "search_reference_type"),
+        }
+    }
+
+    /// Identifies the range for a resource type in [`Estimates`].
+    fn key(&self, res_type: &str) -> String {
+        match self {
+            RidRange::Token {
+                param,
+                system,
+                code,
+            } => {
+                let sys = match system {
+                    None => "*".to_string(),
+                    Some(None) => "-".to_string(),
+                    Some(Some(s)) => format!("={s}"),
+                };
+                format!("t|{res_type}|{param}|{sys}|{code}")
+            }
+            RidRange::Reference {
+                param,
+                ref_type,
+                id,
+            } => format!("r|{res_type}|{param}|{ref_type}|{id}"),
+        }
+    }
+}
+
+/// Rows counted per range by [`estimate_sql`], at most [`ESTIMATE_CAP`] (a bounded count of a
+/// covering index range), keyed by `RidRange::key`. The planner uses them to pick which range
+/// drives a page and how a `_has` is evaluated; absent keys fall back to the static
+/// [`selectivity`] ranks.
+pub type Estimates = std::collections::HashMap<String, u64>;
+
+/// Counts beyond this are not needed to choose a plan (and would cost a longer index walk).
+pub const ESTIMATE_CAP: u64 = 1000;
+
+/// Fewer matching sources than this: `_has` collects the referenced ids of the sources (one
+/// probe per source); more: each candidate target probes the references to it until one
+/// comes from a matching source (measured on 100 Synthea patients: 968 sources 0.64 ms as a
+/// set vs 0.16 ms probed; a code with ~100 sources the other way round).
+const HAS_PROBE_FROM: u64 = 400;
+
 /// Half-width of the `ap` window around a date: 10% of the distance to now, at least a day.
 pub(crate) fn date_ap_window(r: &DateRange, now: i64) -> i64 {
     ((now - r.low).abs() / 10).max(86_400_000_000)
@@ -166,7 +289,64 @@ impl Builder {
             ctx_types: Default::default(),
             driven: Default::default(),
             contained_aliases: Default::default(),
+            estimates: Default::default(),
+            plain_rows: Default::default(),
         }
+    }
+
+    /// The conditions selecting range `r` of type `res_type` (a bound parameter) on alias `x`.
+    fn range_conds(&mut self, x: &str, r: &RidRange, res_type: &str) -> Vec<String> {
+        match r {
+            RidRange::Token {
+                param,
+                system,
+                code,
+            } => {
+                let p = self.text(param);
+                let c = self.text(code);
+                let mut v = vec![
+                    format!("{x}.param = {p}"),
+                    format!("{x}.code = {c}"),
+                    format!("{x}.res_type = {res_type}"),
+                ];
+                match system {
+                    None => {}
+                    Some(None) => v.push(format!("{x}.system IS NULL")),
+                    Some(Some(s)) => {
+                        let s = self.text(s);
+                        v.push(format!("{x}.system = {s}"));
+                    }
+                }
+                v
+            }
+            RidRange::Reference {
+                param,
+                ref_type,
+                id,
+            } => {
+                let p = self.text(param);
+                let t = self.text(ref_type);
+                let i = self.text(id);
+                vec![
+                    format!("{x}.param = {p}"),
+                    format!("{x}.ref_type = {t}"),
+                    format!("{x}.ref_id = {i}"),
+                    format!("{x}.res_type = {res_type}"),
+                ]
+            }
+        }
+    }
+
+    /// `EXISTS` of range `r` for the row `rid` (one seek in the covering index).
+    fn range_probe(&mut self, r: &RidRange, res_type: &str, rid: &str) -> String {
+        let x = self.alias("p");
+        let (table, index) = r.index();
+        let mut conds = self.range_conds(&x, r, res_type);
+        conds.push(format!("{x}.rid = {rid}"));
+        format!(
+            "EXISTS (SELECT 1 FROM {table} {x} INDEXED BY {index} WHERE {})",
+            conds.join(" AND ")
+        )
     }
 
     fn bind(&mut self, v: SqlValue) -> String {
@@ -530,6 +710,31 @@ impl Builder {
                     None => format!("{a}.res_type"),
                 };
                 self.ctx_types.insert(s.clone(), source_type.clone());
+                self.plain_rows.insert(s.clone());
+                if let (Dialect::Sqlite, Some(r)) = (self.dialect, RidRange::of(inner)) {
+                    let (table, index) = r.index();
+                    let e = self.alias("e");
+                    let mut conds = self.range_conds(&e, &r, &st);
+                    let common = self
+                        .estimates
+                        .get(&r.key(source_type))
+                        .is_some_and(|n| *n >= HAS_PROBE_FROM);
+                    if common {
+                        // many sources: each candidate walks the references to it (covering
+                        // `search_reference_back`) until one comes from a matching source
+                        conds.push(format!("{e}.rid = {x}.rid"));
+                        return format!(
+                            "EXISTS (SELECT 1 FROM search_reference {x} INDEXED BY search_reference_back WHERE {x}.ref_id = {a}.res_id AND {x}.ref_type = {outer_type} AND {x}.param = {rp} AND {x}.res_type = {st} AND EXISTS (SELECT 1 FROM {table} {e} INDEXED BY {index} WHERE {}))",
+                            conds.join(" AND ")
+                        );
+                    }
+                    // few (or unknown): the ids the sources reference, from the sources' covering
+                    // range through (rid, param)
+                    return format!(
+                        "{a}.res_id IN (SELECT {x}.ref_id FROM {table} {e} INDEXED BY {index} CROSS JOIN search_reference {x} INDEXED BY search_reference_rid WHERE {} AND {x}.rid = {e}.rid AND {x}.param = {rp} AND {x}.ref_type = {outer_type})",
+                        conds.join(" AND ")
+                    );
+                }
                 let inner_sql = self.criterion(&s, inner);
                 if self.dialect == Dialect::Sqlite {
                     // sources first (their criterion drives), then their references through
@@ -729,6 +934,18 @@ impl Builder {
             } else {
                 format!("({})", ors.join(" OR "))
             };
+        }
+        if self.dialect == Dialect::Sqlite && self.driven.contains(a) {
+            // another criterion drives: one seek in this value's covering range per candidate
+            // instead of materialising every rid of the range (`+r.rid IN (…)`)
+            if let (Some(r), Some(t), true) = (
+                RidRange::of_clause(c),
+                self.ctx_types.get(a).cloned(),
+                self.plain_rows.contains(a),
+            ) {
+                let t = self.text(&t);
+                return self.range_probe(&r, &t, &format!("{a}.rid"));
+            }
         }
         let Some(table) = table_for(c.param_type) else {
             return "1=0".into();
@@ -1172,8 +1389,10 @@ fn where_clause(
     query: &SearchQuery,
     dialect: Dialect,
     walked: bool,
+    estimates: &Estimates,
 ) -> (Builder, String, Vec<String>) {
     let mut b = Builder::new(dialect);
+    b.estimates = estimates.clone();
     if walked && dialect == Dialect::Sqlite {
         b.driven.insert("r".into());
     }
@@ -1182,6 +1401,7 @@ fn where_clause(
     let mut wh = Vec::new();
     match mode {
         ContainedMode::Normal => {
+            b.plain_rows.insert("r".into());
             wh.push("r.deleted = 0".to_string());
             explain.push("not deleted, not contained".into());
             wh.extend(match_conditions(&mut b, "r", query, &mut explain));
@@ -1213,6 +1433,7 @@ fn where_clause(
             );
             wh.push("r.deleted = 0".to_string());
             if both {
+                b.plain_rows.insert("r".into());
                 let mut own = match_conditions(&mut b, "r", query, &mut Vec::new());
                 if own.is_empty() {
                     own.push("1=1".into());
@@ -1280,8 +1501,169 @@ fn token_count(query: &SearchQuery, dialect: Dialect) -> Option<(String, Vec<Sql
     ))
 }
 
-/// Plans a search.
+/// SQLite: one statement counting, up to [`ESTIMATE_CAP`], the rows of each [`RidRange`] the
+/// planner has to choose between — two or more ranges of a type-level search (which one
+/// drives the page), and the source range of a `_has` (collected as a set or probed per
+/// candidate). Returns the statement, its parameters and the [`Estimates`] key of each result
+/// column; `None` when there is nothing to choose (PostgreSQL plans with its own statistics).
+pub fn estimate_sql(
+    query: &SearchQuery,
+    dialect: Dialect,
+) -> Option<(String, Vec<SqlValue>, Vec<String>)> {
+    if dialect != Dialect::Sqlite || ContainedMode::of(query) != ContainedMode::Normal {
+        return None;
+    }
+    let mut wanted: Vec<(&str, RidRange)> = Vec::new();
+    if let Some(ty) = &query.resource_type {
+        let ranges: Vec<RidRange> = query.criteria.iter().filter_map(RidRange::of).collect();
+        if ranges.len() >= 2 {
+            wanted.extend(ranges.into_iter().map(|r| (ty.as_str(), r)));
+        }
+    }
+    for c in &query.criteria {
+        if let Criterion::Has {
+            source_type, inner, ..
+        } = c
+        {
+            if let Some(r) = RidRange::of(inner) {
+                wanted.push((source_type.as_str(), r));
+            }
+        }
+    }
+    let mut keys: Vec<String> = Vec::new();
+    let mut b = Builder::new(dialect);
+    let mut cols = Vec::new();
+    for (ty, r) in wanted {
+        let key = r.key(ty);
+        if keys.contains(&key) {
+            continue;
+        }
+        keys.push(key);
+        let t = b.text(ty);
+        let (table, index) = r.index();
+        let conds = b.range_conds("e", &r, &t);
+        cols.push(format!(
+            "(SELECT COUNT(*) FROM (SELECT 1 FROM {table} e INDEXED BY {index} WHERE {} LIMIT {ESTIMATE_CAP}))",
+            conds.join(" AND ")
+        ));
+    }
+    if cols.is_empty() {
+        return None;
+    }
+    Some((format!("SELECT {}", cols.join(", ")), b.params, keys))
+}
+
+/// SQLite, a type-level search without `_sort` whose most selective criterion is a
+/// [`RidRange`] (with [`Estimates`], the smallest of them): the page is walked from that range
+/// in rid order (`d`), each candidate's `resources` row checked and the other criteria probed
+/// per candidate, and the walk stops after the page. Left to itself SQLite first materialises
+/// every rid of the range in a temporary index and reads the candidates from there
+/// (measured on 100 Synthea patients: `Observation?code=X&value-quantity=gtN` 1.49 → 0.33 ms,
+/// `Observation?patient=X&code=Y` 0.25 → 0.08 ms). `GROUP BY` keeps one row per resource
+/// (several index rows of the range may belong to one resource) without a sort: the rows come
+/// grouped in index order.
+fn driven_page(
+    query: &SearchQuery,
+    dialect: Dialect,
+    estimates: &Estimates,
+    page_size: usize,
+    cursor: Option<&Cursor>,
+) -> Option<(Statement, Vec<String>)> {
+    if dialect != Dialect::Sqlite
+        || ContainedMode::of(query) != ContainedMode::Normal
+        || query.compartment.is_some()
+        || !query.sort.is_empty()
+    {
+        return None;
+    }
+    let ty = query.resource_type.as_ref()?;
+    let mut crits: Vec<&Criterion> = query.criteria.iter().collect();
+    crits.sort_by_key(|c| selectivity(c));
+    let best = selectivity(crits.first()?);
+    let at = crits
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| selectivity(c) == best)
+        .filter_map(|(i, c)| {
+            let r = RidRange::of(c)?;
+            Some((estimates.get(&r.key(ty)).copied().unwrap_or(u64::MAX), i))
+        })
+        .min()?
+        .1;
+    let driver = crits.remove(at);
+    let range = RidRange::of(driver)?;
+    // the range's rows are current, not deleted and not contained, of the type: `resources` is
+    // read only when another criterion needs more of the row than its rid
+    let row = if crits.iter().all(|c| rid_only(c)) {
+        "d"
+    } else {
+        "r"
+    };
+    let mut b = Builder::new(dialect);
+    b.estimates = estimates.clone();
+    b.ctx_types.insert(row.into(), ty.clone());
+    b.plain_rows.insert(row.into());
+    b.driven.insert(row.into());
+    let t = b.text(ty);
+    let (table, index) = range.index();
+    let mut wh = b.range_conds("d", &range, &t);
+    let mut from = format!("{table} d INDEXED BY {index}");
+    if row == "r" {
+        from.push_str(" CROSS JOIN resources r");
+        wh.push("r.rid = d.rid".into());
+        wh.push("r.deleted = 0".into());
+        wh.push(format!("r.res_type = {t}"));
+    }
+    let mut explain = vec![
+        "not deleted, not contained".to_string(),
+        format!("{ty} resources"),
+        format!("{} walked in rid order ({index})", describe(driver)),
+    ];
+    for c in crits {
+        explain.push(format!("{} (per candidate)", describe(c)));
+        wh.push(b.criterion(row, c));
+    }
+    let backward = cursor.is_some_and(|c| c.2);
+    if let Some((_, rid, _)) = cursor {
+        let p = b.bind(SqlValue::Int(*rid));
+        wh.push(format!("d.rid {} {p}", if backward { "<" } else { ">" }));
+    }
+    let sql = format!(
+        "SELECT d.rid FROM {from} WHERE {} GROUP BY d.rid ORDER BY d.rid{} LIMIT {}",
+        wh.join(" AND "),
+        if backward { " DESC" } else { "" },
+        page_size + 1
+    );
+    Some(((sql, b.params), explain))
+}
+
+/// A criterion whose SQL reads no column of its row but `rid` (see [`driven_page`]).
+fn rid_only(c: &Criterion) -> bool {
+    match c {
+        Criterion::Param(p) => !matches!(
+            p.code.as_str(),
+            "_id" | "_lastUpdated" | "_content" | "_text" | "_list"
+        ),
+        Criterion::Chain { .. } | Criterion::Near { .. } => true,
+        Criterion::Has { .. }
+        | Criterion::Filter(_)
+        | Criterion::List(_)
+        | Criterion::ForTypes { .. } => false,
+    }
+}
+
+/// Plans a search (no [`Estimates`]: see [`plan_with`]).
 pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result<SqlPlan, Issue> {
+    plan_with(query, dialect, page, &Estimates::new())
+}
+
+/// Plans a search, using the database's counts from [`estimate_sql`] where they decide.
+pub fn plan_with(
+    query: &SearchQuery,
+    dialect: Dialect,
+    page: &PageRequest,
+    estimates: &Estimates,
+) -> Result<SqlPlan, Issue> {
     if let Some(pending) = query.code_set_requests().into_iter().next() {
         return Err(Issue::error(
             "not-supported",
@@ -1292,7 +1674,7 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
         )
         .at(pending.parameter));
     }
-    let (mut b, where_sql, mut explain) = where_clause(query, dialect, false);
+    let (mut b, where_sql, mut explain) = where_clause(query, dialect, false, estimates);
     let mode = ContainedMode::of(query);
     let (count_sql, count_params) = match token_count(query, dialect) {
         Some(fast) => fast,
@@ -1322,6 +1704,30 @@ pub fn plan(query: &SearchQuery, dialect: Dialect, page: &PageRequest) -> Result
         None => None,
     };
     let backward = cursor.as_ref().is_some_and(|(_, _, back)| *back);
+    if let Some(((sql, params), how)) =
+        driven_page(query, dialect, estimates, page_size, cursor.as_ref())
+    {
+        let mut explain = how;
+        explain.push(format!(
+            "page of {page_size}{}",
+            match &cursor {
+                Some((_, _, true)) => " before cursor",
+                Some(_) => " after cursor",
+                None => "",
+            }
+        ));
+        return Ok(SqlPlan {
+            sql,
+            params,
+            more: Vec::new(),
+            count_sql,
+            count_params,
+            sort_keys: Vec::new(),
+            page_size,
+            backward,
+            explain: explain.join("; "),
+        });
+    }
     if let Some(key) = walkable_sort(query) {
         let (first, more) = walk_segments(
             query,
@@ -1520,6 +1926,7 @@ fn walk_segments(
     page_size: usize,
     cursor: Option<&Cursor>,
 ) -> (Statement, Vec<Statement>) {
+    let estimates = base.estimates.clone();
     let limit = page_size + 1;
     let desc = key.descending;
     let (col, index, cmp_first) = if desc {
@@ -1534,7 +1941,7 @@ fn walk_segments(
     // the walk: `reverse` reads the order backwards (a `previous` page, nearest first);
     // `from` continues strictly after (or, reversed, before) a (key, rid) pair
     let walk = |reverse: bool, from: Option<(i64, i64)>| -> Statement {
-        let (mut wb, wwhere, _) = where_clause(query, dialect, true);
+        let (mut wb, wwhere, _) = where_clause(query, dialect, true, &estimates);
         let p = wb.text(&key.code);
         // key order is ascending values for `_sort=date`, descending for `_sort=-date`
         let values_desc = desc != reverse;
@@ -1628,7 +2035,15 @@ fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String
     let mut conds = Vec::new();
     if inc.source_type != "*" {
         let p = b.text(&inc.source_type);
-        conds.push(format!("s.res_type = {p}"));
+        if rev {
+            // the referencing row's type from the index row (NULL on contained resources'
+            // rows, which a `_revinclude` never returns)
+            conds.push(format!("x.res_type = {p}"));
+        } else {
+            conds.push(format!("s.res_type = {p}"));
+        }
+    } else if rev {
+        conds.push("x.res_type IS NOT NULL".to_string());
     }
     if let Some(param) = &inc.param {
         let p = b.text(param);
@@ -1644,15 +2059,17 @@ fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String
         format!(" AND {}", conds.join(" AND "))
     };
     if rev && b.dialect == Dialect::Sqlite {
-        // from the page's resources to the references to them through (param, ref_type,
-        // ref_id), in that order (CROSS JOIN fixes SQLite's join order): otherwise SQLite walks
-        // every reference of the parameter (measured: 10 Patients' Observations 126 ms → 4 ms)
+        // from the page's resources to the references to them, in that order (CROSS JOIN fixes
+        // SQLite's join order; otherwise it walks every reference of the parameter: 10
+        // Patients' Observations 126 ms → 4 ms), through the covering `search_reference_back`
+        // (ref_id, ref_type, param, res_type, rid): the referencing rows' type and rid come
+        // from the index, no table row is read (1,292 Observations: 1.15 → 0.46 ms)
         format!(
-            "SELECT DISTINCT s.rid AS rid FROM resources t CROSS JOIN search_reference x CROSS JOIN resources s WHERE t.rid IN ({rids}) AND x.ref_type = t.res_type AND x.ref_id = t.res_id AND s.rid = x.rid AND s.deleted = 0{extra}"
+            "SELECT DISTINCT x.rid AS rid FROM resources t CROSS JOIN search_reference x INDEXED BY search_reference_back WHERE t.rid IN ({rids}) AND x.ref_id = t.res_id AND x.ref_type = t.res_type{extra}"
         )
     } else if rev {
         format!(
-            "SELECT DISTINCT s.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}) AND s.deleted = 0{extra}"
+            "SELECT DISTINCT x.rid AS rid FROM search_reference x JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}){extra}"
         )
     } else if b.dialect == Dialect::Postgres {
         // the index tables' text columns are COLLATE "C", `resources`' are the database default:
@@ -1857,6 +2274,18 @@ mod tests {
     fn contained_modes() {
         // default: not contained
         let p = plan(&q("Medication", &[("code", "x")]), Dialect::Sqlite, &page()).unwrap();
+        // walked from the token range of the type: contained rows (res_type NULL) never in it
+        assert!(
+            p.sql.contains("d.res_type = $1") && !p.sql.contains("container_rid"),
+            "{}",
+            p.sql
+        );
+        let p = plan(
+            &q("Medication", &[("code", "x")]),
+            Dialect::Postgres,
+            &page(),
+        )
+        .unwrap();
         assert!(p.sql.contains("r.deleted = 0") && !p.sql.contains("container_rid"));
         // the contained resources themselves; _id is their local id
         let p = plan(
@@ -2040,9 +2469,9 @@ mod tests {
             "{}",
             p.sql
         );
+        // one token of the sources: their covering range, then (rid, param) per source
         assert!(
-            p.sql.contains("INDEXED BY search_reference_rid")
-                && p.sql.contains(".rid IN (SELECT s"),
+            p.sql.contains("r.res_id IN (SELECT x4.ref_id FROM search_token e6 INDEXED BY search_token_type CROSS JOIN search_reference x4 INDEXED BY search_reference_rid WHERE e6.param = "),
             "{}",
             p.sql
         );
@@ -2101,15 +2530,28 @@ mod tests {
         let p = plan(&vq, Dialect::Sqlite, &page()).unwrap();
         assert!(
             p.sql
-                .contains("r.rid IN (SELECT i1.rid FROM search_token i1"),
+                .starts_with("SELECT d.rid FROM search_token d INDEXED BY search_token_type WHERE"),
             "{}",
             p.sql
         );
         assert!(
             p.sql
-                .contains("EXISTS (SELECT 1 FROM search_quantity i2 INDEXED BY search_quantity_rid WHERE i2.rid = r.rid"),
+                .contains("EXISTS (SELECT 1 FROM search_quantity i1 INDEXED BY search_quantity_rid WHERE i1.rid = d.rid"),
             "{}",
             p.sql
+        );
+        // the general plan (the count): the token drives as a set, the range per candidate
+        assert!(
+            p.count_sql
+                .contains("r.rid IN (SELECT i1.rid FROM search_token i1"),
+            "{}",
+            p.count_sql
+        );
+        assert!(
+            p.count_sql
+                .contains("EXISTS (SELECT 1 FROM search_quantity i2 INDEXED BY search_quantity_rid WHERE i2.rid = r.rid"),
+            "{}",
+            p.count_sql
         );
         let p = plan(&vq, Dialect::Postgres, &page()).unwrap();
         assert!(
@@ -2140,7 +2582,7 @@ mod tests {
         let (sql, params) = include_sql(&query, Dialect::Sqlite, &[1, 2], false).unwrap();
         assert!(sql.contains("x.rid IN (1,2)") && sql.contains(" UNION "));
         assert!(
-            sql.contains("FROM resources t CROSS JOIN search_reference x CROSS JOIN resources s WHERE t.rid IN (1,2)"),
+            sql.contains("FROM resources t CROSS JOIN search_reference x INDEXED BY search_reference_back WHERE t.rid IN (1,2)"),
             "{sql}"
         );
         let (pg, _) = include_sql(&query, Dialect::Postgres, &[1, 2], false).unwrap();
@@ -2297,5 +2739,227 @@ mod tests {
         assert!(included_entries_sql(&iterate, Dialect::Sqlite, &[1], "b").is_none());
         assert!(included_entries_sql(&query, Dialect::Sqlite, &[], "b").is_none());
         assert!(included_entries_sql(&q("Patient", &[]), Dialect::Sqlite, &[1], "b").is_none());
+    }
+
+    fn estimates(list: &[(&str, u64)]) -> Estimates {
+        list.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+    }
+
+    /// SQLite walks the page from the covering range of one token or reference in rid order,
+    /// probing the other criteria per candidate; `resources` joins only when a criterion needs
+    /// more of the row than its rid.
+    #[test]
+    fn driven_pages() {
+        let p = plan(
+            &q("Observation", &[("code", "x"), ("value-quantity", "gt5")]),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql.starts_with("SELECT d.rid FROM search_token d INDEXED BY search_token_type WHERE d.param = $2 AND d.code = $3 AND d.res_type = $1 AND EXISTS (SELECT 1 FROM search_quantity"),
+            "{}",
+            p.sql
+        );
+        assert!(p.sql.ends_with("GROUP BY d.rid ORDER BY d.rid LIMIT 11"));
+        assert!(!p.sql.contains("resources"), "{}", p.sql);
+        assert!(p
+            .explain
+            .contains("walked in rid order (search_token_type)"));
+        // the count is still over resources (no estimate of a page)
+        assert!(p
+            .count_sql
+            .starts_with("SELECT COUNT(*) FROM resources r WHERE"));
+        // a second token or reference is one seek per candidate
+        let p = plan(
+            &q(
+                "Observation",
+                &[("patient", "Patient/1"), ("code", "http://loinc.org|x")],
+            ),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql.starts_with("SELECT d.rid FROM search_reference d INDEXED BY search_reference_type WHERE d.param = $2 AND d.ref_type = $3 AND d.ref_id = $4 AND d.res_type = $1 AND EXISTS (SELECT 1 FROM search_token p1 INDEXED BY search_token_type WHERE p1.param = $6 AND p1.code = $7 AND p1.res_type = $5 AND p1.system = $8 AND p1.rid = d.rid)"),
+            "{}",
+            p.sql
+        );
+        assert_eq!(p.params[3], SqlValue::Text("1".into()));
+        // `_id` and `_has` read the row
+        for extra in [
+            ("_id", "a"),
+            ("_has:Observation:has-member:status", "final"),
+        ] {
+            let p = plan(
+                &q("Observation", &[("code", "x"), extra]),
+                Dialect::Sqlite,
+                &page(),
+            )
+            .unwrap();
+            if extra.0 == "_id" {
+                // the most selective criterion is not a range: the general plan
+                assert!(
+                    p.sql.starts_with("SELECT r.rid FROM resources r"),
+                    "{}",
+                    p.sql
+                );
+            } else {
+                assert!(
+                    p.sql.starts_with("SELECT d.rid FROM search_token d INDEXED BY search_token_type CROSS JOIN resources r WHERE"),
+                    "{}",
+                    p.sql
+                );
+                assert!(p.sql.contains("r.deleted = 0"), "{}", p.sql);
+            }
+        }
+        // paging: after / before the cursor's rid
+        let next = PageRequest {
+            count: 10,
+            cursor: Some(encode_cursor(&[], 42, false)),
+        };
+        let p = plan(&q("Observation", &[("code", "x")]), Dialect::Sqlite, &next).unwrap();
+        assert!(
+            p.sql
+                .contains("AND d.rid > $4 GROUP BY d.rid ORDER BY d.rid LIMIT 11"),
+            "{}",
+            p.sql
+        );
+        assert_eq!(p.params[3], SqlValue::Int(42));
+        let prev = PageRequest {
+            count: 10,
+            cursor: Some(encode_cursor(&[], 42, true)),
+        };
+        let p = plan(&q("Observation", &[("code", "x")]), Dialect::Sqlite, &prev).unwrap();
+        assert!(p.backward);
+        assert!(
+            p.sql
+                .ends_with("AND d.rid < $4 GROUP BY d.rid ORDER BY d.rid DESC LIMIT 11"),
+            "{}",
+            p.sql
+        );
+        // not driven: several values, sorts, compartments, contained modes, PostgreSQL
+        for (list, d) in [
+            (vec![("code", "x,y")], Dialect::Sqlite),
+            (vec![("code", "x"), ("_sort", "date")], Dialect::Sqlite),
+            (vec![("code", "x"), ("_contained", "both")], Dialect::Sqlite),
+            (vec![("code:text", "x")], Dialect::Sqlite),
+            (vec![("subject", "x")], Dialect::Sqlite),
+            (vec![("code", "x")], Dialect::Postgres),
+        ] {
+            let p = plan(&q("Observation", &list), d, &page()).unwrap();
+            assert!(!p.sql.contains("d.rid FROM search_"), "{list:?}: {}", p.sql);
+        }
+    }
+
+    /// With estimates the smallest range drives; without, the first of the most selective rank.
+    #[test]
+    fn estimates_pick_the_driver() {
+        let query = q("Observation", &[("code", "x"), ("patient", "Patient/1")]);
+        let (sql, params, keys) = estimate_sql(&query, Dialect::Sqlite).unwrap();
+        assert_eq!(
+            keys,
+            vec![
+                "t|Observation|code|*|x".to_string(),
+                "r|Observation|patient|Patient|1".to_string()
+            ]
+        );
+        assert!(sql.starts_with("SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM search_token e INDEXED BY search_token_type WHERE e.param = $2 AND e.code = $3 AND e.res_type = $1 LIMIT 1000)), (SELECT COUNT(*) FROM (SELECT 1 FROM search_reference e INDEXED BY search_reference_type WHERE"), "{sql}");
+        assert_eq!(sql.matches('$').count(), params.len());
+        let first = plan(&query, Dialect::Sqlite, &page()).unwrap();
+        assert!(first.sql.starts_with("SELECT d.rid FROM search_token d"));
+        let e = estimates(&[
+            ("t|Observation|code|*|x", 900),
+            ("r|Observation|patient|Patient|1", 12),
+        ]);
+        let p = plan_with(&query, Dialect::Sqlite, &page(), &e).unwrap();
+        assert!(
+            p.sql.starts_with("SELECT d.rid FROM search_reference d"),
+            "{}",
+            p.sql
+        );
+        assert!(
+            p.sql.contains("EXISTS (SELECT 1 FROM search_token p"),
+            "{}",
+            p.sql
+        );
+        // nothing to choose: no statement
+        assert!(estimate_sql(&q("Observation", &[("code", "x")]), Dialect::Sqlite).is_none());
+        assert!(estimate_sql(&query, Dialect::Postgres).is_none());
+        assert!(estimate_sql(
+            &q("Observation", &[("code", "x"), ("_contained", "true")]),
+            Dialect::Sqlite
+        )
+        .is_none());
+    }
+
+    /// `_has` over one token of the sources: a set of the referenced ids when the sources are
+    /// few (or not estimated), a probe per candidate through the references to it when many.
+    #[test]
+    fn has_set_or_probe() {
+        let query = q("Patient", &[("_has:Observation:patient:code", "x")]);
+        let (_, _, keys) = estimate_sql(&query, Dialect::Sqlite).unwrap();
+        assert_eq!(keys, vec!["t|Observation|code|*|x".to_string()]);
+        for (n, probe) in [(None, false), (Some(399), false), (Some(400), true)] {
+            let e = estimates(
+                &n.map(|n| vec![("t|Observation|code|*|x", n)])
+                    .unwrap_or_default(),
+            );
+            let p = plan_with(&query, Dialect::Sqlite, &page(), &e).unwrap();
+            assert_eq!(
+                p.sql.contains("EXISTS (SELECT 1 FROM search_reference x1 INDEXED BY search_reference_back WHERE x1.ref_id = r.res_id AND x1.ref_type = $4 AND x1.param = $2 AND x1.res_type = $3 AND EXISTS (SELECT 1 FROM search_token e3 INDEXED BY search_token_type WHERE e3.param = $5 AND e3.code = $6 AND e3.res_type = $3 AND e3.rid = x1.rid))"),
+                probe,
+                "{n:?}: {}",
+                p.sql
+            );
+            assert_eq!(
+                p.sql
+                    .contains("r.res_id IN (SELECT x1.ref_id FROM search_token e3"),
+                !probe,
+                "{}",
+                p.sql
+            );
+            // every bound value is referenced (no orphan from a form not taken)
+            for i in 1..=p.params.len() {
+                let n = format!("${i}");
+                assert!(
+                    p.sql
+                        .match_indices(&n)
+                        .any(|(at, _)| !p.sql[at + n.len()..]
+                            .starts_with(|c: char| c.is_ascii_digit())),
+                    "{n} unused: {}",
+                    p.sql
+                );
+            }
+            // the count uses the same form
+            assert_eq!(p.count_sql.contains("search_reference_back"), probe);
+        }
+        // another inner criterion: the general set form
+        let p = plan(
+            &q("Patient", &[("_has:Observation:patient:code:text", "x")]),
+            Dialect::Sqlite,
+            &page(),
+        )
+        .unwrap();
+        assert!(
+            p.sql.contains(".rid IN (SELECT s2.rid FROM resources s2"),
+            "{}",
+            p.sql
+        );
+    }
+
+    /// `_revinclude` reads the referencing rows' type and rid from the covering reverse index.
+    #[test]
+    fn revinclude_from_the_reverse_index() {
+        let query = q("Patient", &[("_revinclude", "Observation:patient")]);
+        let (sql, params) = include_sql(&query, Dialect::Sqlite, &[1, 2], false).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT DISTINCT x.rid AS rid FROM resources t CROSS JOIN search_reference x INDEXED BY search_reference_back WHERE t.rid IN (1,2) AND x.ref_id = t.res_id AND x.ref_type = t.res_type AND x.res_type = $1 AND x.param = $2"
+        );
+        assert_eq!(params.len(), 2);
+        let any = q("Patient", &[("_revinclude", "*")]);
+        let (sql, _) = include_sql(&any, Dialect::Postgres, &[1], false).unwrap();
+        assert!(sql.contains("x.res_type IS NOT NULL"), "{sql}");
     }
 }

@@ -100,6 +100,38 @@ fn token_type_migration(dialect: Dialect) -> Migration {
     }
 }
 
+/// Migration 5: `search_reference.res_type`, as migration 4 for `search_token`: a search by a
+/// reference of one type is one range of `search_reference_type` (param, ref_type, ref_id,
+/// res_type, rid) in rid order, and `_revinclude`/`_has` read the referencing resources' type
+/// and rid from `search_reference_back` without visiting the table. Same guard: only a
+/// database whose layered table predates the column is changed.
+fn reference_type_migration(dialect: Dialect) -> Migration {
+    let (guard, add) = match dialect {
+        Dialect::Sqlite => (
+            "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'search_reference') \
+             - (SELECT COUNT(*) FROM pragma_table_info('search_reference') WHERE name = 'res_type')",
+            "ALTER TABLE search_reference ADD COLUMN res_type TEXT",
+        ),
+        Dialect::Postgres => (
+            "SELECT COUNT(*) FROM information_schema.tables t WHERE t.table_schema = current_schema() \
+             AND t.table_name = 'search_reference' AND NOT EXISTS (SELECT 1 FROM information_schema.columns c \
+             WHERE c.table_schema = current_schema() AND c.table_name = 'search_reference' AND c.column_name = 'res_type')",
+            "ALTER TABLE search_reference ADD COLUMN res_type TEXT COLLATE \"C\"",
+        ),
+    };
+    Migration {
+        version: 5,
+        description: "search_reference.res_type (searches by reference as one index range)",
+        only_if: Some(guard.to_string()),
+        statements: vec![
+            add.to_string(),
+            "UPDATE search_reference SET res_type = (SELECT r.res_type FROM resources r \
+             WHERE r.rid = search_reference.rid AND r.deleted = 0)"
+                .to_string(),
+        ],
+    }
+}
+
 /// One numbered migration. `only_if`: a query returning a count; when it is 0 the statements
 /// are skipped (the migration is still recorded as applied).
 struct Migration {
@@ -132,6 +164,7 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
             crate::terminology::migration(dialect),
         ),
         token_type_migration(dialect),
+        reference_type_migration(dialect),
     ];
     if let Some(hook) = extra {
         // Layered schemas (search indexes) are idempotent and re-applied at every start, so a
@@ -277,11 +310,19 @@ mod tests {
                  grp INTEGER NOT NULL DEFAULT 0, system TEXT, code TEXT, text_norm TEXT{})",
                 if new { ", res_type TEXT" } else { "" }
             )];
+            v.push(format!(
+                "CREATE TABLE IF NOT EXISTS search_reference (rid BIGINT NOT NULL, param TEXT NOT NULL, \
+                 grp INTEGER NOT NULL DEFAULT 0, ref_type TEXT, ref_id TEXT{})",
+                if new { ", res_type TEXT" } else { "" }
+            ));
             if new {
                 v.push("CREATE INDEX IF NOT EXISTS search_token_type ON search_token(param, code, res_type, rid, system)".into());
                 v.push("DROP INDEX IF EXISTS search_token_code".into());
+                v.push("CREATE INDEX IF NOT EXISTS search_reference_type ON search_reference(param, ref_type, ref_id, res_type, rid)".into());
+                v.push("DROP INDEX IF EXISTS search_reference_target".into());
             } else {
                 v.push("CREATE INDEX IF NOT EXISTS search_token_code ON search_token(param, code, system, rid)".into());
+                v.push("CREATE INDEX IF NOT EXISTS search_reference_target ON search_reference(param, ref_type, ref_id, rid)".into());
             }
             v
         })
@@ -307,13 +348,13 @@ mod tests {
             .collect()
     }
 
-    /// A database of the release before migration 4 (rows without `res_type`) is upgraded in
-    /// place: the column is added and filled from `resources` (NULL for contained rows), the
-    /// old index replaced; a second start changes nothing.
+    /// A database of the release before migrations 4 and 5 (token and reference rows without
+    /// `res_type`) is upgraded in place: the columns are added and filled from `resources`
+    /// (NULL for contained rows), the old indexes replaced; a second start changes nothing.
     async fn upgrade_in_place(config: StoreConfig) {
         let old = Store::open(&config, Some(hook(false))).await.unwrap();
-        // as the earlier release left it: migration 4 unknown
-        exec(&old, "DELETE FROM kiln_migrations WHERE version = 4").await;
+        // as the earlier release left it: migrations 4 and 5 unknown
+        exec(&old, "DELETE FROM kiln_migrations WHERE version IN (4, 5)").await;
         exec(
             &old,
             "INSERT INTO resources (rid, res_type, res_id, version, last_updated, deleted, content) VALUES \
@@ -326,6 +367,13 @@ mod tests {
             "INSERT INTO search_token (rid, param, system, code) VALUES \
              (1, 'code', 's', 'x'), (1, 'status', NULL, 'final'), (2, 'status', NULL, 'active'), \
              (3, 'code', 's', 'x')",
+        )
+        .await;
+        exec(
+            &old,
+            "INSERT INTO search_reference (rid, param, ref_type, ref_id) VALUES \
+             (1, 'patient', 'Patient', 'p1'), (2, 'subject', 'Patient', 'p1'), \
+             (3, 'manufacturer', 'Organization', 'o1')",
         )
         .await;
         old.close().await;
@@ -344,14 +392,26 @@ mod tests {
                     None
                 ]
             );
+            assert_eq!(
+                texts(
+                    &store,
+                    "SELECT res_type FROM search_reference ORDER BY rid, param"
+                )
+                .await,
+                vec![
+                    Some("Observation".to_string()),
+                    Some("MedicationRequest".to_string()),
+                    None
+                ]
+            );
             let applied = store
                 .query_rows(
-                    "SELECT COUNT(*) FROM kiln_migrations WHERE version = 4",
+                    "SELECT COUNT(*) FROM kiln_migrations WHERE version IN (4, 5)",
                     &[],
                 )
                 .await
                 .unwrap();
-            assert_eq!(applied[0][0].as_i64(), Some(1));
+            assert_eq!(applied[0][0].as_i64(), Some(2));
             let count = store
                 .query_rows(
                     "SELECT COUNT(*) FROM search_token WHERE param = 'code' AND code = 'x' AND res_type = 'Observation'",
@@ -380,6 +440,7 @@ mod tests {
         };
         let store = Store::open(&config, Some(hook(true))).await.unwrap();
         exec(&store, "INSERT INTO search_token (rid, param, code, res_type) VALUES (1, 'code', 'x', 'Patient')").await;
+        exec(&store, "INSERT INTO search_reference (rid, param, ref_id, res_type) VALUES (1, 'link', 'x', 'Patient')").await;
         store.close().await;
     }
 
