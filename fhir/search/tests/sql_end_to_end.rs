@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kiln_search::{
-    include_sql, index_resource, insert_batch, matches, parse, plan, schema, Dialect, KeyKind,
-    PageRequest, Registry, SearchQuery, SqlValue,
+    estimate_sql, include_sql, index_resource, insert_batch, matches, parse, plan, plan_with,
+    schema, Dialect, Estimates, KeyKind, PageRequest, Registry, SearchQuery, SqlValue,
 };
 use serde_json::Value;
 use sqlx::{Connection, Row};
@@ -209,6 +209,25 @@ impl Db {
         }
     }
 
+    /// The integer columns of the first row.
+    async fn ints(&mut self, sql: &str, params: &[SqlValue]) -> Vec<i64> {
+        macro_rules! first_row {
+            ($c:expr) => {{
+                let row = bound!(sql, params)
+                    .fetch_one(&mut *$c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"));
+                (0..row.len())
+                    .map(|i| row.try_get::<i64, _>(i).unwrap())
+                    .collect()
+            }};
+        }
+        match self {
+            Db::Sqlite(c) => first_row!(c),
+            Db::Pg(c) => first_row!(c),
+        }
+    }
+
     async fn count(&mut self, sql: &str, params: &[SqlValue]) -> i64 {
         match self {
             Db::Sqlite(c) => bound!(sql, params)
@@ -322,19 +341,21 @@ async fn run_all_pages(
     q: &SearchQuery,
     loaded: &Loaded,
     page_size: usize,
+    estimates: &Estimates,
 ) -> Vec<String> {
     let d = db.dialect();
     let mut out = Vec::new();
     let mut cursor = None;
     let mut pages = 0;
     loop {
-        let p = plan(
+        let p = plan_with(
             q,
             d,
             &PageRequest {
                 count: page_size,
                 cursor: cursor.clone(),
             },
+            estimates,
         )
         .unwrap();
         let t = Instant::now();
@@ -380,7 +401,6 @@ async fn check_against_matcher(
 ) -> usize {
     let q = parse(registry, Some(rt), &params(list), true)
         .unwrap_or_else(|e| panic!("{list:?}: {e:?}"));
-    let t0 = Instant::now();
     if std::env::var("KILN_SEARCH_TEST_SQL").is_ok() {
         let p = plan(
             &q,
@@ -400,8 +420,41 @@ async fn check_against_matcher(
             }
         }
     }
-    let got = run_all_pages(db, &q, loaded, 100_000).await;
+    // the plans the database's estimates choose, and the other forms forced: every range
+    // counted as large (a `_has` probed per candidate) or as small (collected as a set)
+    let mut regimes = vec![("no estimates", Estimates::new())];
+    if let Some((sql, ps, keys)) = estimate_sql(&q, db.dialect()) {
+        let counts = db.ints(&sql, &ps).await;
+        assert_eq!(counts.len(), keys.len());
+        let real: Estimates = keys
+            .iter()
+            .cloned()
+            .zip(counts.iter().map(|n| *n as u64))
+            .collect();
+        let large: Estimates = keys
+            .iter()
+            .map(|k| (k.clone(), kiln_search::plan::ESTIMATE_CAP))
+            .collect();
+        let small: Estimates = keys.iter().map(|k| (k.clone(), 0)).collect();
+        regimes.extend([
+            ("estimated", real),
+            ("all large", large),
+            ("all small", small),
+        ]);
+    }
+    let mut results = Vec::new();
+    for (name, est) in &regimes[1..] {
+        results.push((*name, run_all_pages(db, &q, loaded, 100_000, est).await));
+    }
+    let t0 = Instant::now();
+    let got = run_all_pages(db, &q, loaded, 100_000, &regimes[0].1).await;
     let one_page = t0.elapsed();
+    for (name, other) in results {
+        assert_eq!(
+            other, got,
+            "{name}: other results or order for {rt}?{list:?}"
+        );
+    }
     let got_set: BTreeSet<String> = got.iter().cloned().collect();
     assert_eq!(
         got_set.len(),
@@ -424,7 +477,11 @@ async fn check_against_matcher(
     // again in small pages (about 8 pages) through keyset cursors: same results, same order
     let small = (expected.len() / 8).max(3);
     let t1 = Instant::now();
-    let paged = run_all_pages(db, &q, loaded, small).await;
+    let paged = run_all_pages(db, &q, loaded, small, &Estimates::new()).await;
+    for (name, est) in &regimes[1..] {
+        let other = run_all_pages(db, &q, loaded, small, est).await;
+        assert_eq!(other, got, "{name}, in pages: {rt}?{list:?}");
+    }
     assert_eq!(
         paged, got,
         "paging changed the results or their order for {list:?}"
@@ -460,6 +517,23 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
     let s = |x: &str| x.to_string();
     type Case<'a> = (&'a str, Vec<(&'a str, String)>, usize);
     let cases: Vec<Case> = vec![
+        // two ranges (a reference and a token): either may drive
+        (
+            "Observation",
+            vec![
+                ("code", s("http://loinc.org|29463-7")),
+                ("patient", pid.clone()),
+            ],
+            1,
+        ),
+        (
+            "Observation",
+            vec![
+                ("subject", format!("Patient/{pid}")),
+                ("status", s("final")),
+            ],
+            1,
+        ),
         ("Patient", vec![("gender", s("female"))], 1),
         ("Patient", vec![("name", family[..3].to_lowercase())], 1),
         ("Patient", vec![("family:exact", family.clone())], 1),
@@ -601,7 +675,7 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
         true,
     )
     .unwrap();
-    let ids = run_all_pages(&mut db, &q, &loaded, 5).await;
+    let ids = run_all_pages(&mut db, &q, &loaded, 5, &Estimates::new()).await;
     let dates: Vec<String> = ids
         .iter()
         .map(|i| {
@@ -630,7 +704,7 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
         true,
     )
     .unwrap();
-    let got: BTreeSet<String> = run_all_pages(&mut db, &q, &loaded, 50)
+    let got: BTreeSet<String> = run_all_pages(&mut db, &q, &loaded, 50, &Estimates::new())
         .await
         .into_iter()
         .collect();
@@ -661,7 +735,7 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
         true,
     )
     .unwrap();
-    run_all_pages(&mut db, &q, &loaded, 50).await;
+    run_all_pages(&mut db, &q, &loaded, 50, &Estimates::new()).await;
 
     // _has: patients with a body-height observation above 180 cm
     let q = parse(
@@ -674,7 +748,7 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
         true,
     )
     .unwrap();
-    let got: BTreeSet<String> = run_all_pages(&mut db, &q, &loaded, 50)
+    let got: BTreeSet<String> = run_all_pages(&mut db, &q, &loaded, 50, &Estimates::new())
         .await
         .into_iter()
         .collect();
@@ -694,12 +768,70 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
     assert!(!expected.is_empty());
     assert_eq!(got, expected, "_has");
 
+    // _has over one token of the sources: a set of the referenced ids or a probe per patient
+    // through the references to it, by the estimate of the sources' range; same patients
+    let q = parse(
+        &registry,
+        Some("Patient"),
+        &params(&[("_has:Observation:patient:code", s("8302-2"))]),
+        true,
+    )
+    .unwrap();
+    let (sql, ps, keys) = estimate_sql(&q, db.dialect())
+        .map(|(sql, ps, keys)| (Some(sql), ps, keys))
+        .unwrap_or((None, Vec::new(), Vec::new()));
+    let oq = parse(
+        &registry,
+        Some("Observation"),
+        &params(&[("code", s("8302-2"))]),
+        true,
+    )
+    .unwrap();
+    let expected: Vec<String> = {
+        let refs: BTreeSet<String> = loaded
+            .resources
+            .iter()
+            .filter(|r| matches(&registry, &oq, r))
+            .filter_map(|r| r["subject"]["reference"].as_str().map(str::to_string))
+            .collect();
+        // in rid order, as the page is
+        let mut by_rid: Vec<(i64, String)> = loaded
+            .by_rid
+            .iter()
+            .map(|(rid, i)| (*rid, &loaded.resources[*i]))
+            .filter(|(_, r)| r["resourceType"] == "Patient")
+            .map(|(rid, r)| (rid, format!("Patient/{}", r["id"].as_str().unwrap())))
+            .filter(|(_, id)| refs.contains(id))
+            .collect();
+        by_rid.sort();
+        by_rid.into_iter().map(|(_, id)| id).collect()
+    };
+    assert!(!expected.is_empty());
+    let mut regimes = vec![Estimates::new()];
+    if let Some(sql) = sql {
+        assert_eq!(keys, vec!["t|Observation|code|*|8302-2".to_string()]);
+        let n = db.ints(&sql, &ps).await[0];
+        assert!(n > 0, "estimate of the sources' range");
+        for v in [n as u64, 0, kiln_search::plan::ESTIMATE_CAP] {
+            regimes.push(keys.iter().map(|k| (k.clone(), v)).collect());
+        }
+    }
+    for est in &regimes {
+        for page in [50, 3] {
+            let got = run_all_pages(&mut db, &q, &loaded, page, est).await;
+            assert_eq!(
+                got, expected,
+                "_has by token, estimates {est:?}, pages of {page}"
+            );
+        }
+    }
+
     // compartment
     let q = parse(&registry, Some("Condition"), &[], true)
         .unwrap()
         .with_compartment(&registry, "Patient", &pid)
         .unwrap();
-    let got = run_all_pages(&mut db, &q, &loaded, 50).await;
+    let got = run_all_pages(&mut db, &q, &loaded, 50, &Estimates::new()).await;
     let expected = loaded
         .resources
         .iter()
@@ -713,7 +845,7 @@ async fn scenario(mut db: Db, corpus: Vec<Value>) {
         .with_compartment(&registry, "Patient", &pid)
         .unwrap();
     assert_eq!(
-        run_all_pages(&mut db, &q, &loaded, 50).await,
+        run_all_pages(&mut db, &q, &loaded, 50, &Estimates::new()).await,
         vec![format!("Patient/{pid}")]
     );
 
