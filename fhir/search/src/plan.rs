@@ -680,6 +680,17 @@ impl Builder {
                 if let [only] = target_types.as_slice() {
                     self.ctx_types.insert(t.clone(), only.clone());
                 }
+                // only the references from rows of the searched type (index rows carry it):
+                // `subject` is a parameter of many types (`Encounter?subject.name=X` 0.18 →
+                // 0.10 ms in SQL on 100 Synthea patients)
+                let own_type = match (self.plain_rows.contains(a), self.ctx_types.get(a)) {
+                    (true, Some(ty)) => {
+                        let ty = ty.clone();
+                        let p = self.text(&ty);
+                        format!(" AND {x}.res_type = {p}")
+                    }
+                    _ => String::new(),
+                };
                 let rc = self.rid_col(a);
                 let inner_sql = self.criterion(&t, inner);
                 if self.dialect == Dialect::Sqlite {
@@ -687,12 +698,12 @@ impl Builder {
                     // (param, ref_type, ref_id): a JOIN made SQLite walk every reference of the
                     // parameter (measured: `Encounter?subject.name=X` 34 ms → under 1 ms)
                     return format!(
-                        "{rc} IN (SELECT {x}.rid FROM search_reference {x} WHERE {x}.param = {rp} AND ({x}.ref_type, {x}.ref_id) IN (SELECT {t}.res_type, {t}.res_id FROM resources {t} WHERE {t}.res_type IN ({}) AND {t}.deleted IN (0, 2) AND {inner_sql}))",
+                        "{rc} IN (SELECT {x}.rid FROM search_reference {x} WHERE {x}.param = {rp}{own_type} AND ({x}.ref_type, {x}.ref_id) IN (SELECT {t}.res_type, {t}.res_id FROM resources {t} WHERE {t}.res_type IN ({}) AND {t}.deleted IN (0, 2) AND {inner_sql}))",
                         types.join(", ")
                     );
                 }
                 format!(
-                    "{rc} IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp} AND {t}.res_type IN ({}) AND {t}.deleted IN (0, 2) AND {inner_sql})",
+                    "{rc} IN (SELECT {x}.rid FROM search_reference {x} JOIN resources {t} ON {t}.res_type = {x}.ref_type AND {t}.res_id = {x}.ref_id WHERE {x}.param = {rp}{own_type} AND {t}.res_type IN ({}) AND {t}.deleted IN (0, 2) AND {inner_sql})",
                     types.join(", ")
                 )
             }
