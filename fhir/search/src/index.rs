@@ -110,6 +110,35 @@ pub const TABLES: [&str; 7] = [
     "search_uri",
 ];
 
+/// The per-resource index of an index table: (rid, param), and for the small tables whose
+/// values are compared or sorted per candidate also those values, so a probe (`EXISTS … WHERE
+/// rid = r.rid AND param = … AND value > …`) or a sort key (`MIN(low)`) reads no table row
+/// (measured on 100 Synthea patients: `Observation?code=X&value-quantity=gtN` 0.24 → 0.14 ms,
+/// `Observation?date=geX&_sort=-date` 0.31 → 0.22 ms in SQL). `search_token` (500k rows)
+/// and `search_reference` keep (rid, param): their probes go through `search_token_type` /
+/// `search_reference_type` instead.
+fn rid_index_columns(table: &str) -> (String, &'static str) {
+    let covering = match table {
+        "search_date" => Some(("range", "rid, param, low, high")),
+        "search_quantity" => Some((
+            "values",
+            "rid, param, value, code, system, canon_code, canon_value",
+        )),
+        "search_string" => Some(("value", "rid, param, value_norm")),
+        "search_number" => Some(("value", "rid, param, value")),
+        _ => None,
+    };
+    match covering {
+        Some((suffix, cols)) => (format!("{table}_rid_{suffix}"), cols),
+        None => (format!("{table}_rid"), "rid, param"),
+    }
+}
+
+/// The name of `table`'s per-resource index (`INDEXED BY` in plans).
+pub fn rid_index(table: &str) -> String {
+    rid_index_columns(table).0
+}
+
 /// Parameters answered from the `resources` table, never indexed.
 pub(crate) fn is_resource_column_param(code: &str) -> bool {
     matches!(code, "_id" | "_lastUpdated")
@@ -223,10 +252,13 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
         v.push(format!("DROP INDEX IF EXISTS {replaced}"));
     }
     for t in TABLES {
-        // (rid, param): per-resource lookups (sort keys, deletes, includes)
-        v.push(format!(
-            "CREATE INDEX IF NOT EXISTS {t}_rid ON {t}(rid, param)"
-        ));
+        // (rid, param): per-resource lookups (sort keys, deletes, includes, probes)
+        let (name, columns) = rid_index_columns(t);
+        v.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {t}({columns})"));
+        if name != format!("{t}_rid") {
+            // an earlier release's (rid, param) index, replaced by the covering one
+            v.push(format!("DROP INDEX IF EXISTS {t}_rid"));
+        }
     }
     if dialect == Dialect::Postgres {
         v.push(postgres_analyze_stale());

@@ -1005,7 +1005,8 @@ impl Builder {
             // (measured: `Observation?code=X&value-quantity=gtN` 5.9 ms → 1.2 ms in SQL)
             // (INDEXED BY: without statistics SQLite may scan the (param, value) index instead)
             return format!(
-                "EXISTS (SELECT 1 FROM {table} {x} INDEXED BY {table}_rid WHERE {x}.rid = {a}.rid AND {x}.param = {p} AND ({}))",
+                "EXISTS (SELECT 1 FROM {table} {x} INDEXED BY {} WHERE {x}.rid = {a}.rid AND {x}.param = {p} AND ({}))",
+                crate::index::rid_index(table),
                 conds.join(" OR ")
             );
         }
@@ -1376,7 +1377,7 @@ fn sort_expr(
     let p = b.text(&key.code);
     // SQLite without statistics would otherwise walk the (param, value) index for MIN/MAX
     let hint = if b.dialect == Dialect::Sqlite {
-        format!(" INDEXED BY {table}_rid")
+        format!(" INDEXED BY {}", crate::index::rid_index(table))
     } else {
         String::new()
     };
@@ -1961,7 +1962,7 @@ fn walk_segments(
         conds.push(format!(
             "NOT EXISTS (SELECT 1 FROM search_date o{} WHERE o.rid = d.rid AND o.param = d.param AND (o.{col} {cmp_first} d.{col} OR (o.{col} = d.{col} AND o.{row_id} < d.{row_id})))",
             if dialect == Dialect::Sqlite {
-                " INDEXED BY search_date_rid"
+                " INDEXED BY search_date_rid_range"
             } else {
                 ""
             }
@@ -2547,7 +2548,7 @@ mod tests {
         );
         assert!(
             p.sql
-                .contains("EXISTS (SELECT 1 FROM search_quantity i1 INDEXED BY search_quantity_rid WHERE i1.rid = d.rid"),
+                .contains("EXISTS (SELECT 1 FROM search_quantity i1 INDEXED BY search_quantity_rid_values WHERE i1.rid = d.rid"),
             "{}",
             p.sql
         );
@@ -2560,7 +2561,7 @@ mod tests {
         );
         assert!(
             p.count_sql
-                .contains("EXISTS (SELECT 1 FROM search_quantity i2 INDEXED BY search_quantity_rid WHERE i2.rid = r.rid"),
+                .contains("EXISTS (SELECT 1 FROM search_quantity i2 INDEXED BY search_quantity_rid_values WHERE i2.rid = r.rid"),
             "{}",
             p.count_sql
         );
@@ -2641,7 +2642,7 @@ mod tests {
         // on SQLite the date criterion is checked per walked row, not materialised
         assert!(
             p.sql
-                .contains("EXISTS (SELECT 1 FROM search_date i1 INDEXED BY search_date_rid WHERE"),
+                .contains("EXISTS (SELECT 1 FROM search_date i1 INDEXED BY search_date_rid_range WHERE"),
             "{}",
             p.sql
         );
