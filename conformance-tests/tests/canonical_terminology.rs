@@ -28,19 +28,18 @@ fn total(b: &Value) -> u64 {
 
 /// Rewrites the load records as an older Kiln (another bundle) would have left them.
 async fn pretend_older_bundle(srv: &TestServer) {
-    srv.state
-        .store
-        .query_rows("UPDATE kiln_canonical_loads SET fingerprint = 'older'", &[])
+    // in a write transaction: the store's SQLite readers refuse writes (`query_only`)
+    let mut tx = srv.state.store.begin().await.unwrap();
+    tx.execute("UPDATE kiln_canonical_loads SET fingerprint = 'older'", &[])
         .await
         .unwrap();
-    srv.state
-        .store
-        .query_rows(
-            "UPDATE kiln_canonical_resources SET fingerprint = 'older'",
-            &[],
-        )
-        .await
-        .unwrap();
+    tx.execute(
+        "UPDATE kiln_canonical_resources SET fingerprint = 'older'",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
 }
 
 async fn stored_and_searchable(backend: Backend) {

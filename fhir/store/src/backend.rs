@@ -1,6 +1,7 @@
 //! The two sqlx backends behind one enum. Code that runs on both is written once inside the
 //! `on_backend!` macro and type-checked for each backend, so there are no generic bounds to fight
-//! and no `Any` driver overhead.
+//! and no `Any` driver overhead. SQLite reads of the store's own tables go through the
+//! synchronous connections of [`crate::sqlite_read`] instead of sqlx.
 
 use std::str::FromStr;
 
@@ -10,6 +11,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::sqlite_read::{self, SqliteReader, SqliteReaders};
 use crate::{Result, StoreConfig, StoreError, StoredResource, BUSY_TIMEOUT};
 
 /// SQL dialect of the backend in use.
@@ -48,9 +50,13 @@ impl SqlValue {
 #[derive(Clone)]
 pub(crate) enum Pools {
     Sqlite {
+        /// sqlx readers: [`crate::Store::pool_handle`] (tables of other crates) and the
+        /// terminology reads; the store's own reads use `readers`.
         read: SqlitePool,
         /// A single connection: SQLite has one writer; queueing here is cheaper than lock retries.
         write: SqlitePool,
+        /// rusqlite readers: every read of `resources` / `resource_history` / search indexes.
+        readers: SqliteReaders,
         path: String,
     },
     Postgres {
@@ -183,7 +189,7 @@ macro_rules! query_rows_on {
 
 /// A reader connection taken from the pool for several statements (see [`Pools::reader`]).
 pub enum ReadConn {
-    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Sqlite(SqliteReader),
     Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
 }
 
@@ -195,7 +201,7 @@ impl ReadConn {
         params: &[SqlValue],
     ) -> Result<Vec<Vec<SqlValue>>> {
         match self {
-            ReadConn::Sqlite(c) => query_rows_on!(&mut **c, sql, params, true),
+            ReadConn::Sqlite(c) => c.query_rows(sql, params).await,
             // see WriteTx::execute: generated SQL is not kept prepared on PostgreSQL
             ReadConn::Postgres(c) => query_rows_on!(&mut **c, sql, params, false),
         }
@@ -207,7 +213,7 @@ impl ReadConn {
             return Ok(Vec::new());
         }
         match self {
-            ReadConn::Sqlite(c) => fetch_by_rids_on!(&mut **c, rids),
+            ReadConn::Sqlite(c) => c.fetch_by_rids(rids).await,
             ReadConn::Postgres(c) => fetch_by_rids_on!(&mut **c, rids),
         }
     }
@@ -236,6 +242,13 @@ impl Pools {
                 })
             }
             Some(url) if url.starts_with("sqlite:") => {
+                // the rusqlite readers open the file by name: an in-memory database (one per
+                // connection, or shared-cache with table locks) cannot serve them
+                if url.contains(":memory:") || url.contains("mode=memory") {
+                    return Err(StoreError::Config(format!(
+                        "in-memory SQLite (`{url}`) is not supported: use a file"
+                    )));
+                }
                 let opts = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
                 Self::sqlite(opts, url.to_string(), config).await
             }
@@ -285,13 +298,25 @@ impl Pools {
             .test_before_acquire(false)
             .connect_with(opts.clone())
             .await?;
+        let file = opts.get_filename().to_path_buf();
         let read = SqlitePoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(BUSY_TIMEOUT)
             .test_before_acquire(false)
             .connect_with(opts.read_only(false))
             .await?;
-        Ok(Pools::Sqlite { read, write, path })
+        // same pragmas, opened on first use (the writer above created the file)
+        let readers = SqliteReaders::new(
+            file,
+            config.max_connections.max(1) as usize,
+            sqlite_read::ReadMode::from_env(),
+        );
+        Ok(Pools::Sqlite {
+            read,
+            write,
+            readers,
+            path,
+        })
     }
 
     pub(crate) fn dialect(&self) -> Dialect {
@@ -311,6 +336,11 @@ impl Pools {
     pub(crate) async fn read_current(&self, ty: &str, id: &str) -> Result<Option<StoredResource>> {
         let sql =
             format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE res_type = $1 AND res_id = $2");
+        if let Pools::Sqlite { readers, .. } = self {
+            let params = vec![SqlValue::Text(ty.into()), SqlValue::Text(id.into())];
+            let mut c = readers.acquire().await?;
+            return c.query_opt(sql, params, sqlite_read::stored_resource).await;
+        }
         on_read_pool!(self, |p| {
             let row = sqlx::query(AssertSqlSafe(sql))
                 .bind(ty)
@@ -332,6 +362,17 @@ impl Pools {
     ) -> Result<Option<StoredResource>> {
         let sql = "SELECT rid, res_type, res_id, version, last_updated, deleted, content \
                    FROM resource_history WHERE res_type = $1 AND res_id = $2 AND version = $3";
+        if let Pools::Sqlite { readers, .. } = self {
+            let params = vec![
+                SqlValue::Text(ty.into()),
+                SqlValue::Text(id.into()),
+                SqlValue::Int(version),
+            ];
+            let mut c = readers.acquire().await?;
+            return c
+                .query_opt(sql.to_string(), params, sqlite_read::stored_resource)
+                .await;
+        }
         on_read_pool!(self, |p| {
             let row = sqlx::query(sql)
                 .bind(ty)
@@ -350,10 +391,13 @@ impl Pools {
         if rids.is_empty() {
             return Ok(Vec::new());
         }
-        on_read_pool!(self, |p| {
-            let mut c = p.acquire().await?;
-            fetch_by_rids_on!(&mut *c, rids)
-        })
+        match self {
+            Pools::Sqlite { readers, .. } => readers.acquire().await?.fetch_by_rids(rids).await,
+            Pools::Postgres { pool, .. } => {
+                let mut c = pool.acquire().await?;
+                fetch_by_rids_on!(&mut *c, rids)
+            }
+        }
     }
 
     pub(crate) async fn query_rows(
@@ -361,21 +405,37 @@ impl Pools {
         sql: &str,
         params: &[SqlValue],
     ) -> Result<Vec<Vec<SqlValue>>> {
-        // see WriteTx::execute: generated SQL is not kept prepared on PostgreSQL
-        let persistent = self.dialect() == Dialect::Sqlite;
-        on_read_pool!(self, |p| query_rows_on!(p, sql, params, persistent))
+        match self {
+            Pools::Sqlite { readers, .. } => readers.acquire().await?.query_rows(sql, params).await,
+            // see WriteTx::execute: generated SQL is not kept prepared on PostgreSQL
+            Pools::Postgres { pool, .. } => query_rows_on!(pool, sql, params, false),
+        }
     }
 
     /// One pooled reader connection, held until the returned value is dropped (several
     /// statements of one request without a pool round trip each).
     pub(crate) async fn reader(&self) -> Result<ReadConn> {
         Ok(match self {
-            Pools::Sqlite { read, .. } => ReadConn::Sqlite(read.acquire().await?),
+            Pools::Sqlite { readers, .. } => ReadConn::Sqlite(readers.acquire().await?),
             Pools::Postgres { pool, .. } => ReadConn::Postgres(pool.acquire().await?),
         })
     }
 
     pub(crate) async fn count(&self, ty: Option<&str>) -> Result<i64> {
+        if let Pools::Sqlite { readers, .. } = self {
+            let (sql, params) = match ty {
+                Some(t) => (
+                    "SELECT COUNT(*) FROM resources WHERE res_type = $1 AND deleted = 0",
+                    vec![SqlValue::Text(t.into())],
+                ),
+                None => ("SELECT COUNT(*) FROM resources WHERE deleted = 0", vec![]),
+            };
+            let mut c = readers.acquire().await?;
+            let n = c
+                .query_opt(sql.to_string(), params, |r| Ok(r.get::<_, i64>(0)?))
+                .await?;
+            return Ok(n.unwrap_or(0));
+        }
         on_read_pool!(self, |p| {
             let n: i64 = match ty {
                 Some(t) => {
@@ -398,7 +458,13 @@ impl Pools {
 
     pub(crate) async fn close(&self) {
         match self {
-            Pools::Sqlite { read, write, .. } => {
+            Pools::Sqlite {
+                read,
+                write,
+                readers,
+                ..
+            } => {
+                readers.close();
                 read.close().await;
                 // a clean close checkpoints the WAL into the main database file
                 if let Ok(mut c) = write.acquire().await {
@@ -499,5 +565,70 @@ mod tests {
         drop(db);
         // given back: the pool of one serves the next request
         assert_eq!(store.count(Some("Basic")).await.unwrap(), 3);
+    }
+
+    /// The pool-level reads (one connection per call) see what sqlx's writer committed just
+    /// before, and the SQLite readers refuse writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pool_reads_see_the_last_commit() {
+        use crate::{HistoryQuery, HistoryScope, SqlValue, Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &StoreConfig {
+                data_dir: dir.path().to_path_buf(),
+                max_connections: 2,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(store.read("Basic", "a").await.unwrap().is_none());
+        assert_eq!(store.count(None).await.unwrap(), 0);
+        for version in 1..=3 {
+            let mut tx = store.begin().await.unwrap();
+            let r = serde_json::json!({"resourceType": "Basic", "code": {"text": version}});
+            let prev = tx.current("Basic", "a").await.unwrap();
+            tx.put("Basic", "a", r, prev.as_ref(), "PUT").await.unwrap();
+            tx.commit().await.unwrap();
+            let cur = store.read("Basic", "a").await.unwrap().unwrap();
+            assert_eq!((cur.version, cur.deleted), (version, false));
+            assert!(cur.content.contains(&format!("\"text\":{version}")));
+            assert_eq!(store.count(Some("Basic")).await.unwrap(), 1);
+            let rows = store
+                .query_rows(
+                    "SELECT version FROM resources WHERE res_type = $1 AND res_id = $2",
+                    &[SqlValue::Text("Basic".into()), SqlValue::Text("a".into())],
+                )
+                .await
+                .unwrap();
+            assert_eq!(rows, vec![vec![SqlValue::Int(version)]]);
+        }
+        let v2 = store.vread("Basic", "a", 2).await.unwrap().unwrap();
+        assert!(v2.content.contains("\"text\":2"));
+        assert!(store.vread("Basic", "a", 4).await.unwrap().is_none());
+        let page = store
+            .history(&HistoryQuery {
+                scope: HistoryScope::Instance("Basic".into(), "a".into()),
+                since: None,
+                at: None,
+                count: 2,
+                before: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.total, 3);
+        let versions: Vec<i64> = page.entries.iter().map(|e| e.version).collect();
+        assert_eq!(versions, [3, 2]);
+        assert!(page.next.is_some());
+        let rid = store.read("Basic", "a").await.unwrap().unwrap().rid;
+        assert_eq!(store.fetch_by_rids(&[rid]).await.unwrap().len(), 1);
+        let e = store
+            .query_rows("DELETE FROM resources", &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, crate::StoreError::Sqlite(_)), "{e}");
+        assert_eq!(store.count(None).await.unwrap(), 1);
+        store.close().await;
     }
 }

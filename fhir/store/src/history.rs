@@ -106,24 +106,41 @@ pub(crate) async fn history(pools: &Pools, q: &HistoryQuery) -> Result<HistoryPa
             .and_then(SqlValue::as_i64)
             .unwrap_or(0)
     };
-    let mut entries: Vec<HistoryEntry> = on_read_pool!(pools, |pool| {
-        let qy = bind_values!(sqlx::query(AssertSqlSafe(sql)), &page_params);
-        let rows = qy.fetch_all(pool).await?;
-        let mut v = Vec::with_capacity(rows.len());
-        for r in &rows {
-            v.push(HistoryEntry {
-                hid: r.try_get(0)?,
-                resource_type: r.try_get(1)?,
-                id: r.try_get(2)?,
-                version: r.try_get(3)?,
-                last_updated: r.try_get(4)?,
-                deleted: r.try_get::<i64, _>(5)? != 0,
-                method: r.try_get(6)?,
-                content: r.try_get(7)?,
-            });
-        }
-        Ok::<_, crate::StoreError>(v)
-    })?;
+    let mut entries: Vec<HistoryEntry> = if let Pools::Sqlite { readers, .. } = pools {
+        let mut c = readers.acquire().await?;
+        c.query_map(sql, page_params, |r| {
+            Ok(HistoryEntry {
+                hid: r.get(0)?,
+                resource_type: r.get(1)?,
+                id: r.get(2)?,
+                version: r.get(3)?,
+                last_updated: r.get(4)?,
+                deleted: r.get::<_, i64>(5)? != 0,
+                method: r.get(6)?,
+                content: r.get(7)?,
+            })
+        })
+        .await?
+    } else {
+        on_read_pool!(pools, |pool| {
+            let qy = bind_values!(sqlx::query(AssertSqlSafe(sql)), &page_params);
+            let rows = qy.fetch_all(pool).await?;
+            let mut v = Vec::with_capacity(rows.len());
+            for r in &rows {
+                v.push(HistoryEntry {
+                    hid: r.try_get(0)?,
+                    resource_type: r.try_get(1)?,
+                    id: r.try_get(2)?,
+                    version: r.try_get(3)?,
+                    last_updated: r.try_get(4)?,
+                    deleted: r.try_get::<i64, _>(5)? != 0,
+                    method: r.try_get(6)?,
+                    content: r.try_get(7)?,
+                });
+            }
+            Ok::<_, crate::StoreError>(v)
+        })?
+    };
     let next = if entries.len() as i64 > limit - 1 {
         entries.truncate((limit - 1) as usize);
         entries.last().map(|e| e.hid)

@@ -10,6 +10,7 @@ mod backend;
 mod history;
 mod meta;
 mod schema;
+mod sqlite_read;
 mod terminology;
 #[cfg(test)]
 mod test_pg;
@@ -18,6 +19,7 @@ mod tx;
 pub use backend::{Dialect, ReadConn, SqlValue};
 pub use history::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope};
 pub use meta::{format_instant, now_micros, parse_instant};
+pub use sqlite_read::SqliteReader;
 pub use terminology::{TerminologyHead, TerminologyItem, CHUNK_BYTES as TERMINOLOGY_CHUNK_BYTES};
 pub use tx::{Current, Indexer, WriteTx};
 
@@ -36,6 +38,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// An error of a SQLite read (the rusqlite connections; `SQLITE_BUSY` and the like).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("configuration error: {0}")]

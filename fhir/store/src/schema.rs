@@ -328,11 +328,13 @@ mod tests {
         })
     }
 
+    /// A write statement (SQLite readers are `query_only`: writes go through a transaction).
     async fn exec(store: &Store, sql: &str) {
-        store
-            .query_rows(sql, &[])
+        let mut tx = store.begin().await.unwrap();
+        tx.execute(sql, &[])
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        tx.commit().await.unwrap();
     }
 
     async fn texts(store: &Store, sql: &str) -> Vec<Option<String>> {
