@@ -167,6 +167,9 @@ pub fn parse_json(body: &[u8]) -> Result<Value, FhirError> {
 pub enum Body {
     Resource(Value),
     StoredJson(String),
+    /// JSON text in parts, concatenated on the wire without being joined first (a large
+    /// searchset Bundle written around stored resources).
+    StoredJsonParts(Vec<String>),
 }
 
 impl Body {
@@ -175,7 +178,53 @@ impl Body {
             Body::Resource(v) => Ok(v),
             Body::StoredJson(s) => serde_json::from_str(&s)
                 .map_err(|e| FhirError::internal(format!("stored resource is not JSON: {e}"))),
+            Body::StoredJsonParts(parts) => Body::StoredJson(parts.concat()).into_value(),
         }
+    }
+}
+
+/// A response body of several parts sent in turn, with their total length as its exact size
+/// (so the response carries a `Content-Length`, as a single-part body does).
+struct PartsBody {
+    parts: std::collections::VecDeque<axum::body::Bytes>,
+    remaining: u64,
+}
+
+impl PartsBody {
+    fn new(parts: Vec<String>) -> PartsBody {
+        let remaining = parts.iter().map(|p| p.len() as u64).sum();
+        PartsBody {
+            parts: parts
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(axum::body::Bytes::from)
+                .collect(),
+            remaining,
+        }
+    }
+}
+
+impl http_body::Body for PartsBody {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let next = self.parts.pop_front();
+        if let Some(b) = &next {
+            self.remaining -= b.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|b| Ok(http_body::Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
     }
 }
 
@@ -227,6 +276,7 @@ fn content_type(n: &Negotiated) -> &'static str {
 pub fn render_body(body: Body, n: &Negotiated) -> Result<String, FhirError> {
     match (n.format, body) {
         (Format::Json, Body::StoredJson(s)) if !n.pretty => Ok(s),
+        (Format::Json, Body::StoredJsonParts(parts)) if !n.pretty => Ok(parts.concat()),
         (Format::Json, b) => {
             let v = b.into_value()?;
             let s = if n.pretty {
@@ -254,6 +304,10 @@ pub fn render(resp: FhirResponse, n: &Negotiated) -> Response {
     match resp.body {
         None => builder
             .body(axum::body::Body::empty())
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        Some(Body::StoredJsonParts(parts)) if n.format == Format::Json && !n.pretty => builder
+            .header(header::CONTENT_TYPE, content_type(n))
+            .body(axum::body::Body::new(PartsBody::new(parts)))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
         Some(body) => match render_body(body, n) {
             Ok(text) => builder

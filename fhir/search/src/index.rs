@@ -254,7 +254,9 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
     for t in TABLES {
         // (rid, param): per-resource lookups (sort keys, deletes, includes, probes)
         let (name, columns) = rid_index_columns(t);
-        v.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {t}({columns})"));
+        v.push(format!(
+            "CREATE INDEX IF NOT EXISTS {name} ON {t}({columns})"
+        ));
         if name != format!("{t}_rid") {
             // an earlier release's (rid, param) index, replaced by the covering one
             v.push(format!("DROP INDEX IF EXISTS {t}_rid"));

@@ -207,6 +207,31 @@ impl ReadConn {
         }
     }
 
+    /// Runs one statement and folds its rows into `acc` with `f`, which gets each row's
+    /// columns as text (`None` for NULL and non-text values). On SQLite the text is borrowed
+    /// from the database's memory, so a large result (the included resources of a page) is
+    /// copied once, into whatever `f` writes; on PostgreSQL the rows are read first.
+    pub async fn fold_text_rows<T: Send + 'static>(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+        acc: T,
+        f: fn(&mut T, &[Option<&str>]),
+    ) -> Result<T> {
+        match self {
+            ReadConn::Sqlite(c) => c.fold_text_rows(sql, params, acc, f).await,
+            ReadConn::Postgres(_) => {
+                let rows = self.query_rows(sql, params).await?;
+                let mut acc = acc;
+                for r in &rows {
+                    let cols: Vec<Option<&str>> = r.iter().map(SqlValue::as_str).collect();
+                    f(&mut acc, &cols);
+                }
+                Ok(acc)
+            }
+        }
+    }
+
     /// [`crate::Store::fetch_by_rids`] on this connection.
     pub async fn fetch_by_rids(&mut self, rids: &[i64]) -> Result<Vec<StoredResource>> {
         if rids.is_empty() {

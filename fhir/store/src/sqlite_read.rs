@@ -309,6 +309,42 @@ impl SqliteReader {
         .await
     }
 
+    /// One statement with bound values (kept prepared, as [`Self::query_rows`]), its rows
+    /// folded into `acc` by `f`, which gets each row's columns as text borrowed from SQLite's
+    /// memory (`None` for NULL and non-text values): no copy of the values is made.
+    pub(crate) async fn fold_text_rows<T: Send + 'static>(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+        acc: T,
+        f: fn(&mut T, &[Option<&str>]),
+    ) -> Result<T> {
+        let key = key_of(sql);
+        let sql = sql.to_owned();
+        let params = params.to_vec();
+        self.run(key, move |c| {
+            let mut acc = acc;
+            let mut stmt = c.prepare_cached(&sql)?;
+            bind(&mut stmt, &params)?;
+            let n = stmt.column_count();
+            let mut rows = stmt.raw_query();
+            while let Some(row) = rows.next()? {
+                let mut cols = Vec::with_capacity(n);
+                for i in 0..n {
+                    cols.push(match row.get_ref(i)? {
+                        ValueRef::Text(b) => Some(
+                            std::str::from_utf8(b).map_err(|e| rusqlite::Error::Utf8Error(i, e))?,
+                        ),
+                        _ => None,
+                    });
+                }
+                f(&mut acc, &cols);
+            }
+            Ok(acc)
+        })
+        .await
+    }
+
     /// At most one row of a fixed statement, mapped by `map`.
     pub(crate) async fn query_opt<T, F>(
         &mut self,
@@ -333,21 +369,26 @@ impl SqliteReader {
         if rids.is_empty() {
             return Ok(Vec::new());
         }
-        // the text differs with every page: the statement is known by its size
         let key = key_of(("fetch_by_rids", rids.len().next_power_of_two()));
         let rids = rids.to_vec();
         self.run(key, move |c| {
             let mut out = Vec::with_capacity(rids.len());
-            for chunk in rids.chunks(500) {
-                // row ids are integers: inlined, one statement text per page, so prepared
-                // once and not kept in the statement cache
-                let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
-                let sql = format!(
-                    "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({})",
-                    list.join(",")
-                );
-                let mut stmt = c.prepare(&sql)?;
-                let mut v = rows(&mut stmt, &[], stored_resource)?;
+            for chunk in rids.chunks(FETCH_CHUNK) {
+                // bound, in statements of a few sizes (powers of two, the list padded with
+                // its last rid) that stay prepared: a statement per page text was parsed and
+                // planned every time (SQLite's parser was ~3 % of a 1-entry search's CPU)
+                let slots = chunk.len().next_power_of_two();
+                let sql = fetch_statement(slots);
+                let mut stmt = c.prepare_cached(&sql)?;
+                let last = *chunk.last().expect("chunks are not empty");
+                for i in 0..slots {
+                    stmt.raw_bind_parameter(i + 1, chunk.get(i).copied().unwrap_or(last))?;
+                }
+                let mut v = Vec::with_capacity(chunk.len());
+                let mut found = stmt.raw_query();
+                while let Some(row) = found.next()? {
+                    v.push(stored_resource(row)?);
+                }
                 // keep the caller's order
                 let pos: std::collections::HashMap<i64, usize> =
                     chunk.iter().enumerate().map(|(i, r)| (*r, i)).collect();
@@ -358,6 +399,21 @@ impl SqliteReader {
         })
         .await
     }
+}
+
+/// Row ids per `fetch_by_rids` statement (a power of two: the statement sizes).
+const FETCH_CHUNK: usize = 512;
+
+/// `SELECT` of the current (or contained) resources among `slots` bound row ids.
+fn fetch_statement(slots: usize) -> String {
+    let mut marks = String::with_capacity(slots * 2);
+    for i in 0..slots {
+        if i > 0 {
+            marks.push(',');
+        }
+        marks.push('?');
+    }
+    format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({marks})")
 }
 
 /// Binds `params` (value `k` is `$k`, also `?k`; anonymous `?` take the values in order) and
