@@ -98,6 +98,15 @@ pub async fn serve(
         }
     });
     let app = routes::router(state);
+    // TCP_NODELAY: a response sent in parts (`Body::StoredJsonParts`) ends with a small
+    // segment that Nagle's algorithm would hold until the client acknowledges the data before
+    // it, which a client's delayed ACK can stretch to tens of milliseconds
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
