@@ -232,6 +232,40 @@ impl ReadConn {
         }
     }
 
+    /// The current (or contained) resources with these row ids, in ascending rid order, folded
+    /// into `acc` by `f` with their type, id and JSON text: on SQLite borrowed from the
+    /// database's memory (written once, into whatever `f` writes), on PostgreSQL read first.
+    pub async fn fold_resources<T: Send + 'static>(
+        &mut self,
+        rids: &[i64],
+        acc: T,
+        f: fn(&mut T, crate::StoredText<'_>),
+    ) -> Result<T> {
+        if rids.is_empty() {
+            return Ok(acc);
+        }
+        match self {
+            ReadConn::Sqlite(c) => c.fold_resources(rids, acc, f).await,
+            ReadConn::Postgres(_) => {
+                let mut found = self.fetch_by_rids(rids).await?;
+                found.sort_by_key(|r| r.rid);
+                found.dedup_by_key(|r| r.rid);
+                let mut acc = acc;
+                for r in &found {
+                    f(
+                        &mut acc,
+                        crate::StoredText {
+                            resource_type: &r.resource_type,
+                            id: &r.id,
+                            content: &r.content,
+                        },
+                    );
+                }
+                Ok(acc)
+            }
+        }
+    }
+
     /// [`crate::Store::fetch_by_rids`] on this connection.
     pub async fn fetch_by_rids(&mut self, rids: &[i64]) -> Result<Vec<StoredResource>> {
         if rids.is_empty() {

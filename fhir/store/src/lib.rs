@@ -89,6 +89,16 @@ pub struct StoredResource {
     pub content: String,
 }
 
+/// A stored resource's row as text borrowed from the database (see
+/// [`ReadConn::fold_resources`]): the JSON exactly as a read returns it.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredText<'a> {
+    pub resource_type: &'a str,
+    /// The logical id (`[container type]/[container id]#[local id]` for a contained resource).
+    pub id: &'a str,
+    pub content: &'a str,
+}
+
 /// A sqlx pool of the store's database.
 pub enum PoolHandle {
     Sqlite(sqlx::SqlitePool),

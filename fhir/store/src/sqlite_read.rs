@@ -401,19 +401,80 @@ impl SqliteReader {
     }
 }
 
+impl SqliteReader {
+    /// The current (or contained) resources with these row ids in ascending rid order, each
+    /// row's type, id and JSON text borrowed from SQLite's memory and handed to `f` (no copy).
+    pub(crate) async fn fold_resources<T: Send + 'static>(
+        &mut self,
+        rids: &[i64],
+        acc: T,
+        f: fn(&mut T, crate::StoredText<'_>),
+    ) -> Result<T> {
+        let key = key_of(("fold_resources", rids.len().next_power_of_two()));
+        let mut rids = rids.to_vec();
+        rids.sort_unstable();
+        rids.dedup();
+        self.run(key, move |c| {
+            let mut acc = acc;
+            for chunk in rids.chunks(FETCH_CHUNK) {
+                let slots = chunk.len().next_power_of_two();
+                let sql = format!(
+                    "SELECT res_type, res_id, content FROM resources WHERE deleted <> 1 AND rid IN ({}) ORDER BY rid",
+                    marks(slots)
+                );
+                let mut stmt = c.prepare_cached(&sql)?;
+                let last = *chunk.last().expect("chunks are not empty");
+                for i in 0..slots {
+                    stmt.raw_bind_parameter(i + 1, chunk.get(i).copied().unwrap_or(last))?;
+                }
+                let mut found = stmt.raw_query();
+                while let Some(row) = found.next()? {
+                    let text = |i: usize| -> Result<&str> {
+                        match row.get_ref(i)? {
+                            ValueRef::Text(b) => Ok(std::str::from_utf8(b)
+                                .map_err(|e| rusqlite::Error::Utf8Error(i, e))?),
+                            _ => Err(StoreError::Corrupt(format!(
+                                "column {i} of a resource row is not text"
+                            ))),
+                        }
+                    };
+                    f(
+                        &mut acc,
+                        crate::StoredText {
+                            resource_type: text(0)?,
+                            id: text(1)?,
+                            content: text(2)?,
+                        },
+                    );
+                }
+            }
+            Ok(acc)
+        })
+        .await
+    }
+}
+
+/// `?,?,…` (`n` anonymous placeholders).
+fn marks(n: usize) -> String {
+    let mut m = String::with_capacity(n * 2);
+    for i in 0..n {
+        if i > 0 {
+            m.push(',');
+        }
+        m.push('?');
+    }
+    m
+}
+
 /// Row ids per `fetch_by_rids` statement (a power of two: the statement sizes).
 const FETCH_CHUNK: usize = 512;
 
 /// `SELECT` of the current (or contained) resources among `slots` bound row ids.
 fn fetch_statement(slots: usize) -> String {
-    let mut marks = String::with_capacity(slots * 2);
-    for i in 0..slots {
-        if i > 0 {
-            marks.push(',');
-        }
-        marks.push('?');
-    }
-    format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({marks})")
+    format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({})",
+        marks(slots)
+    )
 }
 
 /// Binds `params` (value `k` is `$k`, also `?k`; anonymous `?` take the values in order) and
