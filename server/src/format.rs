@@ -378,6 +378,37 @@ mod tests {
         assert!(e.issues[0].diagnostics.contains("line 2"), "{:?}", e.issues);
     }
 
+    /// A body of parts: its exact size (hyper writes it as `Content-Length`) and the parts
+    /// in order, empty ones skipped.
+    #[tokio::test]
+    async fn parts_body_has_an_exact_size() {
+        use http_body::Body as _;
+        let parts = vec![
+            "{\"a\":[".to_string(),
+            String::new(),
+            "1,2".into(),
+            "]}".into(),
+        ];
+        let body = PartsBody::new(parts);
+        assert_eq!(body.size_hint().exact(), Some(11));
+        let mut body = std::pin::pin!(body);
+        let mut got = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            got.extend_from_slice(frame.unwrap().data_ref().unwrap());
+        }
+        assert_eq!(got, b"{\"a\":[1,2]}");
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+        // XML or pretty: rendered from the joined text
+        let n = negotiate(&HeaderMap::new(), &q(&[("_pretty", "true")])).unwrap();
+        let text = render_body(
+            Body::StoredJsonParts(vec!["{\"resourceType\":".into(), "\"Basic\"}".into()]),
+            &n,
+        )
+        .unwrap();
+        assert!(text.contains("\"resourceType\": \"Basic\""), "{text}");
+    }
+
     #[test]
     fn unknown_content_type_is_415() {
         let mut h = HeaderMap::new();

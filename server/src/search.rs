@@ -1306,6 +1306,8 @@ impl SearchEngine {
 struct EntryChunks {
     parts: Vec<String>,
     base: String,
+    /// `base` as it is inside a JSON string
+    base_escaped: String,
     /// resource types whose matches are `search.mode = include` (`$everything`'s referenced
     /// resources)
     referenced: Vec<String>,
@@ -1315,9 +1317,12 @@ impl EntryChunks {
     const PART: usize = 256 * 1024;
 
     fn new(base: &str, referenced: Vec<String>) -> EntryChunks {
+        let mut quoted = String::new();
+        push_json_string(&mut quoted, base);
         EntryChunks {
             parts: Vec::new(),
             base: base.to_string(),
+            base_escaped: quoted[1..quoted.len() - 1].to_string(),
             referenced,
         }
     }
@@ -1339,6 +1344,16 @@ impl EntryChunks {
         out.push_str("{\"fullUrl\":");
         if id.contains('#') {
             push_json_string(out, &format!("{}/{id}", self.base));
+        } else if json_plain(ty) && json_plain(id) {
+            // ids and types need no escaping (FHIR ids are `[A-Za-z0-9.-]`); the base was
+            // escaped once
+            out.push('"');
+            out.push_str(&self.base_escaped);
+            out.push('/');
+            out.push_str(ty);
+            out.push('/');
+            out.push_str(id);
+            out.push('"');
         } else {
             push_json_string(out, &format!("{}/{ty}/{id}", self.base));
         }
@@ -1392,6 +1407,11 @@ impl BundleText {
         self.parts.push(self.cur);
         Body::StoredJsonParts(self.parts)
     }
+}
+
+/// `s` is the same inside a JSON string (no quote, backslash or control character).
+fn json_plain(s: &str) -> bool {
+    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
 /// Appends `s` as a JSON string.
@@ -1467,4 +1487,73 @@ fn searchset_bundle(total: Option<i64>, links: Vec<Value>) -> Value {
     }
     bundle["link"] = Value::Array(links);
     bundle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(body: Body) -> String {
+        match body {
+            Body::StoredJson(s) => s,
+            Body::StoredJsonParts(p) => p.concat(),
+            Body::Resource(v) => v.to_string(),
+        }
+    }
+
+    /// Entries written into parts (a part holds ~256 KiB and is never reallocated), with
+    /// escaped `fullUrl`s, contained row ids, and commas between groups, make one valid Bundle.
+    #[test]
+    fn bundle_text_in_parts() {
+        let mut chunks = EntryChunks::new("http://h/fhir", vec!["Practitioner".into()]);
+        let big = format!(
+            "{{\"resourceType\":\"Basic\",\"x\":\"{}\"}}",
+            "a".repeat(100_000)
+        );
+        for i in 0..6 {
+            chunks.push_entry("Basic", &format!("b{i}"), &big, "match");
+        }
+        chunks.push_entry(
+            "Medication",
+            "MedicationRequest/m1#med",
+            "{\"resourceType\":\"Medication\"}",
+            "match",
+        );
+        assert!(chunks.parts.len() >= 3, "{} parts", chunks.parts.len());
+        assert!(chunks
+            .parts
+            .iter()
+            .all(|p| p.capacity() <= EntryChunks::PART.max(big.len() + 200)));
+        let mut odd = EntryChunks::new("http://h/\"q\"", Vec::new());
+        odd.push_entry("Basic", "x", "{}", "include");
+        odd.push_entry("Basic", "we\"ird", "{}", "include");
+        let mut w = BundleText::new(16);
+        w.cur.push_str("{\"resourceType\":\"Bundle\",\"entry\":[");
+        w.parts(chunks.parts);
+        w.separator();
+        w.cur.push_str(
+            "{\"resource\":{\"resourceType\":\"Basic\"},\"search\":{\"mode\":\"match\"}}",
+        );
+        w.parts(odd.parts);
+        w.parts(Vec::new());
+        w.cur.push_str("]}");
+        let body = w.finish();
+        assert!(matches!(body, Body::StoredJsonParts(_)));
+        let v: Value = serde_json::from_str(&text(body)).unwrap();
+        let e = v["entry"].as_array().unwrap();
+        assert_eq!(e.len(), 10);
+        assert_eq!(e[0]["fullUrl"], "http://h/fhir/Basic/b0");
+        assert_eq!(e[0]["resource"]["x"].as_str().unwrap().len(), 100_000);
+        assert_eq!(
+            e[6]["fullUrl"], "http://h/fhir/MedicationRequest/m1#med",
+            "a contained resource's row id"
+        );
+        assert_eq!(e[8]["fullUrl"], "http://h/\"q\"/Basic/x");
+        assert_eq!(e[9]["fullUrl"], "http://h/\"q\"/Basic/we\"ird");
+        assert_eq!(e[9]["search"]["mode"], "include");
+        // no parts: one string
+        let mut w = BundleText::new(16);
+        w.cur.push_str("{\"entry\":[]}");
+        assert!(matches!(w.finish(), Body::StoredJson(_)));
+    }
 }
