@@ -1094,16 +1094,17 @@ impl SearchEngine {
         } else {
             db.fetch_by_rids(&rids).await?
         };
-        // The included entries as text, comma-separated within and between the parts: from
-        // PostgreSQL concatenated by the database (one row over the network instead of one per
-        // resource); from SQLite, read in process, as borrowed rows written once (1,292
-        // reverse-included Observations: 1.79 ms server CPU per request concatenated by SQLite,
-        // 1.64 as rows into one string, 1.45 into parts). Not with `:iterate`, which needs each
-        // level's rids (the loop below).
+        // The included entries as text, comma-separated within and between the parts, written
+        // from the rows as they are read (SQLite: borrowed from the database's memory). The
+        // database concatenating them instead cost more on both backends (1,292
+        // reverse-included Observations, server CPU per request on SQLite: 1.79 ms concatenated
+        // by SQLite, 1.64 as rows into one string, 1.45 into parts; PostgreSQL `string_agg`:
+        // 222 -> 270 req/s as rows). Not with `:iterate`, which needs each level's rids (the
+        // loop below).
         let mut included_text: Vec<String> = Vec::new();
         // the includes were read as text (or there were none to read)
         let mut includes_done = false;
-        if passthrough && dialect == kiln_search::Dialect::Sqlite {
+        if passthrough {
             if let Some((sql, ps)) = kiln_search::included_rows_sql(&query, dialect, &rids) {
                 let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
                 let chunks = db
@@ -1119,24 +1120,6 @@ impl SearchEngine {
                     )
                     .await?;
                 included_text = chunks.parts;
-                includes_done = true;
-            }
-        } else if passthrough {
-            if let Some((sql, ps)) =
-                kiln_search::included_entries_sql(&query, dialect, &rids, &state.base_url)
-            {
-                let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
-                let found = db.query_rows(&sql, &ps).await?;
-                included_text = found
-                    .into_iter()
-                    .next()
-                    .and_then(|r| r.into_iter().next())
-                    .and_then(|v| match v {
-                        SqlValue::Text(t) if !t.is_empty() => Some(t),
-                        _ => None,
-                    })
-                    .into_iter()
-                    .collect();
                 includes_done = true;
             }
         }
