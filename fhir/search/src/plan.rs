@@ -1527,18 +1527,18 @@ fn token_count(query: &SearchQuery, dialect: Dialect) -> Option<(String, Vec<Sql
         .iter()
         .map(|v| b.value_cond("i", ParamType::Token, &Modifier::None, v))
         .collect();
-    let hint = if dialect == Dialect::Sqlite {
-        " INDEXED BY search_token_type"
-    } else {
-        ""
-    };
-    Some((
-        format!(
-            "SELECT COUNT(*) FROM (SELECT DISTINCT i.rid FROM search_token i{hint} WHERE i.param = {p} AND i.res_type = {t} AND ({})) c",
-            conds.join(" OR ")
+    let conds = conds.join(" OR ");
+    let sql = match dialect {
+        Dialect::Sqlite => format!(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT i.rid FROM search_token i INDEXED BY search_token_type WHERE i.param = {p} AND i.res_type = {t} AND ({conds})) c"
         ),
-        b.params,
-    ))
+        // one aggregate over the index-only scan instead of a Unique node feeding a count
+        // (16,315 `status=final` Observations: 2.65 → 2.26 ms per statement)
+        Dialect::Postgres => format!(
+            "SELECT COUNT(DISTINCT i.rid) FROM search_token i WHERE i.param = {p} AND i.res_type = {t} AND ({conds})"
+        ),
+    };
+    Some((sql, b.params))
 }
 
 /// One statement counting, up to [`ESTIMATE_CAP`], the rows of each [`RidRange`] the planner
@@ -2288,9 +2288,8 @@ mod tests {
         )
         .unwrap();
         assert!(
-            p.count_sql.starts_with(
-                "SELECT COUNT(*) FROM (SELECT DISTINCT i.rid FROM search_token i WHERE"
-            ),
+            p.count_sql
+                .starts_with("SELECT COUNT(DISTINCT i.rid) FROM search_token i WHERE"),
             "{}",
             p.count_sql
         );
