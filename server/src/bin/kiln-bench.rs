@@ -83,6 +83,10 @@ enum Cmd {
         /// Run only the queries of the mix whose label contains this text (e.g. `_has`).
         #[arg(long)]
         only: Option<String>,
+        /// With --url: the server's process id, for the server-CPU-per-request table (a
+        /// server started by the bench is measured without it).
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// Exec of `kiln serve` to the first 200 on /fhir/metadata (median of N), idle RSS.
     Startup {
@@ -200,9 +204,11 @@ async fn run(cmd: Cmd) -> Result<()> {
             connections,
             seconds,
             only,
+            pid,
             ..
         } => {
-            let server = Server::attach(&target, &url)?;
+            let mut server = Server::attach(&target, &url)?;
+            server.pid = pid;
             search(&server, connections, seconds, only.as_deref()).await
         }
         Cmd::Search {
@@ -212,6 +218,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             seconds,
             url: None,
             only,
+            pid: _,
         } => {
             let server = Server::start(&target).await?;
             let r = async {
@@ -276,6 +283,9 @@ fn report<T>(r: Result<T>) -> Option<T> {
 struct Server {
     /// `None` when attached to a server the operator runs (`search --url`).
     child: Option<Child>,
+    /// The server's process id (the child's, or `search --pid`): its CPU time is read from
+    /// `/proc`.
+    pid: Option<u32>,
     base: String,
     client: reqwest::Client,
     backend: Backend,
@@ -466,6 +476,7 @@ impl Server {
         .await;
         match spawned {
             Ok((child, base, _)) => Ok(Server {
+                pid: Some(child.id()),
                 child: Some(child),
                 base,
                 client,
@@ -486,6 +497,7 @@ impl Server {
     fn attach(target: &Target, url: &str) -> Result<Server> {
         Ok(Server {
             child: None,
+            pid: None,
             base: url.trim_end_matches('/').to_string(),
             client: http_client(64)?,
             backend: target.backend,
@@ -1323,10 +1335,69 @@ async fn search(
             total as f64 / (p50 / 1000.0).max(1e-9)
         );
     }
+    server_cpu(server, &urls_of(&mix)).await?;
     if only.is_some() {
         return Ok(());
     }
     count_large(server).await
+}
+
+fn urls_of(mix: &[(String, String)]) -> Vec<(String, String)> {
+    mix.iter()
+        .map(|(l, q)| (l.clone(), percent_encode_query(q)))
+        .collect()
+}
+
+/// Server CPU time (ns) of a process: the sum over its threads of `/proc/PID/task/*/schedstat`'s
+/// first field (time on a CPU). `None` where /proc cannot tell (not Linux, process gone).
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+/// Server CPU per request of each query, sequential on one keep-alive connection (5 warm-up
+/// requests, then 200): what a query costs the server, apart from the client sharing the
+/// machine and from waiting under load.
+async fn server_cpu(server: &Server, urls: &[(String, String)]) -> Result<()> {
+    let Some(pid) = server.pid else {
+        println!("\n(server CPU per request: no server process id; pass --pid with --url)");
+        return Ok(());
+    };
+    const N: usize = 200;
+    println!("\n== server CPU per request (1 connection, {N} sequential requests each) ==");
+    println!("{:<40} {:>12} {:>12}", "query", "CPU ms", "wall ms");
+    let client = http_client(1)?;
+    let mut round = 0.0;
+    for (label, q) in urls {
+        let url = format!("{}/{q}", server.base);
+        for _ in 0..5 {
+            exchange(client.get(&url)).await.map_err(|e| anyhow!(e))?;
+        }
+        let (Some(c0), t0) = (process_cpu_ns(pid), Instant::now()) else {
+            println!("(server CPU per request: /proc/{pid} unreadable)");
+            return Ok(());
+        };
+        for _ in 0..N {
+            let (status, body) = exchange(client.get(&url)).await.map_err(|e| anyhow!(e))?;
+            expect(status, 200, &body).map_err(|e| anyhow!("{label}: {e}"))?;
+        }
+        let wall = t0.elapsed().as_secs_f64() * 1000.0 / N as f64;
+        let cpu = process_cpu_ns(pid).unwrap_or(c0).saturating_sub(c0) as f64 / 1e6 / N as f64;
+        round += cpu;
+        println!("{label:<40} {cpu:>12.3} {wall:>12.3}");
+    }
+    println!("{:<40} {round:>12.3}", "one round of the queries");
+    Ok(())
 }
 
 /// `_summary=count` over a large match set, one connection, sequential: the counting rate
@@ -1687,6 +1758,22 @@ mod tests {
         let o = observation("p1", 7);
         assert_eq!(o["subject"]["reference"], "Patient/p1");
         assert_eq!(o["valueQuantity"]["value"], 67);
+    }
+
+    #[test]
+    fn own_cpu_time_is_read_from_proc() {
+        let pid = std::process::id();
+        let a = process_cpu_ns(pid).expect("/proc/self readable on Linux");
+        // ~20 ms on a CPU, then a sleep so the scheduler accounts the slice
+        let t0 = Instant::now();
+        let mut x = 0u64;
+        while t0.elapsed() < Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let b = process_cpu_ns(pid).unwrap();
+        assert!(b > a, "{a} -> {b}");
+        assert!(process_cpu_ns(u32::MAX).is_none());
     }
 
     #[test]
