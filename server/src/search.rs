@@ -1070,21 +1070,12 @@ impl SearchEngine {
         // resources are fetched in the page's order.
         let mut match_text: Vec<String> = Vec::new();
         let matches = if passthrough && rids.windows(2).all(|w| w[0] < w[1]) {
-            let referenced = query
-                .compartment
-                .as_ref()
-                .map(|c| c.referenced.clone())
-                .unwrap_or_default();
             match_text = db
                 .fold_resources(
                     &rids,
-                    EntryChunks::new(&state.base_url, referenced),
+                    EntryChunks::new(&state.base_url, referenced_types(&query).to_vec()),
                     |chunks, r| {
-                        let mode = if chunks.referenced.iter().any(|t| t == r.resource_type) {
-                            "include"
-                        } else {
-                            "match"
-                        };
+                        let mode = entry_mode(&chunks.referenced, r.resource_type);
                         chunks.push_entry(r.resource_type, r.id, r.content.trim(), mode);
                     },
                 )
@@ -1191,31 +1182,26 @@ impl SearchEngine {
             {
                 return Ok(FhirResponse::ok(Body::StoredJson(head)));
             }
-            let size: usize = matches
+            // the resources fetched in the page's order (and the includes of `:iterate`)
+            let mut fetched = EntryChunks::new(&state.base_url, Vec::new());
+            for (stored, mode) in matches
                 .iter()
-                .chain(included.iter())
-                .map(|s| s.content.len() + 120)
-                .sum();
-            let mut w = BundleText::new(head.len() + size + 16);
+                .map(|s| (s, entry_mode(referenced_types(&query), &s.resource_type)))
+                .chain(included.iter().map(|s| (s, "include")))
+            {
+                fetched.push_entry(
+                    &stored.resource_type,
+                    &stored.id,
+                    stored.content.trim(),
+                    mode,
+                );
+            }
+            let mut w = BundleText::new(head.len() + 16);
             // `head` is a JSON object: its closing brace is the last byte
             w.cur.push_str(&head[..head.len() - 1]);
             w.cur.push_str(",\"entry\":[");
             w.parts(match_text);
-            for (stored, mode) in matches
-                .iter()
-                .map(|s| (s, entry_mode(&query, s)))
-                .chain(included.iter().map(|s| (s, "include")))
-            {
-                w.separator();
-                let full_url = Value::String(full_url(&state.base_url, stored));
-                w.cur.push_str("{\"fullUrl\":");
-                w.cur.push_str(&full_url.to_string());
-                w.cur.push_str(",\"resource\":");
-                w.cur.push_str(stored.content.trim());
-                w.cur.push_str(",\"search\":{\"mode\":\"");
-                w.cur.push_str(mode);
-                w.cur.push_str("\"}}");
-            }
+            w.parts(fetched.parts);
             w.parts(included_text);
             if !query.warnings.is_empty() {
                 w.separator();
@@ -1234,7 +1220,7 @@ impl SearchEngine {
         for (stored, mode) in matches
             .into_iter()
             .map(|s| {
-                let mode = entry_mode(&query, &s);
+                let mode = entry_mode(referenced_types(&query), &s.resource_type);
                 (s, mode)
             })
             .chain(included.into_iter().map(|s| (s, "include")))
@@ -1399,40 +1385,25 @@ fn json_plain(s: &str) -> bool {
 
 /// Appends `s` as a JSON string.
 fn push_json_string(out: &mut String, s: &str) {
-    // serde_json's escaping, without a `Value` in between
-    let _ = serde_json::to_writer(string_writer(out), s);
-}
-
-/// `out` as an `io::Write` (serde_json writes valid UTF-8).
-fn string_writer(out: &mut String) -> impl std::io::Write + '_ {
-    struct W<'a>(&'a mut String);
-    impl std::io::Write for W<'_> {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            match std::str::from_utf8(buf) {
-                Ok(t) => {
-                    self.0.push_str(t);
-                    Ok(buf.len())
-                }
-                Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-            }
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    W(out)
+    out.push_str(&Value::from(s).to_string());
 }
 
 /// `search.mode` of a row the query matched: `include` for the resources outside the
 /// compartment that match only because a member references them (`$everything`).
-fn entry_mode(
-    query: &kiln_search::SearchQuery,
-    stored: &kiln_store::StoredResource,
-) -> &'static str {
-    match &query.compartment {
-        Some(c) if c.referenced.contains(&stored.resource_type) => "include",
-        _ => "match",
+fn entry_mode(referenced: &[String], resource_type: &str) -> &'static str {
+    if referenced.iter().any(|t| t == resource_type) {
+        "include"
+    } else {
+        "match"
     }
+}
+
+/// The types [`entry_mode`] marks `include` for this query (its compartment's referenced ones).
+fn referenced_types(query: &kiln_search::SearchQuery) -> &[String] {
+    query
+        .compartment
+        .as_ref()
+        .map_or(&[], |c| c.referenced.as_slice())
 }
 
 /// UCUM canonical form of one unit (`mg/dL` → (10, `g.m-3`)), for FHIRPath quantity comparison.

@@ -1755,14 +1755,7 @@ pub fn plan_with(
         driven_page(query, dialect, estimates, page_size, cursor.as_ref())
     {
         let mut explain = how;
-        explain.push(format!(
-            "page of {page_size}{}",
-            match &cursor {
-                Some((_, _, true)) => " before cursor",
-                Some(_) => " after cursor",
-                None => "",
-            }
-        ));
+        explain.push(page_explain(page_size, cursor.as_ref()));
         return Ok(SqlPlan {
             sql,
             params,
@@ -1793,14 +1786,7 @@ pub fn plan_with(
                 "search_date_low"
             }
         ));
-        explain.push(format!(
-            "page of {page_size}{}",
-            match &cursor {
-                Some((_, _, true)) => " before cursor",
-                Some(_) => " after cursor",
-                None => "",
-            }
-        ));
+        explain.push(page_explain(page_size, cursor.as_ref()));
         return Ok(SqlPlan {
             sql: first.0,
             params: first.1,
@@ -1907,14 +1893,7 @@ pub fn plan_with(
             page_size + 1
         )
     };
-    explain.push(format!(
-        "page of {page_size}{}",
-        match &cursor {
-            Some((_, _, true)) => " before cursor",
-            Some(_) => " after cursor",
-            None => "",
-        }
-    ));
+    explain.push(page_explain(page_size, cursor.as_ref()));
     Ok(SqlPlan {
         sql,
         params: b.params,
@@ -2071,6 +2050,18 @@ fn walk_segments(
     }
 }
 
+/// `_explain`'s last step: the page size and where the cursor puts the page.
+fn page_explain(page_size: usize, cursor: Option<&Cursor>) -> String {
+    format!(
+        "page of {page_size}{}",
+        match cursor {
+            Some((_, _, true)) => " before cursor",
+            Some(_) => " after cursor",
+            None => "",
+        }
+    )
+}
+
 fn rid_list(rids: &[i64]) -> String {
     rids.iter()
         .map(i64::to_string)
@@ -2078,7 +2069,14 @@ fn rid_list(rids: &[i64]) -> String {
         .join(",")
 }
 
-fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String {
+/// One `_include` (`rev` false) or `_revinclude` of the page `rids`: the rids it includes,
+/// each once when `distinct` (inside `rid IN (…)` the set already keeps each once).
+fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool, distinct: bool) -> String {
+    let select = if distinct {
+        "SELECT DISTINCT"
+    } else {
+        "SELECT"
+    };
     let mut conds = Vec::new();
     if inc.source_type != "*" {
         let p = b.text(&inc.source_type);
@@ -2112,11 +2110,11 @@ fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String
         // (ref_id, ref_type, param, res_type, rid): the referencing rows' type and rid come
         // from the index, no table row is read (1,292 Observations: 1.15 → 0.46 ms)
         format!(
-            "SELECT DISTINCT x.rid AS rid FROM resources t CROSS JOIN search_reference x INDEXED BY search_reference_back WHERE t.rid IN ({rids}) AND x.ref_id = t.res_id AND x.ref_type = t.res_type{extra}"
+            "{select} x.rid AS rid FROM resources t CROSS JOIN search_reference x INDEXED BY search_reference_back WHERE t.rid IN ({rids}) AND x.ref_id = t.res_id AND x.ref_type = t.res_type{extra}"
         )
     } else if rev {
         format!(
-            "SELECT DISTINCT x.rid AS rid FROM search_reference x JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}){extra}"
+            "{select} x.rid AS rid FROM search_reference x JOIN resources t ON t.res_type = x.ref_type AND t.res_id = x.ref_id WHERE t.rid IN ({rids}){extra}"
         )
     } else if b.dialect == Dialect::Postgres {
         // the index tables' text columns are COLLATE "C", `resources`' are the database default:
@@ -2124,14 +2122,14 @@ fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool) -> String
         // and PostgreSQL hashed the whole table per page (measured 5,736 → 526 buffers for 50
         // MedicationRequests' patients). Equality is bytewise under both collations.
         format!(
-            "SELECT DISTINCT t.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type COLLATE \"default\" AND t.res_id = x.ref_id COLLATE \"default\" WHERE x.rid IN ({rids}) AND t.deleted = 0{extra}"
+            "{select} t.rid AS rid FROM search_reference x JOIN resources s ON s.rid = x.rid JOIN resources t ON t.res_type = x.ref_type COLLATE \"default\" AND t.res_id = x.ref_id COLLATE \"default\" WHERE x.rid IN ({rids}) AND t.deleted = 0{extra}"
         )
     } else {
         // from the page's references through (rid, param), in that order: left to itself
         // SQLite walked every reference of the parameter (measured: 50 MedicationRequests'
         // patients 31 ms → 1 ms in SQL)
         format!(
-            "SELECT DISTINCT t.rid AS rid FROM search_reference x INDEXED BY search_reference_rid CROSS JOIN resources s CROSS JOIN resources t WHERE x.rid IN ({rids}) AND s.rid = x.rid AND t.res_type = x.ref_type AND t.res_id = x.ref_id AND t.deleted = 0{extra}"
+            "{select} t.rid AS rid FROM search_reference x INDEXED BY search_reference_rid CROSS JOIN resources s CROSS JOIN resources t WHERE x.rid IN ({rids}) AND s.rid = x.rid AND t.res_type = x.ref_type AND t.res_id = x.ref_id AND t.deleted = 0{extra}"
         )
     }
 }
@@ -2153,14 +2151,14 @@ pub fn include_sql(
     let list = rid_list(rids);
     let mut parts = Vec::new();
     for inc in query.includes.iter().filter(|i| !iterate_only || i.iterate) {
-        parts.push(include_part(&mut b, inc, &list, false));
+        parts.push(include_part(&mut b, inc, &list, false, true));
     }
     for inc in query
         .revincludes
         .iter()
         .filter(|i| !iterate_only || i.iterate)
     {
-        parts.push(include_part(&mut b, inc, &list, true));
+        parts.push(include_part(&mut b, inc, &list, true, true));
     }
     if parts.is_empty() {
         return None;
@@ -2203,20 +2201,16 @@ fn included_parts(
     let list = rid_list(page_rids);
     let mut parts = Vec::new();
     for inc in &query.includes {
-        parts.push(include_part(&mut b, inc, &list, false));
+        parts.push(include_part(&mut b, inc, &list, false, false));
     }
     for inc in &query.revincludes {
-        parts.push(include_part(&mut b, inc, &list, true));
+        parts.push(include_part(&mut b, inc, &list, true, false));
     }
     if parts.is_empty() {
         return None;
     }
     // inside `rid IN (…)`, which keeps each rid once: no DISTINCT, no UNION's dedup (SQLite
     // built a temporary b-tree for each; 1,292 reverse-included rows ~6 % faster in SQL)
-    let parts: Vec<String> = parts
-        .iter()
-        .map(|p| p.replacen("SELECT DISTINCT ", "SELECT ", 1))
-        .collect();
     Some((parts.join(" UNION ALL "), list, b))
 }
 

@@ -395,22 +395,24 @@ impl Pools {
     pub(crate) async fn read_current(&self, ty: &str, id: &str) -> Result<Option<StoredResource>> {
         let sql =
             format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE res_type = $1 AND res_id = $2");
-        if let Pools::Sqlite { readers, .. } = self {
-            let params = vec![SqlValue::Text(ty.into()), SqlValue::Text(id.into())];
-            let mut c = readers.acquire().await?;
-            return c.query_opt(sql, params, sqlite_read::stored_resource).await;
+        match self {
+            Pools::Sqlite { readers, .. } => {
+                let params = vec![SqlValue::Text(ty.into()), SqlValue::Text(id.into())];
+                let mut c = readers.acquire().await?;
+                c.query_opt(sql, params, sqlite_read::stored_resource).await
+            }
+            Pools::Postgres { pool, .. } => {
+                let row = sqlx::query(AssertSqlSafe(sql))
+                    .bind(ty)
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?;
+                Ok(match row {
+                    Some(r) => Some(stored_from_row!(&r)),
+                    None => None,
+                })
+            }
         }
-        on_read_pool!(self, |p| {
-            let row = sqlx::query(AssertSqlSafe(sql))
-                .bind(ty)
-                .bind(id)
-                .fetch_optional(p)
-                .await?;
-            Ok(match row {
-                Some(r) => Some(stored_from_row!(&r)),
-                None => None,
-            })
-        })
     }
 
     pub(crate) async fn read_version(
@@ -421,29 +423,30 @@ impl Pools {
     ) -> Result<Option<StoredResource>> {
         let sql = "SELECT rid, res_type, res_id, version, last_updated, deleted, content \
                    FROM resource_history WHERE res_type = $1 AND res_id = $2 AND version = $3";
-        if let Pools::Sqlite { readers, .. } = self {
-            let params = vec![
-                SqlValue::Text(ty.into()),
-                SqlValue::Text(id.into()),
-                SqlValue::Int(version),
-            ];
-            let mut c = readers.acquire().await?;
-            return c
-                .query_opt(sql.to_string(), params, sqlite_read::stored_resource)
-                .await;
+        match self {
+            Pools::Sqlite { readers, .. } => {
+                let params = vec![
+                    SqlValue::Text(ty.into()),
+                    SqlValue::Text(id.into()),
+                    SqlValue::Int(version),
+                ];
+                let mut c = readers.acquire().await?;
+                c.query_opt(sql.to_string(), params, sqlite_read::stored_resource)
+                    .await
+            }
+            Pools::Postgres { pool, .. } => {
+                let row = sqlx::query(sql)
+                    .bind(ty)
+                    .bind(id)
+                    .bind(version)
+                    .fetch_optional(pool)
+                    .await?;
+                Ok(match row {
+                    Some(r) => Some(stored_from_row!(&r)),
+                    None => None,
+                })
+            }
         }
-        on_read_pool!(self, |p| {
-            let row = sqlx::query(sql)
-                .bind(ty)
-                .bind(id)
-                .bind(version)
-                .fetch_optional(p)
-                .await?;
-            Ok(match row {
-                Some(r) => Some(stored_from_row!(&r)),
-                None => None,
-            })
-        })
     }
 
     pub(crate) async fn fetch_by_rids(&self, rids: &[i64]) -> Result<Vec<StoredResource>> {
@@ -481,38 +484,24 @@ impl Pools {
     }
 
     pub(crate) async fn count(&self, ty: Option<&str>) -> Result<i64> {
-        if let Pools::Sqlite { readers, .. } = self {
-            let (sql, params) = match ty {
-                Some(t) => (
+        let rows = match ty {
+            Some(t) => {
+                self.query_rows(
                     "SELECT COUNT(*) FROM resources WHERE res_type = $1 AND deleted = 0",
-                    vec![SqlValue::Text(t.into())],
-                ),
-                None => ("SELECT COUNT(*) FROM resources WHERE deleted = 0", vec![]),
-            };
-            let mut c = readers.acquire().await?;
-            let n = c
-                .query_opt(sql.to_string(), params, |r| Ok(r.get::<_, i64>(0)?))
-                .await?;
-            return Ok(n.unwrap_or(0));
-        }
-        on_read_pool!(self, |p| {
-            let n: i64 = match ty {
-                Some(t) => {
-                    sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM resources WHERE res_type = $1 AND deleted = 0",
-                    )
-                    .bind(t)
-                    .fetch_one(p)
+                    &[SqlValue::Text(t.into())],
+                )
+                .await?
+            }
+            None => {
+                self.query_rows("SELECT COUNT(*) FROM resources WHERE deleted = 0", &[])
                     .await?
-                }
-                None => {
-                    sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE deleted = 0")
-                        .fetch_one(p)
-                        .await?
-                }
-            };
-            Ok(n)
-        })
+            }
+        };
+        Ok(rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(SqlValue::as_i64)
+            .unwrap_or(0))
     }
 
     pub(crate) async fn close(&self) {

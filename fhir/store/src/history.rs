@@ -1,10 +1,8 @@
 //! History at instance, type and system level, newest first, paged by a keyset cursor on the
 //! history row id (stable while new versions are written).
 
-use sqlx::{AssertSqlSafe, Row};
-
-use crate::backend::{bind_values, on_read_pool, Pools};
-use crate::{Result, SqlValue};
+use crate::backend::Pools;
+use crate::{Result, SqlValue, StoreError};
 
 #[derive(Debug, Clone)]
 pub enum HistoryScope {
@@ -106,41 +104,12 @@ pub(crate) async fn history(pools: &Pools, q: &HistoryQuery) -> Result<HistoryPa
             .and_then(SqlValue::as_i64)
             .unwrap_or(0)
     };
-    let mut entries: Vec<HistoryEntry> = if let Pools::Sqlite { readers, .. } = pools {
-        let mut c = readers.acquire().await?;
-        c.query_map(sql, page_params, |r| {
-            Ok(HistoryEntry {
-                hid: r.get(0)?,
-                resource_type: r.get(1)?,
-                id: r.get(2)?,
-                version: r.get(3)?,
-                last_updated: r.get(4)?,
-                deleted: r.get::<_, i64>(5)? != 0,
-                method: r.get(6)?,
-                content: r.get(7)?,
-            })
-        })
+    let mut entries = pools
+        .query_rows(&sql, &page_params)
         .await?
-    } else {
-        on_read_pool!(pools, |pool| {
-            let qy = bind_values!(sqlx::query(AssertSqlSafe(sql)), &page_params);
-            let rows = qy.fetch_all(pool).await?;
-            let mut v = Vec::with_capacity(rows.len());
-            for r in &rows {
-                v.push(HistoryEntry {
-                    hid: r.try_get(0)?,
-                    resource_type: r.try_get(1)?,
-                    id: r.try_get(2)?,
-                    version: r.try_get(3)?,
-                    last_updated: r.try_get(4)?,
-                    deleted: r.try_get::<i64, _>(5)? != 0,
-                    method: r.try_get(6)?,
-                    content: r.try_get(7)?,
-                });
-            }
-            Ok::<_, crate::StoreError>(v)
-        })?
-    };
+        .into_iter()
+        .map(history_entry)
+        .collect::<Result<Vec<HistoryEntry>>>()?;
     let next = if entries.len() as i64 > limit - 1 {
         entries.truncate((limit - 1) as usize);
         entries.last().map(|e| e.hid)
@@ -151,5 +120,33 @@ pub(crate) async fn history(pools: &Pools, q: &HistoryQuery) -> Result<HistoryPa
         entries,
         next,
         total,
+    })
+}
+
+/// A row of the history page query (`hid, res_type, res_id, version, last_updated, deleted,
+/// method, content`).
+fn history_entry(row: Vec<SqlValue>) -> Result<HistoryEntry> {
+    let mut cols = row.into_iter();
+    let mut next = |name: &str| {
+        cols.next()
+            .ok_or_else(|| StoreError::Corrupt(format!("history row without {name}")))
+    };
+    let int = |v: SqlValue, name: &str| {
+        v.as_i64()
+            .ok_or_else(|| StoreError::Corrupt(format!("history {name} is not an integer")))
+    };
+    let text = |v: SqlValue, name: &str| match v {
+        SqlValue::Text(s) => Ok(s),
+        _ => Err(StoreError::Corrupt(format!("history {name} is not text"))),
+    };
+    Ok(HistoryEntry {
+        hid: int(next("hid")?, "hid")?,
+        resource_type: text(next("res_type")?, "res_type")?,
+        id: text(next("res_id")?, "res_id")?,
+        version: int(next("version")?, "version")?,
+        last_updated: int(next("last_updated")?, "last_updated")?,
+        deleted: int(next("deleted")?, "deleted")? != 0,
+        method: text(next("method")?, "method")?,
+        content: text(next("content")?, "content")?,
     })
 }

@@ -66,68 +66,49 @@ fn contained_migration(dialect: Dialect) -> Vec<String> {
     ]
 }
 
-/// Migration 4: `search_token.res_type` (the resource's type; NULL on contained resources'
-/// rows), so a count by a token of one type is a single index range (`search_token_type`,
-/// created by the search schema). The table belongs to the layered search schema: a database
-/// that has it (created by an earlier release) gets the column and every existing row's type
-/// here, in place; a new database gets the column from the layered schema's CREATE TABLE, so
-/// the guard below finds nothing to do.
-fn token_type_migration(dialect: Dialect) -> Migration {
+/// Migrations 4 and 5: `search_token.res_type` and `search_reference.res_type` (the resource's
+/// type; NULL on contained resources' rows), so a token or a reference of one type is a single
+/// index range (`search_token_type`, `search_reference_type` (param, ref_type, ref_id, res_type,
+/// rid), created by the search schema): a count by token, a page walked in rid order,
+/// `_revinclude`/`_has` reading the referencing rows' type and rid from `search_reference_back`.
+/// The tables belong to the layered search schema: a database that has one (created by an
+/// earlier release) gets the column and every existing row's type here, in place; a new
+/// database gets the column from the layered schema's CREATE TABLE, so the guard finds nothing
+/// to do.
+fn res_type_migration(
+    dialect: Dialect,
+    version: i64,
+    table: &str,
+    description: &'static str,
+) -> Migration {
     let (guard, add) = match dialect {
         Dialect::Sqlite => (
-            "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'search_token') \
-             - (SELECT COUNT(*) FROM pragma_table_info('search_token') WHERE name = 'res_type')",
-            "ALTER TABLE search_token ADD COLUMN res_type TEXT",
+            format!(
+                "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}') \
+                 - (SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'res_type')"
+            ),
+            format!("ALTER TABLE {table} ADD COLUMN res_type TEXT"),
         ),
         Dialect::Postgres => (
-            "SELECT COUNT(*) FROM information_schema.tables t WHERE t.table_schema = current_schema() \
-             AND t.table_name = 'search_token' AND NOT EXISTS (SELECT 1 FROM information_schema.columns c \
-             WHERE c.table_schema = current_schema() AND c.table_name = 'search_token' AND c.column_name = 'res_type')",
-            "ALTER TABLE search_token ADD COLUMN res_type TEXT COLLATE \"C\"",
+            format!(
+                "SELECT COUNT(*) FROM information_schema.tables t WHERE t.table_schema = current_schema() \
+                 AND t.table_name = '{table}' AND NOT EXISTS (SELECT 1 FROM information_schema.columns c \
+                 WHERE c.table_schema = current_schema() AND c.table_name = '{table}' AND c.column_name = 'res_type')"
+            ),
+            format!("ALTER TABLE {table} ADD COLUMN res_type TEXT COLLATE \"C\""),
         ),
     };
     Migration {
-        version: 4,
-        description: "search_token.res_type (count by token as one index range)",
-        only_if: Some(guard.to_string()),
+        version,
+        description,
+        only_if: Some(guard),
         statements: vec![
-            add.to_string(),
+            add,
             // contained resources' rows (deleted = 2) keep NULL; deleted resources have no rows
-            "UPDATE search_token SET res_type = (SELECT r.res_type FROM resources r \
-             WHERE r.rid = search_token.rid AND r.deleted = 0)"
-                .to_string(),
-        ],
-    }
-}
-
-/// Migration 5: `search_reference.res_type`, as migration 4 for `search_token`: a search by a
-/// reference of one type is one range of `search_reference_type` (param, ref_type, ref_id,
-/// res_type, rid) in rid order, and `_revinclude`/`_has` read the referencing resources' type
-/// and rid from `search_reference_back` without visiting the table. Same guard: only a
-/// database whose layered table predates the column is changed.
-fn reference_type_migration(dialect: Dialect) -> Migration {
-    let (guard, add) = match dialect {
-        Dialect::Sqlite => (
-            "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'search_reference') \
-             - (SELECT COUNT(*) FROM pragma_table_info('search_reference') WHERE name = 'res_type')",
-            "ALTER TABLE search_reference ADD COLUMN res_type TEXT",
-        ),
-        Dialect::Postgres => (
-            "SELECT COUNT(*) FROM information_schema.tables t WHERE t.table_schema = current_schema() \
-             AND t.table_name = 'search_reference' AND NOT EXISTS (SELECT 1 FROM information_schema.columns c \
-             WHERE c.table_schema = current_schema() AND c.table_name = 'search_reference' AND c.column_name = 'res_type')",
-            "ALTER TABLE search_reference ADD COLUMN res_type TEXT COLLATE \"C\"",
-        ),
-    };
-    Migration {
-        version: 5,
-        description: "search_reference.res_type (searches by reference as one index range)",
-        only_if: Some(guard.to_string()),
-        statements: vec![
-            add.to_string(),
-            "UPDATE search_reference SET res_type = (SELECT r.res_type FROM resources r \
-             WHERE r.rid = search_reference.rid AND r.deleted = 0)"
-                .to_string(),
+            format!(
+                "UPDATE {table} SET res_type = (SELECT r.res_type FROM resources r \
+                 WHERE r.rid = {table}.rid AND r.deleted = 0)"
+            ),
         ],
     }
 }
@@ -163,8 +144,18 @@ pub(crate) async fn migrate(pools: &Pools, extra: Option<SchemaHook>) -> Result<
             "loaded code systems (terminology_system, terminology_chunk)",
             crate::terminology::migration(dialect),
         ),
-        token_type_migration(dialect),
-        reference_type_migration(dialect),
+        res_type_migration(
+            dialect,
+            4,
+            "search_token",
+            "search_token.res_type (count by token as one index range)",
+        ),
+        res_type_migration(
+            dialect,
+            5,
+            "search_reference",
+            "search_reference.res_type (searches by reference as one index range)",
+        ),
     ];
     if let Some(hook) = extra {
         // Layered schemas (search indexes) are idempotent and re-applied at every start, so a

@@ -290,25 +290,6 @@ impl SqliteReader {
         .await
     }
 
-    /// One statement with bound values, each row mapped by `map`, prepared once (its text
-    /// varies from call to call).
-    pub(crate) async fn query_map<T, F>(
-        &mut self,
-        sql: String,
-        params: Vec<SqlValue>,
-        map: F,
-    ) -> Result<Vec<T>>
-    where
-        F: FnMut(&Row<'_>) -> Result<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        self.run(key_of(&sql), move |c| {
-            let mut stmt = c.prepare(&sql)?;
-            rows(&mut stmt, &params, map)
-        })
-        .await
-    }
-
     /// One statement with bound values (kept prepared, as [`Self::query_rows`]), its rows
     /// folded into `acc` by `f`, which gets each row's columns as text borrowed from SQLite's
     /// memory (`None` for NULL and non-text values): no copy of the values is made.
@@ -371,28 +352,14 @@ impl SqliteReader {
         let rids = rids.to_vec();
         self.run(key, move |c| {
             let mut out = Vec::with_capacity(rids.len());
-            for chunk in rids.chunks(FETCH_CHUNK) {
-                // bound, in statements of a few sizes (powers of two, the list padded with
-                // its last rid) that stay prepared: a statement per page text was parsed and
-                // planned every time (SQLite's parser was ~3 % of a 1-entry search's CPU)
-                let slots = chunk.len().next_power_of_two();
-                let sql = fetch_statement(slots);
-                let mut stmt = c.prepare_cached(&sql)?;
-                let last = *chunk.last().expect("chunks are not empty");
-                for i in 0..slots {
-                    stmt.raw_bind_parameter(i + 1, chunk.get(i).copied().unwrap_or(last))?;
-                }
-                let mut v = Vec::with_capacity(chunk.len());
-                let mut found = stmt.raw_query();
-                while let Some(row) = found.next()? {
-                    v.push(stored_resource(row)?);
-                }
-                // keep the caller's order
-                let pos: std::collections::HashMap<i64, usize> =
-                    chunk.iter().enumerate().map(|(i, r)| (*r, i)).collect();
-                v.sort_by_key(|r| pos.get(&r.rid).copied().unwrap_or(usize::MAX));
-                out.extend(v);
-            }
+            each_resource_row(c, &rids, RESOURCE_COLUMNS, "", |row| {
+                out.push(stored_resource(row)?);
+                Ok(())
+            })?;
+            // keep the caller's order
+            let pos: std::collections::HashMap<i64, usize> =
+                rids.iter().enumerate().map(|(i, r)| (*r, i)).collect();
+            out.sort_by_key(|r| pos.get(&r.rid).copied().unwrap_or(usize::MAX));
             Ok(out)
         })
         .await
@@ -414,19 +381,12 @@ impl SqliteReader {
         rids.dedup();
         self.run(key, move |c| {
             let mut acc = acc;
-            for chunk in rids.chunks(FETCH_CHUNK) {
-                let slots = chunk.len().next_power_of_two();
-                let sql = format!(
-                    "SELECT res_type, res_id, content FROM resources WHERE deleted <> 1 AND rid IN ({}) ORDER BY rid",
-                    marks(slots)
-                );
-                let mut stmt = c.prepare_cached(&sql)?;
-                let last = *chunk.last().expect("chunks are not empty");
-                for i in 0..slots {
-                    stmt.raw_bind_parameter(i + 1, chunk.get(i).copied().unwrap_or(last))?;
-                }
-                let mut found = stmt.raw_query();
-                while let Some(row) = found.next()? {
+            each_resource_row(
+                c,
+                &rids,
+                "res_type, res_id, content",
+                " ORDER BY rid",
+                |row| {
                     let column = |i: usize| -> Result<&str> {
                         match row.get_ref(i)? {
                             ValueRef::Text(b) => text(b, i),
@@ -443,12 +403,43 @@ impl SqliteReader {
                             content: column(2)?,
                         },
                     );
-                }
-            }
+                    Ok(())
+                },
+            )?;
             Ok(acc)
         })
         .await
     }
+}
+
+/// `SELECT {columns} FROM resources WHERE deleted <> 1 AND rid IN (…){tail}` over `rids`, every
+/// row handed to `each`. The rids are bound, [`FETCH_CHUNK`] at most per statement, into
+/// statements of a few sizes (powers of two, the list padded with its last rid) that stay
+/// prepared: a statement per page text was parsed and planned every time (SQLite's parser was
+/// ~3 % of a 1-entry search's CPU).
+fn each_resource_row(
+    c: &Connection,
+    rids: &[i64],
+    columns: &str,
+    tail: &str,
+    mut each: impl FnMut(&Row<'_>) -> Result<()>,
+) -> Result<()> {
+    for chunk in rids.chunks(FETCH_CHUNK) {
+        let slots = chunk.len().next_power_of_two();
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT {columns} FROM resources WHERE deleted <> 1 AND rid IN ({}){tail}",
+            marks(slots)
+        ))?;
+        let last = *chunk.last().expect("chunks are not empty");
+        for i in 0..slots {
+            stmt.raw_bind_parameter(i + 1, chunk.get(i).copied().unwrap_or(last))?;
+        }
+        let mut found = stmt.raw_query();
+        while let Some(row) = found.next()? {
+            each(row)?;
+        }
+    }
+    Ok(())
 }
 
 /// Column `col`'s text as `&str`: validated as UTF-8 with SIMD (`simdutf8`, several times
@@ -475,14 +466,6 @@ fn marks(n: usize) -> String {
 
 /// Row ids per `fetch_by_rids` statement (a power of two: the statement sizes).
 const FETCH_CHUNK: usize = 512;
-
-/// `SELECT` of the current (or contained) resources among `slots` bound row ids.
-fn fetch_statement(slots: usize) -> String {
-    format!(
-        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid IN ({})",
-        marks(slots)
-    )
-}
 
 /// Binds `params` (value `k` is `$k`, also `?k`; anonymous `?` take the values in order) and
 /// runs the statement, mapping every row.

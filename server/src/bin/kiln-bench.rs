@@ -1291,11 +1291,8 @@ async fn search(
             Err(e) => println!("{label:<40} ERROR {e:#}"),
         }
     }
-    let urls: Arc<Vec<(String, String)>> = Arc::new(
-        mix.iter()
-            .map(|(l, q)| (l.clone(), percent_encode_query(q)))
-            .collect(),
-    );
+    let encoded = urls_of(&mix);
+    let urls: Arc<Vec<(String, String)>> = Arc::new(encoded.clone());
     let n = urls.len();
     let (mut stats, elapsed) = load(
         server,
@@ -1335,7 +1332,7 @@ async fn search(
             total as f64 / (p50 / 1000.0).max(1e-9)
         );
     }
-    server_cpu(server, &urls_of(&mix)).await?;
+    server_cpu(server, &encoded).await?;
     if only.is_some() {
         return Ok(());
     }
