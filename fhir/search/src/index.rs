@@ -239,10 +239,6 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
         ),
         ("search_uri_value", "search_uri(param, value)"),
         ("resources_search_type", "resources(res_type, deleted, rid)"),
-        (
-            "resources_search_updated",
-            "resources(res_type, last_updated)",
-        ),
     ];
     for (name, on) in idx {
         v.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {on}"));
@@ -251,6 +247,9 @@ pub fn schema(dialect: Dialect) -> Vec<String> {
         "search_token_code",
         "search_reference_target",
         "search_reference_rev",
+        // the store's `resources_type_updated` has the same columns (res_type, last_updated):
+        // one more index written with every version and weighed by every plan
+        "resources_search_updated",
     ] {
         v.push(format!("DROP INDEX IF EXISTS {replaced}"));
     }
@@ -1314,6 +1313,14 @@ mod tests {
             assert_eq!(delete_statements(d).len(), 7);
         }
         assert!(schema(Dialect::Postgres)[0].contains("COLLATE \"C\""));
+        // the duplicate of the store's `resources_type_updated` is dropped, not created
+        for d in [Dialect::Sqlite, Dialect::Postgres] {
+            let s = schema(d);
+            assert!(s.contains(&"DROP INDEX IF EXISTS resources_search_updated".to_string()));
+            assert!(!s
+                .iter()
+                .any(|x| x.contains("CREATE INDEX IF NOT EXISTS resources_search_updated")));
+        }
         // PostgreSQL refreshes missing/stale planner statistics at start; SQLite does not
         let pg = schema(Dialect::Postgres);
         let analyze = pg.last().unwrap();
