@@ -2093,14 +2093,7 @@ fn rid_set(b: &mut Builder, rids: &[i64]) -> RidSet {
 
 /// One `_include` (`rev` false) or `_revinclude` of the page `rids`: the rids it includes,
 /// each once when `distinct` (inside `rid IN (…)` the set already keeps each once).
-fn include_part(
-    b: &mut Builder,
-    inc: &Include,
-    rids: &RidSet,
-    rev: bool,
-    distinct: bool,
-) -> String {
-    let rids = &rids.member;
+fn include_part(b: &mut Builder, inc: &Include, rids: &str, rev: bool, distinct: bool) -> String {
     let select = if distinct {
         "SELECT DISTINCT"
     } else {
@@ -2180,14 +2173,14 @@ pub fn include_sql(
     let list = rid_set(&mut b, rids);
     let mut parts = Vec::new();
     for inc in query.includes.iter().filter(|i| !iterate_only || i.iterate) {
-        parts.push(include_part(&mut b, inc, &list, false, true));
+        parts.push(include_part(&mut b, inc, &list.member, false, true));
     }
     for inc in query
         .revincludes
         .iter()
         .filter(|i| !iterate_only || i.iterate)
     {
-        parts.push(include_part(&mut b, inc, &list, true, true));
+        parts.push(include_part(&mut b, inc, &list.member, true, true));
     }
     if parts.is_empty() {
         return None;
@@ -2239,10 +2232,10 @@ fn included_parts(
     let list = rid_set(&mut b, page_rids);
     let mut parts = Vec::new();
     for inc in &query.includes {
-        parts.push(include_part(&mut b, inc, &list, false, false));
+        parts.push(include_part(&mut b, inc, &list.member, false, false));
     }
     for inc in &query.revincludes {
-        parts.push(include_part(&mut b, inc, &list, true, false));
+        parts.push(include_part(&mut b, inc, &list.member, true, false));
     }
     if parts.is_empty() {
         return None;

@@ -93,6 +93,11 @@ macro_rules! bind_values {
 }
 pub(crate) use bind_values;
 
+/// A column type (its sqlx name, either backend) whose values decode as text.
+pub(crate) fn text_type(name: &str) -> bool {
+    matches!(name, "TEXT" | "VARCHAR" | "NAME" | "BPCHAR" | "CHAR")
+}
+
 /// Decodes one column into a `SqlValue` whatever its SQL type. The column's type picks the
 /// decoder; a wrong guess is not free (sqlx formats a "mismatched types" error for it, ~7 % of
 /// the server's CPU on PostgreSQL searches when every text column was first tried as an
@@ -102,8 +107,9 @@ macro_rules! decode_column {
         use sqlx::{Column as _, TypeInfo as _};
         let row = $row;
         let i = $i;
-        let first = match row.column(i).type_info().name() {
-            "TEXT" | "VARCHAR" | "NAME" | "BPCHAR" | "CHAR" => row
+        let ty = row.column(i).type_info().name();
+        let first = match ty {
+            _ if $crate::backend::text_type(ty) => row
                 .try_get::<Option<String>, _>(i)
                 .ok()
                 .map(|v| v.map(SqlValue::Text).unwrap_or(SqlValue::Null)),
@@ -166,6 +172,14 @@ macro_rules! stored_from_row {
 }
 pub(crate) use stored_from_row;
 
+/// A PostgreSQL row of `RESOURCE_COLUMNS`, if there is one.
+fn stored_opt(row: Option<sqlx::postgres::PgRow>) -> Result<Option<StoredResource>> {
+    Ok(match row {
+        Some(r) => Some(stored_from_row!(&r)),
+        None => None,
+    })
+}
+
 /// `SELECT` of the current, non-deleted resources with these row ids, in the order given, on
 /// one PostgreSQL executor (a pool or a connection). The rids are bound as one `int8[]`: one
 /// statement text whatever the page, kept prepared.
@@ -222,12 +236,19 @@ pub(crate) fn pg_statement(sql: &str, params: &[SqlValue]) -> (String, bool) {
     (text, true)
 }
 
-/// Runs one statement with bound values on an executor; every column decoded.
+/// A PostgreSQL read with its values bound, kept prepared as [`pg_statement`] decides.
+fn pg_query<'q>(
+    sql: &str,
+    params: &'q [SqlValue],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let (text, keep) = pg_statement(sql, params);
+    bind_values!(sqlx::query(AssertSqlSafe(text)), params).persistent(keep)
+}
+
+/// Runs one PostgreSQL read with bound values on an executor; every column decoded.
 macro_rules! query_rows_on {
-    ($exec:expr, $sql:expr, $params:expr, $persistent:expr) => {{
-        let q = bind_values!(sqlx::query(AssertSqlSafe($sql.to_string())), $params)
-            .persistent($persistent);
-        let rows = q.fetch_all($exec).await?;
+    ($exec:expr, $sql:expr, $params:expr) => {{
+        let rows = pg_query($sql, $params).fetch_all($exec).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let n = r.len();
@@ -253,8 +274,7 @@ fn fold_pg_text_rows<T>(
     for r in rows {
         cols.clear();
         for c in r.columns() {
-            let text = matches!(c.type_info().name(), "TEXT" | "VARCHAR" | "NAME" | "BPCHAR");
-            cols.push(if text {
+            cols.push(if text_type(c.type_info().name()) {
                 r.try_get::<Option<&str>, _>(c.ordinal()).ok().flatten()
             } else {
                 None
@@ -280,10 +300,7 @@ impl ReadConn {
     ) -> Result<Vec<Vec<SqlValue>>> {
         match self {
             ReadConn::Sqlite(c) => c.query_rows(sql, params).await,
-            ReadConn::Postgres(c) => {
-                let (text, keep) = pg_statement(sql, params);
-                query_rows_on!(&mut **c, text, params, keep)
-            }
+            ReadConn::Postgres(c) => query_rows_on!(&mut **c, sql, params),
         }
     }
 
@@ -301,9 +318,7 @@ impl ReadConn {
         match self {
             ReadConn::Sqlite(c) => c.fold_text_rows(sql, params, acc, f).await,
             ReadConn::Postgres(c) => {
-                let (text, keep) = pg_statement(sql, params);
-                let q = bind_values!(sqlx::query(AssertSqlSafe(text)), params).persistent(keep);
-                let rows = q.fetch_all(&mut **c).await?;
+                let rows = pg_query(sql, params).fetch_all(&mut **c).await?;
                 Ok(fold_pg_text_rows(&rows, acc, f))
             }
         }
@@ -493,10 +508,7 @@ impl Pools {
                     .bind(id)
                     .fetch_optional(pool)
                     .await?;
-                Ok(match row {
-                    Some(r) => Some(stored_from_row!(&r)),
-                    None => None,
-                })
+                stored_opt(row)
             }
         }
     }
@@ -507,8 +519,10 @@ impl Pools {
         id: &str,
         version: i64,
     ) -> Result<Option<StoredResource>> {
-        let sql = "SELECT rid, res_type, res_id, version, last_updated, deleted, content \
-                   FROM resource_history WHERE res_type = $1 AND res_id = $2 AND version = $3";
+        let sql = format!(
+            "SELECT {RESOURCE_COLUMNS} FROM resource_history \
+             WHERE res_type = $1 AND res_id = $2 AND version = $3"
+        );
         match self {
             Pools::Sqlite { readers, .. } => {
                 let params = vec![
@@ -517,20 +531,16 @@ impl Pools {
                     SqlValue::Int(version),
                 ];
                 let mut c = readers.acquire().await?;
-                c.query_opt(sql.to_string(), params, sqlite_read::stored_resource)
-                    .await
+                c.query_opt(sql, params, sqlite_read::stored_resource).await
             }
             Pools::Postgres { pool, .. } => {
-                let row = sqlx::query(sql)
+                let row = sqlx::query(AssertSqlSafe(sql))
                     .bind(ty)
                     .bind(id)
                     .bind(version)
                     .fetch_optional(pool)
                     .await?;
-                Ok(match row {
-                    Some(r) => Some(stored_from_row!(&r)),
-                    None => None,
-                })
+                stored_opt(row)
             }
         }
     }
@@ -555,10 +565,7 @@ impl Pools {
     ) -> Result<Vec<Vec<SqlValue>>> {
         match self {
             Pools::Sqlite { readers, .. } => readers.acquire().await?.query_rows(sql, params).await,
-            Pools::Postgres { pool, .. } => {
-                let (text, keep) = pg_statement(sql, params);
-                query_rows_on!(pool, text, params, keep)
-            }
+            Pools::Postgres { pool, .. } => query_rows_on!(pool, sql, params),
         }
     }
 

@@ -739,20 +739,27 @@ mod tests {
         assert!(readers.acquire().await.is_err(), "closed");
     }
 
+    /// Writes Basic resources with rids 1..=n (id `b<rid>`, content from the SQL expression
+    /// `content` over `i`): every 7th deleted (1), every 11th otherwise contained (2). Returns
+    /// the writing connection.
+    fn basics(path: &std::path::Path, n: usize, content: &str) -> Connection {
+        let writer = Connection::open(path).unwrap();
+        writer
+            .execute_batch(&format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+                 INSERT INTO resources SELECT i, 'Basic', 'b' || i, 1, i, \
+                 CASE WHEN i % 7 = 0 THEN 1 WHEN i % 11 = 0 THEN 2 ELSE 0 END, {content} FROM n"
+            ))
+            .unwrap();
+        writer
+    }
+
     /// `fold_resources` and `fold_text_rows` hand out borrowed text in every read mode.
     #[tokio::test]
     async fn folds_borrowed_rows() {
         let dir = tempfile::tempdir().unwrap();
         let path = database(dir.path());
-        let writer = Connection::open(&path).unwrap();
-        writer
-            .execute_batch(
-                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1100) \
-                 INSERT INTO resources SELECT i, 'Basic', 'b' || i, 1, i, \
-                 CASE WHEN i % 7 = 0 THEN 1 WHEN i % 11 = 0 THEN 2 ELSE 0 END, \
-                 '{\"n\":' || i || '}' FROM n",
-            )
-            .unwrap();
+        let writer = basics(&path, 1100, "'{\"n\":' || i || '}'");
         for mode in MODES {
             let readers = SqliteReaders::new(path.clone(), 1, mode);
             let mut c = readers.acquire().await.unwrap();
@@ -812,14 +819,7 @@ mod tests {
     async fn fetch_by_rids_keeps_order_and_sees_commits() {
         let dir = tempfile::tempdir().unwrap();
         let path = database(dir.path());
-        let writer = Connection::open(&path).unwrap();
-        writer
-            .execute_batch(
-                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1200) \
-                 INSERT INTO resources SELECT i, 'Basic', 'b' || i, 1, i, \
-                 CASE WHEN i % 7 = 0 THEN 1 WHEN i % 11 = 0 THEN 2 ELSE 0 END, '{}' FROM n",
-            )
-            .unwrap();
+        let writer = basics(&path, 1200, "'{}'");
         let readers = SqliteReaders::new(path, 1, ReadMode::Inline);
         let mut c = readers.acquire().await.unwrap();
         let want: Vec<i64> = (1..=1200).rev().filter(|i| i % 7 != 0).collect();
