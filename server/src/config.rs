@@ -26,6 +26,10 @@ pub struct StoreArgs {
     /// On SQLite each reader is a connection with its own worker thread and page cache.
     #[arg(long, env = "KILN_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_connections: Option<u32>,
+    /// PostgreSQL: MiB of resource JSON each node keeps between reads, checked against the
+    /// database's version on every read (0: none), default 64. SQLite keeps none.
+    #[arg(long, env = "KILN_RESOURCE_CACHE_MB", value_name = "MIB", value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub resource_cache_mb: Option<u64>,
     /// Optional TOML configuration file (keys: listen, data_dir, database, base_url, …).
     #[arg(long, env = "KILN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -74,6 +78,7 @@ pub struct FileConfig {
     pub database: Option<String>,
     pub sqlite_sync_full: Option<bool>,
     pub max_connections: Option<u32>,
+    pub resource_cache_mb: Option<u64>,
     pub update_create: Option<bool>,
     pub max_body_bytes: Option<usize>,
     pub load_canonical_terminology: Option<bool>,
@@ -110,6 +115,10 @@ impl StoreArgs {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(kiln_store::StoreConfig::default().max_connections),
+            resource_cache_bytes: self
+                .resource_cache_mb
+                .or(file.resource_cache_mb)
+                .map_or(kiln_store::DEFAULT_RESOURCE_CACHE_BYTES, |mb| mb << 20),
         }
     }
 }
@@ -134,6 +143,7 @@ mod tests {
             database: None,
             sqlite_sync_full: false,
             max_connections: None,
+            resource_cache_mb: None,
             config: None,
         };
         assert_eq!(args.store_config(&file).max_connections, 4);
@@ -143,5 +153,26 @@ mod tests {
         );
         args.max_connections = Some(8);
         assert_eq!(args.store_config(&file).max_connections, 8);
+    }
+
+    #[test]
+    fn resource_cache_size_in_mib_from_file_or_command_line() {
+        let file: FileConfig = toml::from_str("resource_cache_mb = 0").unwrap();
+        let mut args = StoreArgs {
+            data_dir: None,
+            database: None,
+            sqlite_sync_full: false,
+            max_connections: None,
+            resource_cache_mb: None,
+            config: None,
+        };
+        assert_eq!(
+            args.store_config(&FileConfig::default())
+                .resource_cache_bytes,
+            64 << 20
+        );
+        assert_eq!(args.store_config(&file).resource_cache_bytes, 0);
+        args.resource_cache_mb = Some(256);
+        assert_eq!(args.store_config(&file).resource_cache_bytes, 256 << 20);
     }
 }

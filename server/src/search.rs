@@ -1099,14 +1099,12 @@ impl SearchEngine {
             if let Some((sql, ps)) = kiln_search::included_rows_sql(&query, dialect, &rids) {
                 let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
                 let chunks = db
-                    .fold_text_rows(
+                    .fold_included(
                         &sql,
                         &ps,
                         EntryChunks::new(&state.base_url, Vec::new()),
-                        |chunks, row| {
-                            if let [Some(ty), Some(id), Some(content)] = row {
-                                chunks.push_entry(ty, id, content.trim(), "include");
-                            }
+                        |chunks, r| {
+                            chunks.push_entry(r.resource_type, r.id, r.content.trim(), "include");
                         },
                     )
                     .await?;

@@ -2189,10 +2189,12 @@ pub fn include_sql(
 }
 
 /// The resources a searchset page includes (`_include`/`_revinclude`, not iterated), minus
-/// the page's own matches, in rid order, one row each: `res_type, res_id, content`. For
-/// SQLite, whose rows are read in process without a copy, and PostgreSQL alike: the caller
-/// writes the entries. `None` when nothing is to be included or an `:iterate` directive needs
-/// the levels one by one ([`include_sql`]).
+/// the page's own matches, in rid order, one row each. SQLite, whose rows are read in process
+/// without a copy: `res_type, res_id, content`. PostgreSQL: `rid, version, res_type, res_id`,
+/// the content taken from the store's resource cache where it holds that version (the JSON
+/// was most of that statement's cost), the rest fetched by rid (`ReadConn::fold_included`).
+/// `None` when nothing is to be included or an `:iterate` directive needs the levels one by
+/// one ([`include_sql`]).
 pub fn included_rows_sql(
     query: &SearchQuery,
     dialect: Dialect,
@@ -2208,7 +2210,7 @@ pub fn included_rows_sql(
         // joined rows, content and all (1,292 reverse-included Observations, ~1.2 MB: ~10 %
         // faster in SQL, pgbench)
         Dialect::Postgres => format!(
-            "SELECT e.res_type, e.res_id, e.content FROM (SELECT DISTINCT u.rid FROM ({parts}) u ORDER BY 1) s JOIN resources e ON e.rid = s.rid WHERE e.deleted = 0 AND e.rid {not_page} ORDER BY s.rid"
+            "SELECT e.rid, e.version, e.res_type, e.res_id FROM (SELECT DISTINCT u.rid FROM ({parts}) u ORDER BY 1) s JOIN resources e ON e.rid = s.rid WHERE e.deleted = 0 AND e.rid {not_page} ORDER BY s.rid"
         ),
     };
     Some((sql, b.params))
@@ -2821,7 +2823,7 @@ mod tests {
         assert!(!pg.contains("INDEXED BY"), "{pg}");
         // rids ordered before the rows are read; the page left out through the bound array
         assert!(
-            pg.starts_with("SELECT e.res_type, e.res_id, e.content FROM (SELECT DISTINCT u.rid FROM (SELECT ")
+            pg.starts_with("SELECT e.rid, e.version, e.res_type, e.res_id FROM (SELECT DISTINCT u.rid FROM (SELECT ")
                 && pg.ends_with(") u ORDER BY 1) s JOIN resources e ON e.rid = s.rid WHERE e.deleted = 0 AND e.rid <> ALL($1::int8[]) ORDER BY s.rid"),
             "{pg}"
         );

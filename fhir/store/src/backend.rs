@@ -4,6 +4,7 @@
 //! synchronous connections of [`crate::sqlite_read`] instead of sqlx.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
@@ -11,6 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::cache::{ResourceCache, BY_RIDS_SQL};
 use crate::sqlite_read::{self, SqliteReader, SqliteReaders};
 use crate::{Result, StoreConfig, StoreError, StoredResource, BUSY_TIMEOUT};
 
@@ -62,6 +64,8 @@ pub(crate) enum Pools {
     Postgres {
         pool: PgPool,
         url: String,
+        /// Resource JSON by rid, checked against the version on every read.
+        cache: Arc<ResourceCache>,
     },
 }
 
@@ -180,29 +184,73 @@ fn stored_opt(row: Option<sqlx::postgres::PgRow>) -> Result<Option<StoredResourc
     })
 }
 
-/// `SELECT` of the current, non-deleted resources with these row ids, in the order given, on
-/// one PostgreSQL executor (a pool or a connection). The rids are bound as one `int8[]`: one
+/// The current (or contained) resources with these row ids on PostgreSQL, in rid order, each
+/// row of [`BY_RIDS_SQL`] with its content: from the row where the cache did not hold the
+/// row's version (then kept), else the cache's. The rids are bound as one `int8[]`: one
 /// statement text whatever the page, kept prepared.
-macro_rules! fetch_by_rids_on {
-    ($exec:expr, $rids:expr) => {{
-        let rids: &[i64] = $rids;
-        let sql = format!(
-            "SELECT {RESOURCE_COLUMNS} FROM resources WHERE deleted <> 1 AND rid = ANY($1)"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(rids)
-            .fetch_all(&mut *$exec)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(stored_from_row!(r));
-        }
-        // keep the caller's order
-        let pos: std::collections::HashMap<i64, usize> =
-            rids.iter().enumerate().map(|(i, r)| (*r, i)).collect();
-        out.sort_by_key(|r| pos.get(&r.rid).copied().unwrap_or(usize::MAX));
-        Ok::<_, StoreError>(out)
-    }};
+async fn pg_by_rids(
+    conn: &mut sqlx::PgConnection,
+    cache: &ResourceCache,
+    rids: &[i64],
+) -> Result<Vec<(sqlx::postgres::PgRow, Arc<str>)>> {
+    let mut rids = rids.to_vec();
+    rids.sort_unstable();
+    rids.dedup();
+    let (versions, held) = cache.held(&rids);
+    let rows = sqlx::query(BY_RIDS_SQL)
+        .bind(&rids)
+        .bind(&versions)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let rid: i64 = row.try_get(0)?;
+        let version: i64 = row.try_get(3)?;
+        let content = match row.try_get::<Option<&str>, _>(6)? {
+            Some(text) => cache.put(rid, version, text),
+            // NULL only where the version sent for the rid was the row's
+            None => rids
+                .binary_search(&rid)
+                .ok()
+                .and_then(|i| held[i].as_ref())
+                .filter(|h| h.version == version)
+                .map(|h| h.content.clone())
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "row {rid} came back without content for a version not held"
+                    ))
+                })?,
+        };
+        out.push((row, content));
+    }
+    Ok(out)
+}
+
+/// [`pg_by_rids`] as [`StoredResource`]s in the order of `rids`.
+async fn pg_fetch_by_rids(
+    conn: &mut sqlx::PgConnection,
+    cache: &ResourceCache,
+    rids: &[i64],
+) -> Result<Vec<StoredResource>> {
+    let rows = pg_by_rids(conn, cache, rids).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (r, content) in &rows {
+        out.push(StoredResource {
+            rid: r.try_get::<i64, _>(0)?,
+            resource_type: r.try_get::<String, _>(1)?,
+            id: r.try_get::<String, _>(2)?,
+            version: r.try_get::<i64, _>(3)?,
+            last_updated: r.try_get::<i64, _>(4)?,
+            // 2 = a contained resource's row: current, not deleted
+            deleted: r.try_get::<i64, _>(5)? == 1,
+            content: content.to_string(),
+        });
+    }
+    // keep the caller's order
+    let pos: std::collections::HashMap<i64, usize> =
+        rids.iter().enumerate().map(|(i, r)| (*r, i)).collect();
+    out.sort_by_key(|r| pos.get(&r.rid).copied().unwrap_or(usize::MAX));
+    Ok(out)
 }
 
 /// The text under which a PostgreSQL read is kept prepared, and whether it is kept.
@@ -288,7 +336,10 @@ fn fold_pg_text_rows<T>(
 /// A reader connection taken from the pool for several statements (see [`Pools::reader`]).
 pub enum ReadConn {
     Sqlite(SqliteReader),
-    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Postgres(
+        sqlx::pool::PoolConnection<sqlx::Postgres>,
+        Arc<ResourceCache>,
+    ),
 }
 
 impl ReadConn {
@@ -300,7 +351,7 @@ impl ReadConn {
     ) -> Result<Vec<Vec<SqlValue>>> {
         match self {
             ReadConn::Sqlite(c) => c.query_rows(sql, params).await,
-            ReadConn::Postgres(c) => query_rows_on!(&mut **c, sql, params),
+            ReadConn::Postgres(c, _) => query_rows_on!(&mut **c, sql, params),
         }
     }
 
@@ -317,7 +368,7 @@ impl ReadConn {
     ) -> Result<T> {
         match self {
             ReadConn::Sqlite(c) => c.fold_text_rows(sql, params, acc, f).await,
-            ReadConn::Postgres(c) => {
+            ReadConn::Postgres(c, _) => {
                 let rows = pg_query(sql, params).fetch_all(&mut **c).await?;
                 Ok(fold_pg_text_rows(&rows, acc, f))
             }
@@ -338,16 +389,38 @@ impl ReadConn {
         }
         match self {
             ReadConn::Sqlite(c) => c.fold_resources(rids, acc, f).await,
-            ReadConn::Postgres(c) => {
-                let rows = sqlx::query(
-                    "SELECT res_type, res_id, content FROM resources \
-                     WHERE deleted <> 1 AND rid = ANY($1) ORDER BY rid",
-                )
-                .bind(rids)
-                .fetch_all(&mut **c)
-                .await?;
-                Ok(fold_pg_text_rows(&rows, acc, |acc, cols| {
-                    if let [Some(resource_type), Some(id), Some(content)] = cols {
+            ReadConn::Postgres(c, cache) => {
+                let mut acc = acc;
+                for (row, content) in pg_by_rids(c, cache, rids).await? {
+                    f(
+                        &mut acc,
+                        crate::StoredText {
+                            resource_type: row.try_get(1)?,
+                            id: row.try_get(2)?,
+                            content: &content,
+                        },
+                    );
+                }
+                Ok(acc)
+            }
+        }
+    }
+
+    /// The rows of a page's included resources (`kiln_search::included_rows_sql`) folded into
+    /// `acc` by `f`, in the statement's order. SQLite: the statement reads type, id and JSON
+    /// text, borrowed. PostgreSQL: it reads `rid, version, type, id`; the JSON comes from the
+    /// resource cache where it holds that version, the rest from one more statement by rid.
+    pub async fn fold_included<T: Send + 'static>(
+        &mut self,
+        sql: &str,
+        params: &[SqlValue],
+        acc: T,
+        f: fn(&mut T, crate::StoredText<'_>),
+    ) -> Result<T> {
+        match self {
+            ReadConn::Sqlite(c) => c
+                .fold_text_rows(sql, params, (acc, f), |(acc, f), row| {
+                    if let [Some(resource_type), Some(id), Some(content)] = row {
                         f(
                             acc,
                             crate::StoredText {
@@ -357,7 +430,51 @@ impl ReadConn {
                             },
                         );
                     }
-                }))
+                })
+                .await
+                .map(|(acc, _)| acc),
+            ReadConn::Postgres(c, cache) => {
+                let rows = pg_query(sql, params).fetch_all(&mut **c).await?;
+                let mut listed = Vec::with_capacity(rows.len());
+                let mut missing = Vec::new();
+                for row in &rows {
+                    let rid: i64 = row.try_get(0)?;
+                    let version: i64 = row.try_get(1)?;
+                    let hit = cache
+                        .get(rid)
+                        .filter(|h| h.version == version)
+                        .map(|h| h.content);
+                    if hit.is_none() {
+                        missing.push(rid);
+                    }
+                    listed.push((rid, hit));
+                }
+                // the versions not held, read now: a resource changed since the first
+                // statement comes as its current version, one deleted since is left out
+                let fetched: std::collections::HashMap<i64, Arc<str>> = if missing.is_empty() {
+                    Default::default()
+                } else {
+                    pg_by_rids(c, cache, &missing)
+                        .await?
+                        .into_iter()
+                        .map(|(row, content)| Ok((row.try_get::<i64, _>(0)?, content)))
+                        .collect::<Result<_>>()?
+                };
+                let mut acc = acc;
+                for ((rid, hit), row) in listed.into_iter().zip(&rows) {
+                    let Some(content) = hit.or_else(|| fetched.get(&rid).cloned()) else {
+                        continue;
+                    };
+                    f(
+                        &mut acc,
+                        crate::StoredText {
+                            resource_type: row.try_get(2)?,
+                            id: row.try_get(3)?,
+                            content: &content,
+                        },
+                    );
+                }
+                Ok(acc)
             }
         }
     }
@@ -369,7 +486,7 @@ impl ReadConn {
         }
         match self {
             ReadConn::Sqlite(c) => c.fetch_by_rids(rids).await,
-            ReadConn::Postgres(c) => fetch_by_rids_on!(&mut **c, rids),
+            ReadConn::Postgres(c, cache) => pg_fetch_by_rids(c, cache, rids).await,
         }
     }
 }
@@ -399,6 +516,7 @@ impl Pools {
                 Ok(Pools::Postgres {
                     pool,
                     url: redact(url),
+                    cache: Arc::new(ResourceCache::new(config.resource_cache_bytes)),
                 })
             }
             Some(url) if url.starts_with("sqlite:") => {
@@ -551,9 +669,9 @@ impl Pools {
         }
         match self {
             Pools::Sqlite { readers, .. } => readers.acquire().await?.fetch_by_rids(rids).await,
-            Pools::Postgres { pool, .. } => {
+            Pools::Postgres { pool, cache, .. } => {
                 let mut c = pool.acquire().await?;
-                fetch_by_rids_on!(&mut *c, rids)
+                pg_fetch_by_rids(&mut c, cache, rids).await
             }
         }
     }
@@ -574,7 +692,9 @@ impl Pools {
     pub(crate) async fn reader(&self) -> Result<ReadConn> {
         Ok(match self {
             Pools::Sqlite { readers, .. } => ReadConn::Sqlite(readers.acquire().await?),
-            Pools::Postgres { pool, .. } => ReadConn::Postgres(pool.acquire().await?),
+            Pools::Postgres { pool, cache, .. } => {
+                ReadConn::Postgres(pool.acquire().await?, cache.clone())
+            }
         })
     }
 
@@ -870,5 +990,145 @@ mod tests {
         assert!(matches!(e, crate::StoreError::Sqlite(_)), "{e}");
         assert_eq!(store.count(None).await.unwrap(), 1);
         store.close().await;
+    }
+
+    /// The resource cache on PostgreSQL: every read checks the version against the database,
+    /// so a write by another node (another `Store` on the same database) is seen at once, a
+    /// deleted resource drops out, and a cache of 0 bytes reads the same.
+    #[tokio::test]
+    async fn postgres_resource_cache_follows_other_nodes_writes() {
+        use super::Pools;
+        use crate::{SqlValue, Store, StoreConfig};
+        let Some(db) = crate::test_pg::TestDatabase::create("kiln_cache").await else {
+            return;
+        };
+        let node_a = Store::open(&db.config(2), None).await.unwrap();
+        let node_b = Store::open(&db.config(2), None).await.unwrap();
+        let uncached = Store::open(
+            &StoreConfig {
+                resource_cache_bytes: 0,
+                ..db.config(2)
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let basic = |id: &str, mark: &str| serde_json::json!({"resourceType": "Basic", "code": {"text": format!("{id}-{mark}")}});
+        let mut tx = node_a.begin().await.unwrap();
+        let mut rids = Vec::new();
+        for id in ["a", "b", "c"] {
+            rids.push(
+                tx.put("Basic", id, basic(id, "v1"), None, "POST")
+                    .await
+                    .unwrap()
+                    .rid,
+            );
+        }
+        tx.commit().await.unwrap();
+        let held = |store: &Store, rid: i64| match store.pools() {
+            Pools::Postgres { cache, .. } => cache.get(rid).map(|c| c.version),
+            _ => unreachable!(),
+        };
+        // what each read returns: `id:text` of every resource, in the order read
+        async fn texts(store: &Store, rids: &[i64]) -> [Vec<String>; 3] {
+            let text = |content: &str| {
+                let v: serde_json::Value = serde_json::from_str(content).unwrap();
+                v["code"]["text"].as_str().unwrap().to_string()
+            };
+            let mut conn = store.reader().await.unwrap();
+            let fetched = conn.fetch_by_rids(rids).await.unwrap();
+            let folded = conn
+                .fold_resources(rids, Vec::new(), |acc: &mut Vec<String>, r| {
+                    acc.push(r.content.to_string())
+                })
+                .await
+                .unwrap();
+            let included = conn
+                .fold_included(
+                    "SELECT rid, version, res_type, res_id FROM resources WHERE res_type = $1 AND deleted = 0 ORDER BY rid",
+                    &[SqlValue::Text("Basic".into())],
+                    Vec::new(),
+                    |acc: &mut Vec<String>, r| {
+                        assert_eq!(r.resource_type, "Basic");
+                        acc.push(r.content.to_string())
+                    },
+                )
+                .await
+                .unwrap();
+            [
+                fetched.iter().map(|r| text(&r.content)).collect(),
+                folded.iter().map(|c| text(c)).collect(),
+                included.iter().map(|c| text(c)).collect(),
+            ]
+        }
+        let all = [rids[0], rids[1], rids[2]];
+        let v1: Vec<String> = ["a-v1", "b-v1", "c-v1"].map(String::from).to_vec();
+        assert_eq!(
+            texts(&node_a, &all).await,
+            [v1.clone(), v1.clone(), v1.clone()]
+        );
+        assert_eq!(held(&node_a, rids[0]), Some(1), "read once, held");
+        // served from the cache this time (the same answers)
+        assert_eq!(
+            texts(&node_a, &all).await,
+            [v1.clone(), v1.clone(), v1.clone()]
+        );
+        // node B writes a new version of `a` and deletes `b`
+        let mut tx = node_b.begin().await.unwrap();
+        let a = tx.current("Basic", "a").await.unwrap().unwrap();
+        tx.put("Basic", "a", basic("a", "v2"), Some(&a), "PUT")
+            .await
+            .unwrap();
+        let b = tx.current("Basic", "b").await.unwrap().unwrap();
+        tx.delete("Basic", "b", &b).await.unwrap();
+        tx.commit().await.unwrap();
+        let now: Vec<String> = ["a-v2", "c-v1"].map(String::from).to_vec();
+        assert_eq!(
+            texts(&node_a, &all).await,
+            [now.clone(), now.clone(), now.clone()]
+        );
+        assert_eq!(
+            held(&node_a, rids[0]),
+            Some(2),
+            "the new version replaced the old"
+        );
+        assert_eq!(
+            texts(&uncached, &all).await,
+            [now.clone(), now.clone(), now.clone()]
+        );
+        assert_eq!(held(&uncached, rids[0]), None, "0 bytes: nothing held");
+        // the caller's order for fetch_by_rids, rid order for the folds
+        let mut conn = node_a.reader().await.unwrap();
+        let ids: Vec<String> = conn
+            .fetch_by_rids(&[rids[2], rids[0]])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| format!("{}@{}", r.id, r.version))
+            .collect();
+        assert_eq!(ids, ["c@1", "a@2"]);
+        drop(conn);
+        // the cache is what answered: a content changed behind Kiln's back under the same
+        // version (never done by Kiln itself) is not seen by the node that holds it
+        let pool = match node_b.pools() {
+            Pools::Postgres { pool, .. } => pool.clone(),
+            _ => unreachable!(),
+        };
+        sqlx::query(
+            "UPDATE resources SET content = '{\"resourceType\":\"Basic\",\"code\":{\"text\":\"c-behind\"}}' WHERE rid = $1",
+        )
+        .bind(rids[2])
+        .execute(&pool)
+        .await
+        .unwrap();
+        let c = [rids[2]];
+        let held_c: Vec<String> = ["c-v1"].map(String::from).to_vec();
+        let behind: Vec<String> = ["c-behind"].map(String::from).to_vec();
+        assert_eq!(texts(&node_a, &c).await[..2], [held_c.clone(), held_c]);
+        assert_eq!(texts(&uncached, &c).await[..2], [behind.clone(), behind]);
+        for s in [node_a, node_b, uncached] {
+            s.close().await;
+        }
+        db.drop().await;
     }
 }

@@ -7,6 +7,7 @@
 //! and one database transaction: either everything of it is visible, or nothing is.
 
 mod backend;
+mod cache;
 mod history;
 mod meta;
 mod schema;
@@ -62,7 +63,14 @@ pub struct StoreConfig {
     pub sqlite_synchronous_full: bool,
     /// Maximum pooled connections for reads.
     pub max_connections: u32,
+    /// PostgreSQL: bytes of resource JSON each node keeps between reads (0: none), checked
+    /// against the database's version on every read (see `cache.rs`). SQLite reads its pages
+    /// in process and keeps none.
+    pub resource_cache_bytes: u64,
 }
+
+/// [`StoreConfig::resource_cache_bytes`] by default: 64 MiB.
+pub const DEFAULT_RESOURCE_CACHE_BYTES: u64 = 64 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -71,6 +79,7 @@ impl Default for StoreConfig {
             database: None,
             sqlite_synchronous_full: false,
             max_connections: 16,
+            resource_cache_bytes: DEFAULT_RESOURCE_CACHE_BYTES,
         }
     }
 }
