@@ -1096,7 +1096,9 @@ impl SearchEngine {
         // the includes were read as text (or there were none to read)
         let mut includes_done = false;
         if passthrough {
-            if let Some((sql, ps)) = kiln_search::included_rows_sql(&query, dialect, &rids) {
+            let content = db.included_content();
+            if let Some((sql, ps)) = kiln_search::included_rows_sql(&query, dialect, &rids, content)
+            {
                 let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();
                 let chunks = db
                     .fold_included(

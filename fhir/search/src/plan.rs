@@ -2191,14 +2191,16 @@ pub fn include_sql(
 /// The resources a searchset page includes (`_include`/`_revinclude`, not iterated), minus
 /// the page's own matches, in rid order, one row each. SQLite, whose rows are read in process
 /// without a copy: `res_type, res_id, content`. PostgreSQL: `rid, version, res_type, res_id`,
-/// the content taken from the store's resource cache where it holds that version (the JSON
-/// was most of that statement's cost), the rest fetched by rid (`ReadConn::fold_included`).
-/// `None` when nothing is to be included or an `:iterate` directive needs the levels one by
-/// one ([`include_sql`]).
+/// and `content` when `content` is asked for; without it the store takes the JSON from its
+/// resource cache and fetches the versions it does not hold by rid (`ReadConn::fold_included`,
+/// which also says which shape it wants: the JSON was most of that statement's cost). `None`
+/// when nothing is to be included or an `:iterate` directive needs the levels one by one
+/// ([`include_sql`]).
 pub fn included_rows_sql(
     query: &SearchQuery,
     dialect: Dialect,
     page_rids: &[i64],
+    content: bool,
 ) -> Option<(String, Vec<SqlValue>)> {
     let (parts, list, b) = included_parts(query, dialect, page_rids)?;
     let not_page = &list.non_member;
@@ -2210,7 +2212,8 @@ pub fn included_rows_sql(
         // joined rows, content and all (1,292 reverse-included Observations, ~1.2 MB: ~10 %
         // faster in SQL, pgbench)
         Dialect::Postgres => format!(
-            "SELECT e.rid, e.version, e.res_type, e.res_id FROM (SELECT DISTINCT u.rid FROM ({parts}) u ORDER BY 1) s JOIN resources e ON e.rid = s.rid WHERE e.deleted = 0 AND e.rid {not_page} ORDER BY s.rid"
+            "SELECT e.rid, e.version, e.res_type, e.res_id{} FROM (SELECT DISTINCT u.rid FROM ({parts}) u ORDER BY 1) s JOIN resources e ON e.rid = s.rid WHERE e.deleted = 0 AND e.rid {not_page} ORDER BY s.rid",
+            if content { ", e.content" } else { "" }
         ),
     };
     Some((sql, b.params))
@@ -2807,7 +2810,7 @@ mod tests {
                 ("_include", "Patient:general-practitioner"),
             ],
         );
-        let (sql, params) = included_rows_sql(&query, Dialect::Sqlite, &[1, 2]).unwrap();
+        let (sql, params) = included_rows_sql(&query, Dialect::Sqlite, &[1, 2], true).unwrap();
         assert!(
             sql.starts_with("SELECT e.res_type, e.res_id, e.content FROM resources e WHERE e.deleted = 0 AND e.rid IN (SELECT t.rid AS rid FROM "),
             "{sql}"
@@ -2819,7 +2822,7 @@ mod tests {
             "{sql}"
         );
         assert_eq!(params.len(), 4);
-        let (pg, pg_params) = included_rows_sql(&query, Dialect::Postgres, &[1]).unwrap();
+        let (pg, pg_params) = included_rows_sql(&query, Dialect::Postgres, &[1], false).unwrap();
         assert!(!pg.contains("INDEXED BY"), "{pg}");
         // rids ordered before the rows are read; the page left out through the bound array
         assert!(
@@ -2828,10 +2831,15 @@ mod tests {
             "{pg}"
         );
         assert_eq!(pg_params[0], SqlValue::Text("{1}".into()));
+        let (with_content, _) = included_rows_sql(&query, Dialect::Postgres, &[1], true).unwrap();
+        assert_eq!(
+            with_content,
+            pg.replacen("e.res_id FROM", "e.res_id, e.content FROM", 1)
+        );
         let iterate = q("Patient", &[("_revinclude:iterate", "Observation:patient")]);
-        assert!(included_rows_sql(&iterate, Dialect::Sqlite, &[1]).is_none());
-        assert!(included_rows_sql(&query, Dialect::Sqlite, &[]).is_none());
-        assert!(included_rows_sql(&q("Patient", &[]), Dialect::Sqlite, &[1]).is_none());
+        assert!(included_rows_sql(&iterate, Dialect::Sqlite, &[1], true).is_none());
+        assert!(included_rows_sql(&query, Dialect::Sqlite, &[], true).is_none());
+        assert!(included_rows_sql(&q("Patient", &[]), Dialect::Sqlite, &[1], true).is_none());
     }
 
     fn estimates(list: &[(&str, u64)]) -> Estimates {

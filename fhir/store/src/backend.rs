@@ -184,15 +184,15 @@ fn stored_opt(row: Option<sqlx::postgres::PgRow>) -> Result<Option<StoredResourc
     })
 }
 
-/// The current (or contained) resources with these row ids on PostgreSQL, in rid order, each
-/// row of [`BY_RIDS_SQL`] with its content: from the row where the cache did not hold the
-/// row's version (then kept), else the cache's. The rids are bound as one `int8[]`: one
-/// statement text whatever the page, kept prepared.
+/// The current (or contained) resources with these row ids on PostgreSQL, in rid order: each
+/// row of [`BY_RIDS_SQL`], with the cache's content where the cache held the row's version
+/// (`None`: the row carries its content, now kept in the cache). The rids are bound as one
+/// `int8[]`: one statement text whatever the page, kept prepared.
 async fn pg_by_rids(
     conn: &mut sqlx::PgConnection,
     cache: &ResourceCache,
     rids: &[i64],
-) -> Result<Vec<(sqlx::postgres::PgRow, Arc<str>)>> {
+) -> Result<Vec<(sqlx::postgres::PgRow, Option<Arc<str>>)>> {
     let mut rids = rids.to_vec();
     rids.sort_unstable();
     rids.dedup();
@@ -206,24 +206,39 @@ async fn pg_by_rids(
     for row in rows {
         let rid: i64 = row.try_get(0)?;
         let version: i64 = row.try_get(3)?;
-        let content = match row.try_get::<Option<&str>, _>(6)? {
-            Some(text) => cache.put(rid, version, text),
+        let held = match row.try_get::<Option<&str>, _>(6)? {
+            Some(text) => {
+                cache.keep(rid, version, text);
+                None
+            }
             // NULL only where the version sent for the rid was the row's
-            None => rids
-                .binary_search(&rid)
-                .ok()
-                .and_then(|i| held[i].as_ref())
-                .filter(|h| h.version == version)
-                .map(|h| h.content.clone())
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "row {rid} came back without content for a version not held"
-                    ))
-                })?,
+            None => Some(
+                rids.binary_search(&rid)
+                    .ok()
+                    .and_then(|i| held[i].as_ref())
+                    .filter(|h| h.version == version)
+                    .map(|h| h.content.clone())
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "row {rid} came back without content for a version not held"
+                        ))
+                    })?,
+            ),
         };
-        out.push((row, content));
+        out.push((row, held));
     }
     Ok(out)
+}
+
+/// The JSON of a [`pg_by_rids`] row: the cache's, or the row's own.
+fn by_rid_content<'r>(
+    row: &'r sqlx::postgres::PgRow,
+    held: &'r Option<Arc<str>>,
+) -> Result<&'r str> {
+    Ok(match held {
+        Some(text) => text,
+        None => row.try_get(6)?,
+    })
 }
 
 /// [`pg_by_rids`] as [`StoredResource`]s in the order of `rids`.
@@ -234,7 +249,7 @@ async fn pg_fetch_by_rids(
 ) -> Result<Vec<StoredResource>> {
     let rows = pg_by_rids(conn, cache, rids).await?;
     let mut out = Vec::with_capacity(rows.len());
-    for (r, content) in &rows {
+    for (r, held) in &rows {
         out.push(StoredResource {
             rid: r.try_get::<i64, _>(0)?,
             resource_type: r.try_get::<String, _>(1)?,
@@ -243,7 +258,7 @@ async fn pg_fetch_by_rids(
             last_updated: r.try_get::<i64, _>(4)?,
             // 2 = a contained resource's row: current, not deleted
             deleted: r.try_get::<i64, _>(5)? == 1,
-            content: content.to_string(),
+            content: by_rid_content(r, held)?.to_string(),
         });
     }
     // keep the caller's order
@@ -391,13 +406,13 @@ impl ReadConn {
             ReadConn::Sqlite(c) => c.fold_resources(rids, acc, f).await,
             ReadConn::Postgres(c, cache) => {
                 let mut acc = acc;
-                for (row, content) in pg_by_rids(c, cache, rids).await? {
+                for (row, held) in pg_by_rids(c, cache, rids).await? {
                     f(
                         &mut acc,
                         crate::StoredText {
                             resource_type: row.try_get(1)?,
                             id: row.try_get(2)?,
-                            content: &content,
+                            content: by_rid_content(&row, &held)?,
                         },
                     );
                 }
@@ -435,47 +450,87 @@ impl ReadConn {
                 .map(|(acc, _)| acc),
             ReadConn::Postgres(c, cache) => {
                 let rows = pg_query(sql, params).fetch_all(&mut **c).await?;
+                let mut acc = acc;
+                let mut hits = 0;
+                if rows.first().is_some_and(|r| r.len() == 5) {
+                    // `rid, version, res_type, res_id, content`: the JSON came with the rows
+                    for row in &rows {
+                        let (rid, version) = (row.try_get(0)?, row.try_get(1)?);
+                        let content: &str = row.try_get(4)?;
+                        if cache.enabled() {
+                            if cache.get_version(rid, version).is_some() {
+                                hits += 1;
+                            } else {
+                                cache.keep(rid, version, content);
+                            }
+                        }
+                        f(
+                            &mut acc,
+                            crate::StoredText {
+                                resource_type: row.try_get(2)?,
+                                id: row.try_get(3)?,
+                                content,
+                            },
+                        );
+                    }
+                    cache.note_included(hits, rows.len() as u64);
+                    return Ok(acc);
+                }
+                // `rid, version, res_type, res_id`: the JSON from the cache, the versions not
+                // held read now (a resource changed since comes as its current version, one
+                // deleted since is left out)
                 let mut listed = Vec::with_capacity(rows.len());
                 let mut missing = Vec::new();
                 for row in &rows {
-                    let rid: i64 = row.try_get(0)?;
-                    let version: i64 = row.try_get(1)?;
-                    let hit = cache
-                        .get(rid)
-                        .filter(|h| h.version == version)
-                        .map(|h| h.content);
-                    if hit.is_none() {
+                    let (rid, version) = (row.try_get(0)?, row.try_get(1)?);
+                    let hit = cache.get_version(rid, version);
+                    if hit.is_some() {
+                        hits += 1;
+                    } else {
                         missing.push(rid);
                     }
                     listed.push((rid, hit));
                 }
-                // the versions not held, read now: a resource changed since the first
-                // statement comes as its current version, one deleted since is left out
-                let fetched: std::collections::HashMap<i64, Arc<str>> = if missing.is_empty() {
-                    Default::default()
+                cache.note_included(hits, rows.len() as u64);
+                let fetched = if missing.is_empty() {
+                    Vec::new()
                 } else {
-                    pg_by_rids(c, cache, &missing)
-                        .await?
-                        .into_iter()
-                        .map(|(row, content)| Ok((row.try_get::<i64, _>(0)?, content)))
-                        .collect::<Result<_>>()?
+                    pg_by_rids(c, cache, &missing).await?
                 };
-                let mut acc = acc;
+                let at: std::collections::HashMap<i64, usize> = fetched
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (row, _))| Ok((row.try_get::<i64, _>(0)?, i)))
+                    .collect::<Result<_>>()?;
                 for ((rid, hit), row) in listed.into_iter().zip(&rows) {
-                    let Some(content) = hit.or_else(|| fetched.get(&rid).cloned()) else {
-                        continue;
+                    let content = match &hit {
+                        Some(text) => &**text,
+                        None => match at.get(&rid) {
+                            Some(&i) => by_rid_content(&fetched[i].0, &fetched[i].1)?,
+                            None => continue,
+                        },
                     };
                     f(
                         &mut acc,
                         crate::StoredText {
                             resource_type: row.try_get(2)?,
                             id: row.try_get(3)?,
-                            content: &content,
+                            content,
                         },
                     );
                 }
                 Ok(acc)
             }
+        }
+    }
+
+    /// Whether [`ReadConn::fold_included`] wants the included rows' JSON in its statement
+    /// (`kiln_search::included_rows_sql`'s `content`): always on SQLite; on PostgreSQL unless
+    /// the resource cache has lately held nine in ten of them.
+    pub fn included_content(&self) -> bool {
+        match self {
+            ReadConn::Sqlite(_) => true,
+            ReadConn::Postgres(_, cache) => !cache.included_by_version(),
         }
     }
 
@@ -1030,7 +1085,7 @@ mod tests {
             _ => unreachable!(),
         };
         // what each read returns: `id:text` of every resource, in the order read
-        async fn texts(store: &Store, rids: &[i64]) -> [Vec<String>; 3] {
+        async fn texts(store: &Store, rids: &[i64]) -> [Vec<String>; 4] {
             let text = |content: &str| {
                 let v: serde_json::Value = serde_json::from_str(content).unwrap();
                 v["code"]["text"].as_str().unwrap().to_string()
@@ -1043,35 +1098,43 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            let included = conn
-                .fold_included(
-                    "SELECT rid, version, res_type, res_id FROM resources WHERE res_type = $1 AND deleted = 0 ORDER BY rid",
-                    &[SqlValue::Text("Basic".into())],
-                    Vec::new(),
-                    |acc: &mut Vec<String>, r| {
-                        assert_eq!(r.resource_type, "Basic");
-                        acc.push(r.content.to_string())
-                    },
-                )
-                .await
-                .unwrap();
+            // the two shapes of included rows: JSON from the cache, JSON in the rows
+            let mut included = Vec::new();
+            for columns in ["", ", content"] {
+                let sql = format!("SELECT rid, version, res_type, res_id{columns} FROM resources WHERE res_type = $1 AND deleted = 0 ORDER BY rid");
+                let rows = conn
+                    .fold_included(
+                        &sql,
+                        &[SqlValue::Text("Basic".into())],
+                        Vec::new(),
+                        |acc: &mut Vec<String>, r| {
+                            assert_eq!(r.resource_type, "Basic");
+                            acc.push(r.content.to_string())
+                        },
+                    )
+                    .await
+                    .unwrap();
+                included.push(rows.iter().map(|c| text(c)).collect());
+            }
+            let [by_version, with_content]: [Vec<String>; 2] = included.try_into().unwrap();
             [
                 fetched.iter().map(|r| text(&r.content)).collect(),
                 folded.iter().map(|c| text(c)).collect(),
-                included.iter().map(|c| text(c)).collect(),
+                by_version,
+                with_content,
             ]
         }
         let all = [rids[0], rids[1], rids[2]];
         let v1: Vec<String> = ["a-v1", "b-v1", "c-v1"].map(String::from).to_vec();
         assert_eq!(
             texts(&node_a, &all).await,
-            [v1.clone(), v1.clone(), v1.clone()]
+            [v1.clone(), v1.clone(), v1.clone(), v1.clone()]
         );
         assert_eq!(held(&node_a, rids[0]), Some(1), "read once, held");
         // served from the cache this time (the same answers)
         assert_eq!(
             texts(&node_a, &all).await,
-            [v1.clone(), v1.clone(), v1.clone()]
+            [v1.clone(), v1.clone(), v1.clone(), v1.clone()]
         );
         // node B writes a new version of `a` and deletes `b`
         let mut tx = node_b.begin().await.unwrap();
@@ -1085,7 +1148,7 @@ mod tests {
         let now: Vec<String> = ["a-v2", "c-v1"].map(String::from).to_vec();
         assert_eq!(
             texts(&node_a, &all).await,
-            [now.clone(), now.clone(), now.clone()]
+            [now.clone(), now.clone(), now.clone(), now.clone()]
         );
         assert_eq!(
             held(&node_a, rids[0]),
@@ -1094,7 +1157,7 @@ mod tests {
         );
         assert_eq!(
             texts(&uncached, &all).await,
-            [now.clone(), now.clone(), now.clone()]
+            [now.clone(), now.clone(), now.clone(), now.clone()]
         );
         assert_eq!(held(&uncached, rids[0]), None, "0 bytes: nothing held");
         // the caller's order for fetch_by_rids, rid order for the folds
