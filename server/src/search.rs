@@ -1011,10 +1011,23 @@ impl SearchEngine {
             .map(to_store_value)
             .collect();
         let params: Vec<SqlValue> = plan.params.iter().cloned().map(to_store_value).collect();
+        let passthrough =
+            query.summary.is_none() && query.elements.is_empty() && access.grant().is_none();
+        // PostgreSQL: the page's resources joined to the page statement (one statement per
+        // page instead of two), their JSON in it unless the resource cache holds most of them
+        let page_listed = passthrough && dialect == kiln_search::Dialect::Postgres;
+        let page_content = page_listed && db.listed_content();
+        let page_sql = |sql: &str| {
+            if page_listed {
+                kiln_search::page_with_resources_sql(sql, page_content)
+            } else {
+                sql.to_string()
+            }
+        };
         let mut rows = if summary_count || count == 0 {
             Vec::new()
         } else {
-            db.query_rows(&plan.sql, &params).await?
+            db.query_rows(&page_sql(&plan.sql), &params).await?
         };
         // a sort key walked from its index: the resources without a key continue the page
         for (sql, ps) in &plan.more {
@@ -1022,7 +1035,20 @@ impl SearchEngine {
                 break;
             }
             let ps: Vec<SqlValue> = ps.iter().cloned().map(to_store_value).collect();
-            rows.extend(db.query_rows(sql, &ps).await?);
+            rows.extend(db.query_rows(&page_sql(sql), &ps).await?);
+        }
+        // the resource columns of a listed page, by rid: `kiln_ord, version, res_type,
+        // res_id[, content]`
+        let mut page_resources: std::collections::HashMap<i64, Vec<SqlValue>> =
+            std::collections::HashMap::new();
+        if page_listed {
+            let extra = kiln_search::page_resource_columns(page_content);
+            for row in rows.iter_mut() {
+                let tail = row.split_off(row.len().saturating_sub(extra));
+                if let Some(rid) = row.first().and_then(SqlValue::as_i64) {
+                    page_resources.insert(rid, tail);
+                }
+            }
         }
         // keyset paging both ways: a forward page fetched one extra row (there is a next page);
         // a backward page (a `previous` link) came nearest-first, its extra row meaning there
@@ -1062,14 +1088,38 @@ impl SearchEngine {
         } else {
             None
         };
-        let passthrough =
-            query.summary.is_none() && query.elements.is_empty() && access.grant().is_none();
         // Passthrough (nothing to cut or filter): the Bundle is written as text around the
         // stored JSON, never parsed and re-serialised. A page in rid order (no `_sort`) is read
         // as borrowed rows written once into the entries (`fold_resources`); otherwise the
         // resources are fetched in the page's order.
         let mut match_text: Vec<String> = Vec::new();
-        let matches = if passthrough && rids.windows(2).all(|w| w[0] < w[1]) {
+        let matches = if page_listed {
+            let listed: Vec<kiln_store::ListedRow<'_>> = rids
+                .iter()
+                .filter_map(|rid| {
+                    let t = page_resources.get(rid)?;
+                    Some(kiln_store::ListedRow {
+                        rid: *rid,
+                        version: t.get(1)?.as_i64()?,
+                        resource_type: t.get(2)?.as_str()?,
+                        id: t.get(3)?.as_str()?,
+                        content: t.get(4).and_then(SqlValue::as_str),
+                    })
+                })
+                .collect();
+            match_text = db
+                .fold_listed(
+                    &listed,
+                    EntryChunks::new(&state.base_url, referenced_types(&query).to_vec()),
+                    |chunks, r| {
+                        let mode = entry_mode(&chunks.referenced, r.resource_type);
+                        chunks.push_entry(r.resource_type, r.id, r.content.trim(), mode);
+                    },
+                )
+                .await?
+                .parts;
+            Vec::new()
+        } else if passthrough && rids.windows(2).all(|w| w[0] < w[1]) {
             match_text = db
                 .fold_resources(
                     &rids,
@@ -1096,7 +1146,7 @@ impl SearchEngine {
         // the includes were read as text (or there were none to read)
         let mut includes_done = false;
         if passthrough {
-            let content = db.included_content();
+            let content = db.listed_content();
             if let Some((sql, ps)) = kiln_search::included_rows_sql(&query, dialect, &rids, content)
             {
                 let ps: Vec<SqlValue> = ps.into_iter().map(to_store_value).collect();

@@ -35,8 +35,8 @@ pub use index::{
 };
 pub use matcher::matches;
 pub use plan::{
-    estimate_sql, include_sql, included_rows_sql, plan, plan_with, Estimates, KeyKind, PageRequest,
-    SqlPlan,
+    estimate_sql, include_sql, included_rows_sql, page_resource_columns, page_with_resources_sql,
+    plan, plan_with, Estimates, KeyKind, PageRequest, SqlPlan,
 };
 pub use query::{
     parse, Compartment, Criterion, Include, Modifier, ParamClause, Prefix, SearchQuery,

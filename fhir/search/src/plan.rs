@@ -2219,6 +2219,23 @@ pub fn included_rows_sql(
     Some((sql, b.params))
 }
 
+/// PostgreSQL: a page statement (its first column `rid`) with each row's resource joined, so
+/// that the page and its resources are one statement instead of two. The rows keep the page's
+/// order and columns, followed by `kiln_ord, version, res_type, res_id` and, with `content`,
+/// `content`; a row whose resource is gone keeps NULLs there. Without `content` the store takes
+/// the JSON from its resource cache (`ReadConn::fold_listed`). Same parameters as `page_sql`.
+pub fn page_with_resources_sql(page_sql: &str, content: bool) -> String {
+    format!(
+        "SELECT p.*, e.version, e.res_type, e.res_id{} FROM (SELECT q.*, row_number() OVER () AS kiln_ord FROM ({page_sql}) q) p LEFT JOIN resources e ON e.rid = p.rid AND e.deleted <> 1 ORDER BY p.kiln_ord",
+        if content { ", e.content" } else { "" }
+    )
+}
+
+/// The columns [`page_with_resources_sql`] adds to each row.
+pub fn page_resource_columns(content: bool) -> usize {
+    4 + usize::from(content)
+}
+
 /// The UNION of a page's include statements, the page's rid set and the builder holding
 /// their parameters; `None` when nothing is to be included or an `:iterate` directive needs
 /// the levels one by one.
@@ -2840,6 +2857,22 @@ mod tests {
         assert!(included_rows_sql(&iterate, Dialect::Sqlite, &[1], true).is_none());
         assert!(included_rows_sql(&query, Dialect::Sqlite, &[], true).is_none());
         assert!(included_rows_sql(&q("Patient", &[]), Dialect::Sqlite, &[1], true).is_none());
+    }
+
+    #[test]
+    fn page_with_its_resources_in_one_statement() {
+        let page = "SELECT r.rid FROM resources r WHERE r.deleted = 0 AND r.res_type = $1 ORDER BY r.rid LIMIT 11";
+        let sql = page_with_resources_sql(page, false);
+        assert_eq!(
+            sql,
+            format!("SELECT p.*, e.version, e.res_type, e.res_id FROM (SELECT q.*, row_number() OVER () AS kiln_ord FROM ({page}) q) p LEFT JOIN resources e ON e.rid = p.rid AND e.deleted <> 1 ORDER BY p.kiln_ord")
+        );
+        assert!(page_with_resources_sql(page, true)
+            .starts_with("SELECT p.*, e.version, e.res_type, e.res_id, e.content FROM"));
+        assert_eq!(
+            (page_resource_columns(false), page_resource_columns(true)),
+            (4, 5)
+        );
     }
 
     fn estimates(list: &[(&str, u64)]) -> Estimates {

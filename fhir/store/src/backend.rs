@@ -268,6 +268,69 @@ async fn pg_fetch_by_rids(
     Ok(out)
 }
 
+/// A resource listed by a statement with its version: the JSON with it, or not
+/// ([`ReadConn::fold_listed`]).
+pub struct ListedRow<'a> {
+    pub rid: i64,
+    pub version: i64,
+    pub resource_type: &'a str,
+    pub id: &'a str,
+    pub content: Option<&'a str>,
+}
+
+/// [`ReadConn::fold_listed`] on PostgreSQL. Counts the rows whose version the cache held (the
+/// rate that decides [`ReadConn::listed_content`]) and keeps the JSON that came with rows.
+async fn pg_fold_listed<T>(
+    conn: &mut sqlx::PgConnection,
+    cache: &ResourceCache,
+    rows: &[ListedRow<'_>],
+    mut acc: T,
+    f: fn(&mut T, crate::StoredText<'_>),
+) -> Result<T> {
+    let mut hits = 0;
+    let mut held = Vec::with_capacity(rows.len());
+    let mut missing = Vec::new();
+    for r in rows {
+        let h = cache.get_version(r.rid, r.version);
+        match (r.content, &h) {
+            (_, Some(_)) => hits += 1,
+            (Some(text), None) => cache.keep(r.rid, r.version, text),
+            (None, None) => missing.push(r.rid),
+        }
+        held.push(h);
+    }
+    cache.note_listed(hits, rows.len() as u64);
+    let fetched = if missing.is_empty() {
+        Vec::new()
+    } else {
+        pg_by_rids(conn, cache, &missing).await?
+    };
+    let at: std::collections::HashMap<i64, usize> = fetched
+        .iter()
+        .enumerate()
+        .map(|(i, (row, _))| Ok((row.try_get::<i64, _>(0)?, i)))
+        .collect::<Result<_>>()?;
+    for (r, h) in rows.iter().zip(&held) {
+        let content = match (r.content, h) {
+            (Some(text), _) => text,
+            (None, Some(text)) => &**text,
+            (None, None) => match at.get(&r.rid) {
+                Some(&i) => by_rid_content(&fetched[i].0, &fetched[i].1)?,
+                None => continue,
+            },
+        };
+        f(
+            &mut acc,
+            crate::StoredText {
+                resource_type: r.resource_type,
+                id: r.id,
+                content,
+            },
+        );
+    }
+    Ok(acc)
+}
+
 /// The text under which a PostgreSQL read is kept prepared, and whether it is kept.
 ///
 /// sqlx keeps a statement prepared per connection keyed by its text, with the parameter
@@ -449,72 +512,61 @@ impl ReadConn {
                 .await
                 .map(|(acc, _)| acc),
             ReadConn::Postgres(c, cache) => {
+                // `rid, version, res_type, res_id` and maybe `content`
                 let rows = pg_query(sql, params).fetch_all(&mut **c).await?;
-                let mut acc = acc;
-                let mut hits = 0;
-                if rows.first().is_some_and(|r| r.len() == 5) {
-                    // `rid, version, res_type, res_id, content`: the JSON came with the rows
-                    for row in &rows {
-                        let (rid, version) = (row.try_get(0)?, row.try_get(1)?);
-                        let content: &str = row.try_get(4)?;
-                        if cache.enabled() {
-                            if cache.get_version(rid, version).is_some() {
-                                hits += 1;
-                            } else {
-                                cache.keep(rid, version, content);
-                            }
-                        }
-                        f(
-                            &mut acc,
-                            crate::StoredText {
-                                resource_type: row.try_get(2)?,
-                                id: row.try_get(3)?,
-                                content,
-                            },
-                        );
-                    }
-                    cache.note_included(hits, rows.len() as u64);
-                    return Ok(acc);
-                }
-                // `rid, version, res_type, res_id`: the JSON from the cache, the versions not
-                // held read now (a resource changed since comes as its current version, one
-                // deleted since is left out)
                 let mut listed = Vec::with_capacity(rows.len());
-                let mut missing = Vec::new();
                 for row in &rows {
-                    let (rid, version) = (row.try_get(0)?, row.try_get(1)?);
-                    let hit = cache.get_version(rid, version);
-                    if hit.is_some() {
-                        hits += 1;
-                    } else {
-                        missing.push(rid);
-                    }
-                    listed.push((rid, hit));
-                }
-                cache.note_included(hits, rows.len() as u64);
-                let fetched = if missing.is_empty() {
-                    Vec::new()
-                } else {
-                    pg_by_rids(c, cache, &missing).await?
-                };
-                let at: std::collections::HashMap<i64, usize> = fetched
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (row, _))| Ok((row.try_get::<i64, _>(0)?, i)))
-                    .collect::<Result<_>>()?;
-                for ((rid, hit), row) in listed.into_iter().zip(&rows) {
-                    let content = match &hit {
-                        Some(text) => &**text,
-                        None => match at.get(&rid) {
-                            Some(&i) => by_rid_content(&fetched[i].0, &fetched[i].1)?,
-                            None => continue,
+                    listed.push(ListedRow {
+                        rid: row.try_get(0)?,
+                        version: row.try_get(1)?,
+                        resource_type: row.try_get(2)?,
+                        id: row.try_get(3)?,
+                        content: if row.len() > 4 {
+                            Some(row.try_get(4)?)
+                        } else {
+                            None
                         },
+                    });
+                }
+                pg_fold_listed(c, cache, &listed, acc, f).await
+            }
+        }
+    }
+
+    /// Resources already listed with their version (a page's matches read with the page,
+    /// `kiln_search::page_with_resources_sql`) folded into `acc` by `f`, in the order given:
+    /// the JSON from the row where it came with it, else (PostgreSQL) from the resource cache
+    /// where it holds that version, else read by rid now (a resource changed since comes as
+    /// its current version, one deleted since is left out).
+    pub async fn fold_listed<T: Send + 'static>(
+        &mut self,
+        rows: &[ListedRow<'_>],
+        acc: T,
+        f: fn(&mut T, crate::StoredText<'_>),
+    ) -> Result<T> {
+        match self {
+            ReadConn::Postgres(c, cache) => pg_fold_listed(c, cache, rows, acc, f).await,
+            ReadConn::Sqlite(c) => {
+                let missing: Vec<i64> = rows
+                    .iter()
+                    .filter(|r| r.content.is_none())
+                    .map(|r| r.rid)
+                    .collect();
+                let fetched = c.fetch_by_rids(&missing).await?;
+                let at: std::collections::HashMap<i64, &str> = fetched
+                    .iter()
+                    .map(|r| (r.rid, r.content.as_str()))
+                    .collect();
+                let mut acc = acc;
+                for r in rows {
+                    let Some(content) = r.content.or_else(|| at.get(&r.rid).copied()) else {
+                        continue;
                     };
                     f(
                         &mut acc,
                         crate::StoredText {
-                            resource_type: row.try_get(2)?,
-                            id: row.try_get(3)?,
+                            resource_type: r.resource_type,
+                            id: r.id,
                             content,
                         },
                     );
@@ -524,13 +576,14 @@ impl ReadConn {
         }
     }
 
-    /// Whether [`ReadConn::fold_included`] wants the included rows' JSON in its statement
-    /// (`kiln_search::included_rows_sql`'s `content`): always on SQLite; on PostgreSQL unless
-    /// the resource cache has lately held nine in ten of them.
-    pub fn included_content(&self) -> bool {
+    /// Whether statements that list resources with their version (included rows,
+    /// `kiln_search::included_rows_sql`; a page with its resources,
+    /// `kiln_search::page_with_resources_sql`) should read their JSON too: always on SQLite;
+    /// on PostgreSQL unless the resource cache has lately held nine in ten of the rows listed.
+    pub fn listed_content(&self) -> bool {
         match self {
             ReadConn::Sqlite(_) => true,
-            ReadConn::Postgres(_, cache) => !cache.included_by_version(),
+            ReadConn::Postgres(_, cache) => !cache.listed_by_version(),
         }
     }
 

@@ -4,13 +4,14 @@
 //! A stored version's content never changes: an update writes a new version (`version + 1`)
 //! and a row id is never reused (contained resources get new rows when their container
 //! changes). So a read sends PostgreSQL the version it holds for each rid and gets the content
-//! back only where the row has moved on ([`BY_RIDS_SQL`]); a search's included resources are
-//! read as `rid, version` first and only the versions not held are fetched. Every node checks
+//! back only where the row has moved on ([`BY_RIDS_SQL`]); a search's page and its included
+//! resources are listed as `rid, version` and only the versions not held are fetched, while
+//! the cache holds nine in ten of them ([`ResourceCache::listed_by_version`]). Every node checks
 //! each read against the database, so nodes never serve each other's stale content, and no
 //! invalidation crosses the network.
 //!
 //! Why: on PostgreSQL the bytes of the JSON dominate the larger reads. A page of 10 Patients
-//! with their 1,369 reverse-included Observations (1.27 MB) took 6.1 ms in PostgreSQL with the
+//! with their 1,337 reverse-included Observations (1.27 MB) took 6.1 ms in PostgreSQL with the
 //! content and 2.7 ms with `rid, version` only (pgbench, one client), and Kiln spent about as
 //! much again receiving it. SQLite reads its pages in process and is not cached here.
 
@@ -44,14 +45,15 @@ const ENTRY_OVERHEAD: u64 = 64;
 /// Resources by row id. Disabled (every lookup a miss, nothing kept) when made with 0 bytes.
 pub struct ResourceCache {
     cache: Option<Cache<i64, Cached, Bytes>>,
-    /// Included rows whose version was held, of `included_lookups`, halved now and then: the
-    /// recent hit rate ([`ResourceCache::included_by_version`]).
-    included_hits: AtomicU64,
-    included_lookups: AtomicU64,
+    /// Listed rows (a page's matches, its included resources) whose version was held, of
+    /// `listed_lookups`, halved now and then: the
+    /// recent hit rate ([`ResourceCache::listed_by_version`]).
+    listed_hits: AtomicU64,
+    listed_lookups: AtomicU64,
 }
 
-/// Lookups after which the included-rows counters are halved (recent pages weigh most).
-const INCLUDED_WINDOW: u64 = 1 << 16;
+/// Lookups after which the listed-rows counters are halved (recent pages weigh most).
+const LISTED_WINDOW: u64 = 1 << 16;
 
 /// The statement of [`crate::ReadConn`]'s reads by rid on PostgreSQL: `$1` the rids, `$2` the
 /// version held for each (0: none; versions start at 1). The content comes back NULL where
@@ -70,8 +72,8 @@ impl ResourceCache {
                 let items = (bytes / 1024).clamp(16, 10_000_000) as usize;
                 Cache::with_weighter(items, bytes, Bytes)
             }),
-            included_hits: AtomicU64::new(0),
-            included_lookups: AtomicU64::new(0),
+            listed_hits: AtomicU64::new(0),
+            listed_lookups: AtomicU64::new(0),
         }
     }
 
@@ -79,26 +81,26 @@ impl ResourceCache {
         self.cache.is_some()
     }
 
-    /// Whether a page's included rows are best read as `rid, version` (JSON from the cache,
+    /// Whether a page's matches and included rows are best listed as `rid, version` (JSON from the cache,
     /// the versions not held fetched by rid in a second statement) rather than with their
-    /// JSON: when at least 90 % of the recent included rows were held. A cold or too small
+    /// JSON: when at least 90 % of the recent listed rows were held. A cold or too small
     /// cache reads the JSON in the one statement, as without a cache (measured: with every
     /// row a miss, the two statements cost the mix 22 %).
-    pub(crate) fn included_by_version(&self) -> bool {
-        let lookups = self.included_lookups.load(Ordering::Relaxed);
-        let hits = self.included_hits.load(Ordering::Relaxed);
+    pub(crate) fn listed_by_version(&self) -> bool {
+        let lookups = self.listed_lookups.load(Ordering::Relaxed);
+        let hits = self.listed_hits.load(Ordering::Relaxed);
         self.enabled() && lookups >= 64 && hits * 10 >= lookups * 9
     }
 
-    /// Counts `hits` of `lookups` included rows whose version was held.
-    pub(crate) fn note_included(&self, hits: u64, lookups: u64) {
-        self.included_hits.fetch_add(hits, Ordering::Relaxed);
-        let total = self.included_lookups.fetch_add(lookups, Ordering::Relaxed) + lookups;
-        if total > INCLUDED_WINDOW {
+    /// Counts `hits` of `lookups` listed rows whose version was held.
+    pub(crate) fn note_listed(&self, hits: u64, lookups: u64) {
+        self.listed_hits.fetch_add(hits, Ordering::Relaxed);
+        let total = self.listed_lookups.fetch_add(lookups, Ordering::Relaxed) + lookups;
+        if total > LISTED_WINDOW {
             // racy halving is fine: the rate is a hint
-            let h = self.included_hits.load(Ordering::Relaxed);
-            self.included_hits.store(h / 2, Ordering::Relaxed);
-            self.included_lookups.store(total / 2, Ordering::Relaxed);
+            let h = self.listed_hits.load(Ordering::Relaxed);
+            self.listed_hits.store(h / 2, Ordering::Relaxed);
+            self.listed_lookups.store(total / 2, Ordering::Relaxed);
         }
     }
 
@@ -173,26 +175,26 @@ mod tests {
         c.keep(1, 1, "{}");
         assert!(c.get(1).is_none());
         assert_eq!(c.held(&[1]).0, vec![0]);
-        c.note_included(1000, 1000);
-        assert!(!c.included_by_version(), "nothing held: read the JSON");
+        c.note_listed(1000, 1000);
+        assert!(!c.listed_by_version(), "nothing held: read the JSON");
     }
 
     #[test]
-    fn included_rows_by_version_once_nine_in_ten_are_held() {
+    fn listed_rows_by_version_once_nine_in_ten_are_held() {
         let c = ResourceCache::new(1 << 20);
-        assert!(!c.included_by_version(), "cold: read the JSON");
-        c.note_included(0, 1000);
-        c.note_included(1000, 1000);
-        assert!(!c.included_by_version(), "50 % held");
+        assert!(!c.listed_by_version(), "cold: read the JSON");
+        c.note_listed(0, 1000);
+        c.note_listed(1000, 1000);
+        assert!(!c.listed_by_version(), "50 % held");
         for _ in 0..8 {
-            c.note_included(1000, 1000);
+            c.note_listed(1000, 1000);
         }
-        assert!(c.included_by_version(), "9,000 of 10,000 held");
+        assert!(c.listed_by_version(), "9,000 of 10,000 held");
         // a working set larger than the cache: misses bring it back to the JSON
         for _ in 0..100 {
-            c.note_included(500, 1000);
+            c.note_listed(500, 1000);
         }
-        assert!(!c.included_by_version(), "half held lately");
-        assert!(c.included_lookups.load(Ordering::Relaxed) <= INCLUDED_WINDOW + 1000);
+        assert!(!c.listed_by_version(), "half held lately");
+        assert!(c.listed_lookups.load(Ordering::Relaxed) <= LISTED_WINDOW + 1000);
     }
 }

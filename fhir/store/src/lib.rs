@@ -17,7 +17,7 @@ mod terminology;
 mod test_pg;
 mod tx;
 
-pub use backend::{Dialect, ReadConn, SqlValue};
+pub use backend::{Dialect, ListedRow, ReadConn, SqlValue};
 pub use history::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope};
 pub use meta::{format_instant, now_micros, parse_instant};
 pub use sqlite_read::SqliteReader;
