@@ -535,9 +535,10 @@ impl ReadConn {
 
     /// Resources already listed with their version (a page's matches read with the page,
     /// `kiln_search::page_with_resources_sql`) folded into `acc` by `f`, in the order given:
-    /// the JSON from the row where it came with it, else (PostgreSQL) from the resource cache
-    /// where it holds that version, else read by rid now (a resource changed since comes as
-    /// its current version, one deleted since is left out).
+    /// the JSON of the version listed, from the row where it came with it, else (PostgreSQL)
+    /// from the resource cache where it holds that version; else read by rid now, when a
+    /// resource changed since the listing comes as its current version and one deleted since
+    /// is left out.
     pub async fn fold_listed<T: Send + 'static>(
         &mut self,
         rows: &[ListedRow<'_>],
@@ -881,6 +882,59 @@ mod tests {
 
     /// One reader connection runs several statements: rows in the caller's order, deleted
     /// resources left out, bound values and a later commit seen by the next statement.
+    /// `fold_listed` on SQLite: the JSON given with a row is used as is, a row without it is
+    /// read, a row whose resource is gone is left out; the order given is kept.
+    #[tokio::test]
+    async fn sqlite_fold_listed_reads_what_was_not_given() {
+        use crate::{ListedRow, Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &StoreConfig {
+                data_dir: dir.path().to_path_buf(),
+                max_connections: 1,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let mut rids = Vec::new();
+        for id in ["a", "b"] {
+            let r = serde_json::json!({"resourceType": "Basic", "code": {"text": id}});
+            rids.push(tx.put("Basic", id, r, None, "POST").await.unwrap().rid);
+        }
+        tx.commit().await.unwrap();
+        let row = |rid: i64, id: &'static str, content: Option<&'static str>| ListedRow {
+            rid,
+            version: 1,
+            resource_type: "Basic",
+            id,
+            content,
+        };
+        let listed = [
+            row(rids[1], "b", None),
+            row(rids[0], "a", Some("{\"given\":true}")),
+            row(rids[1] + 100, "gone", None),
+        ];
+        let mut db = store.reader().await.unwrap();
+        let out = db
+            .fold_listed(&listed, Vec::new(), |acc: &mut Vec<String>, r| {
+                acc.push(format!("{}:{}", r.id, r.content))
+            })
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            out[0].starts_with("b:{") && out[0].contains("\"text\":\"b\""),
+            "{out:?}"
+        );
+        assert_eq!(out[1], "a:{\"given\":true}");
+        assert!(db.listed_content(), "SQLite lists the JSON");
+        drop(db);
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn reader_connection_runs_several_statements() {
         use crate::{SqlValue, Store, StoreConfig};
@@ -1208,6 +1262,42 @@ mod tests {
             Some(2),
             "the new version replaced the old"
         );
+        // listed at version 1 before the writes (as a statement's snapshot would have them):
+        // the cache holds `b`'s version 1, which is served; it no longer holds `a`'s, which is
+        // read now, as its current version; JSON given with a row is used as is
+        let listed = [
+            crate::ListedRow {
+                rid: rids[0],
+                version: 1,
+                resource_type: "Basic",
+                id: "a",
+                content: None,
+            },
+            crate::ListedRow {
+                rid: rids[1],
+                version: 1,
+                resource_type: "Basic",
+                id: "b",
+                content: None,
+            },
+            crate::ListedRow {
+                rid: rids[2],
+                version: 1,
+                resource_type: "Basic",
+                id: "c",
+                content: Some("{\"code\":{\"text\":\"c-given\"}}"),
+            },
+        ];
+        let mut conn = node_a.reader().await.unwrap();
+        let out = conn
+            .fold_listed(&listed, Vec::new(), |acc: &mut Vec<String>, r| {
+                let v: serde_json::Value = serde_json::from_str(r.content).unwrap();
+                acc.push(v["code"]["text"].as_str().unwrap().to_string())
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, ["a-v2", "b-v1", "c-given"]);
+        drop(conn);
         assert_eq!(
             texts(&uncached, &all).await,
             [now.clone(), now.clone(), now.clone(), now.clone()]
