@@ -135,17 +135,22 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("lisen = 1").is_err());
     }
 
-    #[test]
-    fn max_connections_from_file_unless_given_on_the_command_line() {
-        let file: FileConfig = toml::from_str("max_connections = 4").unwrap();
-        let mut args = StoreArgs {
+    /// Nothing given on the command line.
+    fn no_args() -> StoreArgs {
+        StoreArgs {
             data_dir: None,
             database: None,
             sqlite_sync_full: false,
             max_connections: None,
             resource_cache_mb: None,
             config: None,
-        };
+        }
+    }
+
+    #[test]
+    fn max_connections_from_file_unless_given_on_the_command_line() {
+        let file: FileConfig = toml::from_str("max_connections = 4").unwrap();
+        let mut args = no_args();
         assert_eq!(args.store_config(&file).max_connections, 4);
         assert_eq!(
             args.store_config(&FileConfig::default()).max_connections,
@@ -158,14 +163,7 @@ mod tests {
     #[test]
     fn resource_cache_size_in_mib_from_file_or_command_line() {
         let file: FileConfig = toml::from_str("resource_cache_mb = 0").unwrap();
-        let mut args = StoreArgs {
-            data_dir: None,
-            database: None,
-            sqlite_sync_full: false,
-            max_connections: None,
-            resource_cache_mb: None,
-            config: None,
-        };
+        let mut args = no_args();
         assert_eq!(
             args.store_config(&FileConfig::default())
                 .resource_cache_bytes,

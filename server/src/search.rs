@@ -1037,19 +1037,6 @@ impl SearchEngine {
             let ps: Vec<SqlValue> = ps.iter().cloned().map(to_store_value).collect();
             rows.extend(db.query_rows(&page_sql(sql), &ps).await?);
         }
-        // the resource columns of a listed page, by rid: `kiln_ord, version, res_type,
-        // res_id[, content]`
-        let mut page_resources: std::collections::HashMap<i64, Vec<SqlValue>> =
-            std::collections::HashMap::new();
-        if page_listed {
-            let extra = kiln_search::page_resource_columns(page_content);
-            for row in rows.iter_mut() {
-                let tail = row.split_off(row.len().saturating_sub(extra));
-                if let Some(rid) = row.first().and_then(SqlValue::as_i64) {
-                    page_resources.insert(rid, tail);
-                }
-            }
-        }
         // keyset paging both ways: a forward page fetched one extra row (there is a next page);
         // a backward page (a `previous` link) came nearest-first, its extra row meaning there
         // is a page before it
@@ -1062,6 +1049,16 @@ impl SearchEngine {
         if plan.backward {
             rows.reverse();
         }
+        // a listed page's resource columns, split off its rows (which keep the page's rid and
+        // keys): `kiln_ord, version, res_type, res_id[, content]`
+        let listed_columns: Vec<Vec<SqlValue>> = if page_listed {
+            let extra = kiln_search::page_resource_columns(page_content);
+            rows.iter_mut()
+                .map(|row| row.split_off(row.len().saturating_sub(extra)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (mut next, mut previous) = (None, None);
         if more || plan.backward {
             if let Some(last) = rows.last() {
@@ -1089,17 +1086,19 @@ impl SearchEngine {
             None
         };
         // Passthrough (nothing to cut or filter): the Bundle is written as text around the
-        // stored JSON, never parsed and re-serialised. A page in rid order (no `_sort`) is read
-        // as borrowed rows written once into the entries (`fold_resources`); otherwise the
+        // stored JSON, never parsed and re-serialised. On PostgreSQL the page listed its
+        // resources (`fold_listed`); on SQLite a page in rid order (no `_sort`) is read as
+        // borrowed rows written once into the entries (`fold_resources`); otherwise the
         // resources are fetched in the page's order.
         let mut match_text: Vec<String> = Vec::new();
+        let match_chunks = || EntryChunks::new(&state.base_url, referenced_types(&query).to_vec());
         let matches = if page_listed {
-            let listed: Vec<kiln_store::ListedRow<'_>> = rids
+            let listed: Vec<kiln_store::ListedRow<'_>> = rows
                 .iter()
-                .filter_map(|rid| {
-                    let t = page_resources.get(rid)?;
+                .zip(&listed_columns)
+                .filter_map(|(row, t)| {
                     Some(kiln_store::ListedRow {
-                        rid: *rid,
+                        rid: row.first()?.as_i64()?,
                         version: t.get(1)?.as_i64()?,
                         resource_type: t.get(2)?.as_str()?,
                         id: t.get(3)?.as_str()?,
@@ -1108,27 +1107,13 @@ impl SearchEngine {
                 })
                 .collect();
             match_text = db
-                .fold_listed(
-                    &listed,
-                    EntryChunks::new(&state.base_url, referenced_types(&query).to_vec()),
-                    |chunks, r| {
-                        let mode = entry_mode(&chunks.referenced, r.resource_type);
-                        chunks.push_entry(r.resource_type, r.id, r.content.trim(), mode);
-                    },
-                )
+                .fold_listed(&listed, match_chunks(), EntryChunks::push_match)
                 .await?
                 .parts;
             Vec::new()
         } else if passthrough && rids.windows(2).all(|w| w[0] < w[1]) {
             match_text = db
-                .fold_resources(
-                    &rids,
-                    EntryChunks::new(&state.base_url, referenced_types(&query).to_vec()),
-                    |chunks, r| {
-                        let mode = entry_mode(&chunks.referenced, r.resource_type);
-                        chunks.push_entry(r.resource_type, r.id, r.content.trim(), mode);
-                    },
-                )
+                .fold_resources(&rids, match_chunks(), EntryChunks::push_match)
                 .await?
                 .parts;
             Vec::new()
@@ -1344,6 +1329,13 @@ impl EntryChunks {
             base_escaped: quoted[1..quoted.len() - 1].to_string(),
             referenced,
         }
+    }
+
+    /// A search match read as text: its entry, with the `search.mode` its type gets
+    /// ([`entry_mode`]).
+    fn push_match(&mut self, r: kiln_store::StoredText<'_>) {
+        let mode = entry_mode(&self.referenced, r.resource_type);
+        self.push_entry(r.resource_type, r.id, r.content.trim(), mode);
     }
 
     /// One entry (`fullUrl` `[base]/[type]/[id]`, or `[base]/[row id]` for a contained

@@ -880,31 +880,45 @@ mod tests {
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 
-    /// One reader connection runs several statements: rows in the caller's order, deleted
-    /// resources left out, bound values and a later commit seen by the next statement.
-    /// `fold_listed` on SQLite: the JSON given with a row is used as is, a row without it is
-    /// read, a row whose resource is gone is left out; the order given is kept.
-    #[tokio::test]
-    async fn sqlite_fold_listed_reads_what_was_not_given() {
-        use crate::{ListedRow, Store, StoreConfig};
+    /// A SQLite store in a fresh directory (dropped with the directory).
+    async fn sqlite_store(max_connections: u32) -> (tempfile::TempDir, crate::Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &StoreConfig {
+        let store = crate::Store::open(
+            &crate::StoreConfig {
                 data_dir: dir.path().to_path_buf(),
-                max_connections: 1,
+                max_connections,
                 ..Default::default()
             },
             None,
         )
         .await
         .unwrap();
+        (dir, store)
+    }
+
+    /// Commits one Basic resource per id, `code.text` = `text(id)`; their rids.
+    async fn put_basics(
+        store: &crate::Store,
+        ids: &[&str],
+        text: impl Fn(&str) -> String,
+    ) -> Vec<i64> {
         let mut tx = store.begin().await.unwrap();
         let mut rids = Vec::new();
-        for id in ["a", "b"] {
-            let r = serde_json::json!({"resourceType": "Basic", "code": {"text": id}});
+        for id in ids {
+            let r = serde_json::json!({"resourceType": "Basic", "code": {"text": text(id)}});
             rids.push(tx.put("Basic", id, r, None, "POST").await.unwrap().rid);
         }
         tx.commit().await.unwrap();
+        rids
+    }
+
+    /// `fold_listed` on SQLite: the JSON given with a row is used as is, a row without it is
+    /// read, a row whose resource is gone is left out; the order given is kept.
+    #[tokio::test]
+    async fn sqlite_fold_listed_reads_what_was_not_given() {
+        use crate::ListedRow;
+        let (_dir, store) = sqlite_store(1).await;
+        let rids = put_basics(&store, &["a", "b"], str::to_string).await;
         let row = |rid: i64, id: &'static str, content: Option<&'static str>| ListedRow {
             rid,
             version: 1,
@@ -935,26 +949,14 @@ mod tests {
         store.close().await;
     }
 
+    /// One reader connection runs several statements: rows in the caller's order, deleted
+    /// resources left out, bound values and a later commit seen by the next statement.
     #[tokio::test]
     async fn reader_connection_runs_several_statements() {
-        use crate::{SqlValue, Store, StoreConfig};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &StoreConfig {
-                data_dir: dir.path().to_path_buf(),
-                max_connections: 1,
-                ..Default::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
+        use crate::SqlValue;
+        let (_dir, store) = sqlite_store(1).await;
+        let rids = put_basics(&store, &["a", "b", "c"], str::to_string).await;
         let mut tx = store.begin().await.unwrap();
-        let mut rids = Vec::new();
-        for id in ["a", "b", "c"] {
-            let r = serde_json::json!({"resourceType": "Basic", "code": {"text": id}});
-            rids.push(tx.put("Basic", id, r, None, "POST").await.unwrap().rid);
-        }
         let cur = tx.current("Basic", "b").await.unwrap().unwrap();
         tx.delete("Basic", "b", &cur).await.unwrap();
         tx.commit().await.unwrap();
@@ -1020,13 +1022,7 @@ mod tests {
             return;
         };
         let store = Store::open(&db.config(1), None).await.unwrap();
-        let mut tx = store.begin().await.unwrap();
-        let mut rids = Vec::new();
-        for id in ["a", "b", "c"] {
-            let r = serde_json::json!({"resourceType": "Basic", "code": {"text": id}});
-            rids.push(tx.put("Basic", id, r, None, "POST").await.unwrap().rid);
-        }
-        tx.commit().await.unwrap();
+        let rids = put_basics(&store, &["a", "b", "c"], str::to_string).await;
         let mut conn = store.reader().await.unwrap();
         // `$1` compared as text, then as a number, over and over (PostgreSQL switches a kept
         // statement to a cached plan after five runs)
@@ -1093,18 +1089,8 @@ mod tests {
     /// before, and the SQLite readers refuse writes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pool_reads_see_the_last_commit() {
-        use crate::{HistoryQuery, HistoryScope, SqlValue, Store, StoreConfig};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &StoreConfig {
-                data_dir: dir.path().to_path_buf(),
-                max_connections: 2,
-                ..Default::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
+        use crate::{HistoryQuery, HistoryScope, SqlValue};
+        let (_dir, store) = sqlite_store(2).await;
         assert!(store.read("Basic", "a").await.unwrap().is_none());
         assert_eq!(store.count(None).await.unwrap(), 0);
         for version in 1..=3 {
@@ -1176,17 +1162,7 @@ mod tests {
         .await
         .unwrap();
         let basic = |id: &str, mark: &str| serde_json::json!({"resourceType": "Basic", "code": {"text": format!("{id}-{mark}")}});
-        let mut tx = node_a.begin().await.unwrap();
-        let mut rids = Vec::new();
-        for id in ["a", "b", "c"] {
-            rids.push(
-                tx.put("Basic", id, basic(id, "v1"), None, "POST")
-                    .await
-                    .unwrap()
-                    .rid,
-            );
-        }
-        tx.commit().await.unwrap();
+        let rids = put_basics(&node_a, &["a", "b", "c"], |id| format!("{id}-v1")).await;
         let held = |store: &Store, rid: i64| match store.pools() {
             Pools::Postgres { cache, .. } => cache.get(rid).map(|c| c.version),
             _ => unreachable!(),
