@@ -1139,6 +1139,7 @@ impl SearchEngine {
                     .fold_included(
                         &sql,
                         &ps,
+                        &rids,
                         EntryChunks::new(&state.base_url, Vec::new()),
                         |chunks, r| {
                             chunks.push_entry(r.resource_type, r.id, r.content.trim(), "include");

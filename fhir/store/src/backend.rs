@@ -484,33 +484,22 @@ impl ReadConn {
         }
     }
 
-    /// The rows of a page's included resources (`kiln_search::included_rows_sql`) folded into
-    /// `acc` by `f`, in the statement's order. SQLite: the statement reads type, id and JSON
-    /// text, borrowed. PostgreSQL: it reads `rid, version, type, id`; the JSON comes from the
+    /// A page's included resources (`kiln_search::included_rows_sql`) folded into `acc` by `f`,
+    /// in ascending rid order, each once, none of the page's own (`page_rids`). SQLite: the
+    /// statement lists the included rids; those are kept once, the page's left out and the
+    /// rest read by rid, type, id and JSON text borrowed. PostgreSQL: the statement reads
+    /// `rid, version, type, id` in that order, without the page's; the JSON comes from the
     /// resource cache where it holds that version, the rest from one more statement by rid.
     pub async fn fold_included<T: Send + 'static>(
         &mut self,
         sql: &str,
         params: &[SqlValue],
+        page_rids: &[i64],
         acc: T,
         f: fn(&mut T, crate::StoredText<'_>),
     ) -> Result<T> {
         match self {
-            ReadConn::Sqlite(c) => c
-                .fold_text_rows(sql, params, (acc, f), |(acc, f), row| {
-                    if let [Some(resource_type), Some(id), Some(content)] = row {
-                        f(
-                            acc,
-                            crate::StoredText {
-                                resource_type,
-                                id,
-                                content,
-                            },
-                        );
-                    }
-                })
-                .await
-                .map(|(acc, _)| acc),
+            ReadConn::Sqlite(c) => c.fold_included(sql, params, page_rids, acc, f).await,
             ReadConn::Postgres(c, cache) => {
                 // `rid, version, res_type, res_id` and maybe `content`
                 let rows = pg_query(sql, params).fetch_all(&mut **c).await?;
@@ -949,6 +938,37 @@ mod tests {
         store.close().await;
     }
 
+    /// `fold_included` on SQLite: the rids the statement lists (repeated, out of order, one
+    /// deleted, one of the page's) are read once each, in rid order, without the page's and
+    /// the deleted one.
+    #[tokio::test]
+    async fn sqlite_fold_included_keeps_each_rid_once_in_order_without_the_page() {
+        use crate::SqlValue;
+        let (_dir, store) = sqlite_store(1).await;
+        let rids = put_basics(&store, &["a", "b", "c", "d"], str::to_string).await;
+        let mut tx = store.begin().await.unwrap();
+        let cur = tx.current("Basic", "c").await.unwrap().unwrap();
+        tx.delete("Basic", "c", &cur).await.unwrap();
+        tx.commit().await.unwrap();
+        // every Basic's rid twice, in descending order (the deleted `c` still has its row)
+        let sql = "SELECT rid FROM resources WHERE res_type = $1 UNION ALL \
+                   SELECT rid FROM resources WHERE res_type = $1 ORDER BY 1 DESC";
+        let mut db = store.reader().await.unwrap();
+        let out = db
+            .fold_included(
+                sql,
+                &[SqlValue::Text("Basic".into())],
+                &[rids[1]],
+                Vec::new(),
+                |acc: &mut Vec<String>, r| acc.push(r.id.to_string()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, ["a", "d"]);
+        drop(db);
+        store.close().await;
+    }
+
     /// One reader connection runs several statements: rows in the caller's order, deleted
     /// resources left out, bound values and a later commit seen by the next statement.
     #[tokio::test]
@@ -1189,6 +1209,7 @@ mod tests {
                     .fold_included(
                         &sql,
                         &[SqlValue::Text("Basic".into())],
+                        &[],
                         Vec::new(),
                         |acc: &mut Vec<String>, r| {
                             assert_eq!(r.resource_type, "Basic");
