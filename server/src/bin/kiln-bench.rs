@@ -652,6 +652,24 @@ async fn exchange(rb: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), String>
     Ok((status, body.to_vec()))
 }
 
+/// Sends a request and reads its body to the end as it arrives, keeping only its first bytes
+/// (for an error message): the latency is the last byte's, without the
+/// client assembling and copying the body (what `wrk` and `oha` measure). Assembling a 1.27 MB
+/// `_revinclude` response into one buffer and copying it cost the shared cores page faults and
+/// copies of fresh memory for every response.
+async fn exchange_drain(rb: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), String> {
+    const KEEP: usize = 512;
+    let mut r = rb.send().await.map_err(|e| format!("{e}"))?;
+    let status = r.status().as_u16();
+    let mut head = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(|e| format!("{e}"))? {
+        if head.len() < KEEP {
+            head.extend_from_slice(&chunk[..chunk.len().min(KEEP - head.len())]);
+        }
+    }
+    Ok((status, head))
+}
+
 fn expect(status: u16, want: u16, body: &[u8]) -> Result<(), String> {
     if status == want {
         Ok(())
@@ -1303,8 +1321,8 @@ async fn search(
             async move {
                 let (label, q) = &urls[(task + i) % n];
                 let started = Instant::now();
-                let r = match exchange(client.get(format!("{base}/{q}"))).await {
-                    Ok((s, b)) => expect(s, 200, &b),
+                let r = match exchange_drain(client.get(format!("{base}/{q}"))).await {
+                    Ok((s, head)) => expect(s, 200, &head),
                     Err(e) => Err(e),
                 };
                 stats.record(label, started, r);
