@@ -381,38 +381,7 @@ impl SqliteReader {
         })
         .await
     }
-}
 
-/// [`SqliteReader::fold_resources`] on the connection, `rids` in the order wanted.
-fn fold_text_resources<T>(
-    c: &Connection,
-    rids: &[i64],
-    mut acc: T,
-    f: fn(&mut T, crate::StoredText<'_>),
-) -> Result<T> {
-    each_resource_row(c, rids, "res_type, res_id, content", |row| {
-        let column = |i: usize| -> Result<&str> {
-            match row.get_ref(i)? {
-                ValueRef::Text(b) => text(b, i),
-                _ => Err(StoreError::Corrupt(format!(
-                    "column {i} of a resource row is not text"
-                ))),
-            }
-        };
-        f(
-            &mut acc,
-            crate::StoredText {
-                resource_type: column(0)?,
-                id: column(1)?,
-                content: column(2)?,
-            },
-        );
-        Ok(())
-    })?;
-    Ok(acc)
-}
-
-impl SqliteReader {
     /// The resources whose rids a statement lists (`kiln_search::included_rows_sql`: a rid
     /// may be listed more than once), less `left_out`, read as [`Self::fold_resources`] does:
     /// each once, in ascending rid order, borrowed. One trip to the reader for both.
@@ -449,13 +418,42 @@ impl SqliteReader {
     }
 }
 
+/// [`SqliteReader::fold_resources`] on the connection, `rids` in the order wanted.
+fn fold_text_resources<T>(
+    c: &Connection,
+    rids: &[i64],
+    mut acc: T,
+    f: fn(&mut T, crate::StoredText<'_>),
+) -> Result<T> {
+    each_resource_row(c, rids, "res_type, res_id, content", |row| {
+        let column = |i: usize| -> Result<&str> {
+            match row.get_ref(i)? {
+                ValueRef::Text(b) => text(b, i),
+                _ => Err(StoreError::Corrupt(format!(
+                    "column {i} of a resource row is not text"
+                ))),
+            }
+        };
+        f(
+            &mut acc,
+            crate::StoredText {
+                resource_type: column(0)?,
+                id: column(1)?,
+                content: column(2)?,
+            },
+        );
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
 /// `{columns}` of the resources with these row ids that are not deleted, in the order of `rids`
 /// (a rid listed twice is read twice), every row handed to `each`. One statement that stays
 /// prepared, whatever the number of rids: they are bound as one array (`rarray`, rusqlite's
-/// `carray`) and joined to `resources` by rowid in the array's order. A bound `rid IN (?,…)`
-/// list made SQLite build and probe a temporary b-tree of the rids on every call (1,351
-/// reverse-included Observations: 0.64 → 0.19 ms in SQL), and its statements came in a size
-/// per power of two.
+/// port of SQLite's `carray`) and joined to `resources` by rowid in the array's order. A bound
+/// `rid IN (?,…)` list made SQLite build and probe a temporary b-tree of the rids on every call
+/// (1,351 rows in the sqlite3 shell: 0.64 → 0.19 ms), and its statements came in a size per
+/// power of two.
 fn each_resource_row(
     c: &Connection,
     rids: &[i64],
