@@ -13,6 +13,26 @@ use kiln_server::{AppState, Settings};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process, unless `MIMALLOC_ALLOW_THP` says
+/// otherwise. mimalloc advises its memory for huge pages, and a response's buffers, freed and
+/// purged after 10 ms, then come back as fresh 2 MiB pages the kernel zeroes on the first
+/// touch: `clear_page_erms` was 9 % of the server's CPU under `_revinclude` (1.35 MB
+/// responses), and the server held 540 MB of huge pages after 10 s of it (docs/BENCHMARKS.md
+/// run O). This is the `prctl` mimalloc itself makes with `MIMALLOC_ALLOW_THP=0`.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: PR_SET_THP_DISABLE takes one integer argument and touches no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        if rc != 0 {
+            eprintln!(
+                "kiln: could not turn transparent huge pages off: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Kiln: a FHIR R4 server")]
 struct Cli {
@@ -132,6 +152,7 @@ enum ClientsAction {
 }
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
