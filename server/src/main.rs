@@ -22,13 +22,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-        // SAFETY: PR_SET_THP_DISABLE takes one integer argument and touches no memory of ours.
-        let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-        if rc != 0 {
-            eprintln!(
-                "kiln: could not turn transparent huge pages off: {}",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+            eprintln!("kiln: could not turn transparent huge pages off: {e}");
         }
     }
 }
